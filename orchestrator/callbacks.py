@@ -1,0 +1,104 @@
+"""The driver's Tune callback: ledger bookkeeping, MLflow child runs and live progress."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import ray
+from ray.tune import Callback
+
+from orchestrator.prices import cost_usd
+from orchestrator.search import HYPERPARAMETERS
+
+
+@dataclass
+class _Live:
+    run_id: str
+    name: str
+    started_unix: float
+    last_result: dict = field(default_factory=dict)
+    last_result_unix: float | None = None
+
+
+class SweepCallback(Callback):
+    """Keeps the ledger, MLflow and the console in step with Tune's view of the trials.
+
+    A trial's final bill runs from when Tune started it to when it completed here: its last
+    reported billed seconds plus the time since that report (an early-stopped trial keeps its
+    resources until Tune releases them).
+    """
+
+    def __init__(self, *, sweep_id: str, tracker, ledger, price_usd_per_hour: float,
+                 fixed_params: dict, console, base_score: float | None) -> None:
+        self.sweep_id, self.tracker, self.ledger = sweep_id, tracker, ledger
+        self.price_usd_per_hour = price_usd_per_hour
+        self.fixed_params, self.console, self.base_score = fixed_params, console, base_score
+        self.live: dict[str, _Live] = {}
+        self.finished: list[dict] = []
+        self._count = 0
+        self._reports = 0
+
+    # --- Tune hooks ---------------------------------------------------------------------------
+    def on_trial_start(self, iteration, trials, trial, **info) -> None:
+        self._count += 1
+        now = time.time()
+        ray.get(self.ledger.mark_started.remote(trial.trial_id, now))
+        name = f"trial-{self._count:03d}"
+        params = {k: trial.config.get(k) for k in (*HYPERPARAMETERS, "method")}
+        run_id = self.tracker.start_trial(self.sweep_id, name, trial.trial_id,
+                                          {**params, **self.fixed_params})
+        self.live[trial.trial_id] = _Live(run_id, name, now)
+        c = trial.config
+        self.console.print(f"[bold]{name}[/] started  lora r{c['rank']} alpha {c['alpha']:g} "
+                           f"{c['target_modules']} lr {c['learning_rate']:.2e}")
+
+    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        live = self.live[trial.trial_id]
+        live.last_result, live.last_result_unix = result, time.time()
+        ray.get(self.ledger.update.remote(trial.trial_id, float(result["cost_usd"])))
+        ray.get(self.ledger.calibrate.remote(step_s=result.get("step_s"),
+                                             closing_s=result.get("closing_s"),
+                                             startup_s=result.get("phases_s", {}).get("load")))
+        self.tracker.log_trial_result(live.run_id, result)
+        snap = ray.get(self.ledger.snapshot.remote())
+        self._reports += 1
+        self.tracker.log_sweep_metrics({"budget_spent_usd": snap["spent_usd"],
+                                        "budget_committed_usd": snap["cap_usd"] - snap["remaining_usd"]},
+                                       self._reports)
+        self.console.print(
+            f"  {live.name} step {result['step']:>4}  score {result['score']:.3f}  "
+            f"eval_loss {result['eval_loss']:.4f}  ${result['cost_usd']:.5f}   "
+            f"[dim]sweep spent ${snap['spent_usd']:.5f} of ${snap['cap_usd']:.5f}[/]")
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        last = self.live[trial.trial_id].last_result
+        status = last.get("trial_status", "running")
+        self._finish(trial, {"running": "pruned"}.get(status, status))
+
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        self._finish(trial, "failed")
+
+    # --- helpers ------------------------------------------------------------------------------
+    def _finish(self, trial, status: str) -> None:
+        live = self.live.pop(trial.trial_id, None)
+        if live is None:
+            return
+        now = time.time()
+        last = live.last_result
+        tail_s = now - live.last_result_unix if live.last_result_unix else 0.0
+        billed_s = max(last.get("billed_s", 0.0) + tail_s, now - live.started_unix)
+        final_usd = cost_usd(self.price_usd_per_hour, billed_s)
+        ray.get(self.ledger.settle.remote(trial.trial_id, final_usd))
+        checkpoint = trial.checkpoint
+        final = {"cost_usd": final_usd, "billed_s": billed_s, "step": last.get("step", 0)}
+        if "tokens" in last:
+            final["tokens"] = last["tokens"]
+        self.tracker.end_trial(live.run_id, status, dict(final),
+                               checkpoint.path if checkpoint is not None else None)
+        self.finished.append({"trial": live.name, "status": status, **final,
+                              "score": last.get("score")})
+        score = last.get("score")
+        self.console.print(f"[bold]{live.name}[/] {status}  score "
+                           f"{'-' if score is None else f'{score:.3f}'}  ${final_usd:.5f} "
+                           f"({billed_s:.0f} s billed)")

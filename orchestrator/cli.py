@@ -1,0 +1,186 @@
+"""The ``lorasweep`` command line: a thin layer over the orchestrator library.
+
+Heavy imports (torch, transformers, ray, mlflow) happen inside commands so ``--help`` is fast.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import shlex
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from orchestrator.errors import LorasweepError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Budget-capped LoRA sweeps on Ray, driven by Optuna, tracked in MLflow.")
+console = Console(highlight=False)
+DEFAULT_TRACKING_URI = "sqlite:///lorasweep-data/mlflow.db"
+
+TrackingOpt = Annotated[str, typer.Option(
+    "--tracking-uri", envvar="LORASWEEP_TRACKING_URI",
+    help="MLflow tracking URI holding the sweeps (sqlite file or http server).")]
+
+
+def _friendly(fn):
+    """Print user errors as one actionable line and exit 2 instead of a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except LorasweepError as exc:
+            console.print(f"[bold red]error:[/] {exc}")
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+def _ui_command(tracking_uri: str) -> str:
+    return f"mlflow ui --backend-store-uri {shlex.quote(tracking_uri)} --port 5000"
+
+
+@app.command()
+@_friendly
+def run(
+    spec: Annotated[Path | None, typer.Argument(
+        help="Sweep YAML; omit to run the embedded demo (examples/demo.yaml).")] = None,
+    address: Annotated[str | None, typer.Option(
+        help="Ray cluster address (e.g. ray://head:10001 or auto); default: local Ray.")] = None,
+) -> None:
+    """Run a budget-capped sweep and print its leaderboard."""
+    from orchestrator.spec import EXAMPLE_SPEC, load_spec
+
+    sweep_spec = load_spec(spec)
+    console.print(f"[bold]spec[/] {spec or f'{EXAMPLE_SPEC.name} (the embedded demo)'}")
+    from orchestrator import leaderboard
+    from orchestrator.sweep import run_sweep
+
+    result = run_sweep(sweep_spec, console, address=address)
+    console.print(leaderboard.render(result.rows, title=f"leaderboard — {result.sweep_id}"))
+    pct = 100 * result.spent_usd / result.budget_usd
+    console.print(f"[bold]spent[/] ${result.spent_usd:.5f} of ${result.budget_usd:g} "
+                  f"({pct:.1f}%), {len(result.rows)} trials, {result.wall_s:.0f} s wall")
+    console.print(f"[bold]ended[/] {result.end_reason}")
+    if result.best is not None:
+        base = "-" if result.base_score is None else f"{result.base_score:.3f}"
+        console.print(f"[bold]score[/] base model {base} -> best {result.best.score:.3f} "
+                      f"({result.best.trial}, ${result.best.cost_usd:.5f})")
+    console.print(f"[bold]next[/]  lorasweep promote {result.sweep_id}")
+    console.print(f"[bold]browse[/] {_ui_command(result.tracking_uri)}   (then open "
+                  "http://127.0.0.1:5000)")
+
+
+@app.command()
+@_friendly
+def validate(spec: Annotated[Path, typer.Argument(help="Sweep YAML to check.")]) -> None:
+    """Check a spec, its data, model and prices, and predict costs; spends nothing."""
+    from orchestrator.preflight import make_plan
+    from orchestrator.spec import load_spec
+
+    sweep_spec = load_spec(spec)
+    plan = make_plan(sweep_spec)
+    steps = len(sweep_spec.eval_steps)
+    console.print(f"[green]ok[/] {spec}: model {plan.model_ref}, trial resources "
+                  f"${plan.price_usd_per_hour:.4f}/h")
+    console.print(f"  predicted per trial: ${plan.admission_usd({}):.5f} to the first rung, "
+                  f"${plan.full_trial_usd(sweep_spec.trial.max_steps, steps, {}):.5f} in full")
+
+
+@app.command()
+@_friendly
+def status(
+    sweep: Annotated[str | None, typer.Argument(help="Sweep id or spec name; omit to list all.")] = None,
+    tracking_uri: TrackingOpt = DEFAULT_TRACKING_URI,
+) -> None:
+    """Sweeps and their spend, or one sweep's progress."""
+    from rich.table import Table
+
+    from orchestrator import leaderboard
+
+    if sweep is None:
+        table = Table(title="sweeps")
+        for col in ("sweep", "status", "trials", "spent_usd", "budget_usd", "best_score"):
+            table.add_column(col)
+        for run in leaderboard.sweep_runs(tracking_uri):
+            m, p, t = run.data.metrics, run.data.params, run.data.tags
+            best = m.get("best_score")
+            table.add_row(run.info.run_name, t.get("lorasweep.status", "?"),
+                          str(int(m.get("trials", 0))) if "trials" in m else "-",
+                          f"{m.get('budget_spent_usd', m.get('spent_usd', 0.0)):.5f}",
+                          p.get("budget_usd", "-"), "-" if best is None else f"{best:.3f}")
+        console.print(table)
+        return
+    parent = leaderboard.find_sweep(tracking_uri, sweep)
+    rows = leaderboard.trial_rows(tracking_uri, parent)
+    m, t = parent.data.metrics, parent.data.tags
+    spent = sum(r.cost_usd for r in rows) + m.get("baseline_cost_usd", 0.0)
+    counts = {}
+    for r in rows:
+        counts[r.status] = counts.get(r.status, 0) + 1
+    console.print(f"[bold]{parent.info.run_name}[/] {t.get('lorasweep.status', '?')}: "
+                  f"spent ${max(spent, m.get('budget_spent_usd', 0.0)):.5f} of "
+                  f"${float(parent.data.params.get('budget_usd', 'nan')):g}; trials "
+                  + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
+    if "lorasweep.end_reason" in t:
+        console.print(f"ended: {t['lorasweep.end_reason']}")
+    best = leaderboard.best_row(rows)
+    if best:
+        console.print(f"best so far: {best.trial} score {best.score:.3f} (${best.cost_usd:.5f})")
+
+
+@app.command(name="leaderboard")
+@_friendly
+def leaderboard_cmd(
+    sweep: Annotated[str | None, typer.Argument(help="Sweep id or spec name (latest).")] = None,
+    tracking_uri: TrackingOpt = DEFAULT_TRACKING_URI,
+) -> None:
+    """The trials of a sweep, best first."""
+    from orchestrator import leaderboard
+
+    parent = leaderboard.find_sweep(tracking_uri, sweep)
+    rows = leaderboard.trial_rows(tracking_uri, parent)
+    console.print(leaderboard.render(rows, title=f"leaderboard — {parent.info.run_name}"))
+
+
+@app.command()
+@_friendly
+def promote(
+    sweep: Annotated[str | None, typer.Argument(help="Sweep id or spec name (latest).")] = None,
+    name: Annotated[str | None, typer.Option(help="Registered model name; default: spec name.")] = None,
+    tracking_uri: TrackingOpt = DEFAULT_TRACKING_URI,
+) -> None:
+    """Register the best adapter and point the alias `champion` at it."""
+    from orchestrator.registry import ALIAS, promote as do_promote
+
+    console.print("[bold]promoting[/] the best trial (scoring it on the test split) ...")
+    p = do_promote(tracking_uri, sweep, name)
+    test = "" if p.test_score is None else f", test score {p.test_score:.3f}"
+    console.print(f"[green]registered[/] {p.name} version {p.version} as @{ALIAS}: "
+                  f"validation score {p.score:.3f}{test}, trial cost ${p.cost_usd:.5f}")
+    console.print(f"[bold]try it[/] lorasweep generate --model models:/{p.name}@{ALIAS} "
+                  "\"3 bed, 2 bath house in Austin. 1,850 sq ft. Asking $525,000. Has a pool.\"")
+
+
+@app.command()
+@_friendly
+def generate(
+    prompt: Annotated[str, typer.Argument(help="The user message to complete.")],
+    model: Annotated[str, typer.Option(help="Model URI, e.g. models:/demo@champion.")],
+    system: Annotated[str | None, typer.Option(help="System prompt; default: the training one.")] = None,
+    max_new_tokens: Annotated[int, typer.Option(min=1)] = 128,
+    tracking_uri: TrackingOpt = DEFAULT_TRACKING_URI,
+) -> None:
+    """Load base model + adapter and print a completion."""
+    from orchestrator.registry import generate as do_generate
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    print(do_generate(tracking_uri, model, prompt, system=system, max_new_tokens=max_new_tokens))
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,114 @@
+"""Checks and estimates made before a cent is spent: data, model, prices, budget."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from orchestrator.budget import CostModel
+from orchestrator.errors import BudgetError, LorasweepError
+from orchestrator.prices import load_catalog, trial_price_usd_per_hour
+from orchestrator.spec import SweepSpec
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What the sweep will run with, resolved from the spec."""
+
+    model_ref: str
+    train_path: Path
+    validation_path: Path
+    test_path: Path | None
+    price_usd_per_hour: float      # one trial's resources
+    cost_model: CostModel
+    first_rung_steps: int
+    first_rung_evals: int
+    baseline_usd: float            # predicted cost of scoring the base model
+
+    def admission_usd(self, measured: dict[str, float]) -> float:
+        """Predicted cost of a new trial up to its first early-stopping rung."""
+        return self.cost_model.usd(self.first_rung_steps, self.first_rung_evals, measured)
+
+    def full_trial_usd(self, max_steps: int, evals: int, measured: dict[str, float]) -> float:
+        return self.cost_model.usd(max_steps, evals, measured)
+
+
+def data_paths(spec: SweepSpec) -> tuple[Path, Path, Path | None]:
+    if spec.data.source == "embedded":
+        from workers.demo_task import split_path
+
+        return split_path("train"), split_path("validation"), split_path("test")
+    return spec.data.train, spec.data.validation, spec.data.test
+
+
+def _check_data(spec: SweepSpec, paths: tuple[Path, Path, Path | None]):
+    from workers.data import DataError, read_examples
+
+    out = []
+    for field, path in zip(("data.train", "data.validation", "data.test"), paths, strict=True):
+        if path is None:
+            continue
+        try:
+            out.append(read_examples(path, spec.data.format, field))
+        except DataError as exc:
+            raise LorasweepError(str(exc)) from None
+    return out[0]
+
+
+def _model_size(model_ref: str) -> int:
+    """Parameter count from the config alone (model built on the meta device)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_ref)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return sum(p.numel() for p in model.parameters())
+
+
+def _tokens_per_example(model_ref: str, examples, max_seq_len: int) -> int:
+    from workers.data import encode_for_training
+    from workers.model import load_tokenizer
+
+    tokenizer = load_tokenizer(model_ref)
+    sample = examples[:64]
+    lengths = [len(encode_for_training(tokenizer, ex, max_seq_len)[0]) for ex in sample]
+    return max(lengths)  # padding makes every row as long as the longest
+
+
+def make_plan(spec: SweepSpec) -> Plan:
+    """Validate everything a sweep needs and predict costs; raises before any spend."""
+    from workers.model import ModelNotFound, check_loadable
+
+    paths = data_paths(spec)
+    train = _check_data(spec, paths)
+    try:
+        model_ref = check_loadable(spec.model.name_or_path)
+    except ModelNotFound as exc:
+        raise LorasweepError(str(exc)) from None
+    catalog = load_catalog(spec.prices.catalog, spec.prices.overrides)
+    res = spec.resources
+    price = trial_price_usd_per_hour(catalog, res.accelerator, res.gpus_per_trial, res.cpus_per_trial)
+    t = spec.trial
+    tokens = _tokens_per_example(model_ref, train, t.max_seq_len)
+    cost_model = CostModel(
+        price_usd_per_hour=price, accelerator=res.accelerator,
+        units=res.cpus_per_trial if res.accelerator == "cpu" else res.gpus_per_trial,
+        n_params=_model_size(model_ref), tokens_per_step=tokens * t.batch_size,
+        eval_tokens=tokens * t.eval_examples * 2)
+    evals = spec.eval_steps
+    if spec.early_stopping.enabled:
+        rung = spec.first_rung_reports
+        first_steps, first_evals = evals[rung - 1], rung
+    else:
+        first_steps, first_evals = t.max_steps, len(evals)
+    plan = Plan(model_ref, *paths, price_usd_per_hour=price, cost_model=cost_model,
+                first_rung_steps=first_steps, first_rung_evals=first_evals,
+                baseline_usd=cost_model.usd(0, 1, {}))
+    need = plan.baseline_usd + plan.admission_usd({})
+    if need > spec.budget_usd:
+        raise BudgetError(
+            f"budget_usd: ${spec.budget_usd:g} cannot pay for the base-model eval and one trial "
+            f"up to its first rung (predicted ${need:.4f} at ${price:.4f}/h). Raise budget_usd "
+            "or shrink trial.max_steps / trial.batch_size.")
+    return plan

@@ -1,0 +1,89 @@
+"""Search: the Optuna space from a spec, and a Tune searcher that admits trials only within budget."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from ray.tune.search import Searcher
+
+from orchestrator.spec import Dim, SearchSpace
+
+HYPERPARAMETERS = ("learning_rate", "rank", "alpha", "target_modules", "dropout")
+
+
+def _suggest(trial, name: str, dim: Dim):
+    if dim.value is not None:
+        return dim.value
+    if dim.choices is not None:
+        return trial.suggest_categorical(name, dim.choices)
+    if all(isinstance(v, int) for v in (dim.low, dim.high)) and name == "rank":
+        return trial.suggest_int(name, int(dim.low), int(dim.high), log=dim.log)
+    return trial.suggest_float(name, dim.low, dim.high, log=dim.log)
+
+
+def define_by_run(space: SearchSpace) -> Callable:
+    """An Optuna define-by-run function: searched dims are suggested, fixed ones returned as
+    constants (Ray merges them into the trial config)."""
+
+    def space_fn(trial) -> dict:
+        for name in HYPERPARAMETERS:
+            _suggest(trial, name, getattr(space, name))  # captured by OptunaSearch
+        fixed = {name: getattr(space, name).value for name in HYPERPARAMETERS
+                 if getattr(space, name).value is not None}
+        return {**fixed, "method": space.method}
+
+    return space_fn
+
+
+class BudgetedSearcher(Searcher):
+    """Wraps a searcher (OptunaSearch): a suggestion is made only when the trial's predicted cost
+    up to its first rung fits under the cap; it is then reserved in the ledger.
+
+    Also reports early-stopped trials (ASHA or budget) to the inner searcher without a final
+    value, which OptunaSearch records as PRUNED rather than COMPLETE: a cut trial's last score is
+    not comparable with a finished one's, and calling it complete misleads TPE.
+    """
+
+    def __init__(self, searcher: Searcher, ledger, predict_admission_usd: Callable[[], float]):
+        super().__init__(metric=searcher.metric, mode=searcher.mode)
+        self.searcher = searcher
+        self.ledger = ledger
+        self.predict_admission_usd = predict_admission_usd
+        self.exhausted_reason: str | None = None
+
+    def set_search_properties(self, metric, mode, config, **spec) -> bool:
+        return self.searcher.set_search_properties(metric, mode, config, **spec)
+
+    def set_max_concurrency(self, max_concurrent: int) -> bool:
+        return False  # let Tune's ConcurrencyLimiter do it
+
+    def suggest(self, trial_id: str):
+        import ray
+
+        need_usd = self.predict_admission_usd()
+        if not ray.get(self.ledger.reserve.remote(trial_id, need_usd)):
+            snap = ray.get(self.ledger.snapshot.remote())
+            if snap["running"]:
+                return None  # ask again once a running trial has settled and freed its ceiling
+            self.exhausted_reason = (
+                f"budget: the next trial needs ${need_usd:.4f} to reach its first rung, "
+                f"${snap['remaining_usd']:.4f} is left")
+            return Searcher.FINISHED
+        config = self.searcher.suggest(trial_id)
+        if config is None or config == Searcher.FINISHED:
+            ray.get(self.ledger.settle.remote(trial_id, 0.0))
+            return config
+        return config
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        self.searcher.on_trial_result(trial_id, result)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
+        full = bool(result) and result.get("trial_status") == "completed"
+        self.searcher.on_trial_complete(trial_id, result=result if full else None, error=error)
+
+    def save(self, checkpoint_path: str) -> None:
+        self.searcher.save(checkpoint_path)
+
+    def restore(self, checkpoint_path: str) -> None:
+        self.searcher.restore(checkpoint_path)

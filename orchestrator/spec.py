@@ -1,0 +1,314 @@
+"""The sweep spec: one YAML file, validated by these pydantic models.
+
+Every model forbids unknown keys, so a typo fails loudly with the key's dotted path. Relative
+paths inside a spec are resolved against the spec file's folder.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from orchestrator.errors import SpecError
+
+EMBEDDED_MODEL = "embedded"
+TARGET_MODULE_SETS = ("qv", "attn", "mlp", "attn_mlp", "all_linear")
+PRESETS_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
+EXAMPLE_SPEC = Path(__file__).resolve().parent.parent / "examples" / "demo.yaml"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Dim(_Strict):
+    """One search dimension: a fixed ``value``, a list of ``choices``, or a ``low``..``high`` range
+    (``log: true`` samples log-uniformly)."""
+
+    value: Any = None
+    choices: list[Any] | None = None
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+
+    @model_validator(mode="after")
+    def _one_form(self) -> Dim:
+        forms = [self.value is not None, self.choices is not None,
+                 self.low is not None or self.high is not None]
+        if sum(forms) != 1:
+            raise ValueError("give exactly one of `value`, `choices`, or `low` + `high`")
+        if forms[1] and not self.choices:
+            raise ValueError("`choices` must list at least one value")
+        if forms[2]:
+            if self.low is None or self.high is None or not self.low < self.high:
+                raise ValueError("a range needs both `low` and `high` with low < high")
+            if self.log and self.low <= 0:
+                raise ValueError("a log range needs low > 0")
+        return self
+
+    def candidates(self) -> list[Any]:
+        """Values this dimension can take (range endpoints for ranges)."""
+        if self.value is not None:
+            return [self.value]
+        if self.choices is not None:
+            return list(self.choices)
+        return [self.low, self.high]
+
+
+class SearchSpace(_Strict):
+    """What Optuna searches. Start from a ``preset`` (a file in ``search_spaces/``); keys given
+    here override the preset's."""
+
+    preset: str | None = Field(None, description="light | medium | heavy | default")
+    method: Literal["lora"] = "lora"
+    learning_rate: Dim = Dim(low=1e-4, high=1e-2, log=True)
+    rank: Dim = Dim(choices=[4, 8, 16, 32, 64])
+    alpha: Dim = Dim(value=32)
+    target_modules: Dim = Dim(choices=["attn", "attn_mlp", "all_linear"])
+    dropout: Dim = Dim(value=0.05)
+
+    @model_validator(mode="after")
+    def _check_values(self) -> SearchSpace:
+        for name in ("learning_rate", "alpha"):
+            if any(not isinstance(v, (int, float)) or v <= 0 for v in getattr(self, name).candidates()):
+                raise ValueError(f"{name}: every value must be a number > 0")
+        if any(not isinstance(v, int) or v < 1 for v in self.rank.candidates()):
+            raise ValueError("rank: every value must be an integer >= 1 (e.g. choices: [8, 16])")
+        if any(not isinstance(v, (int, float)) or not 0 <= v < 1 for v in self.dropout.candidates()):
+            raise ValueError("dropout: every value must be in [0, 1)")
+        bad = [v for v in self.target_modules.candidates() if v not in TARGET_MODULE_SETS]
+        if bad:
+            raise ValueError(f"target_modules: unknown set {bad}; use {list(TARGET_MODULE_SETS)}")
+        return self
+
+
+class ModelSpec(_Strict):
+    """The base model: ``embedded`` (SmolLM2-135M-Instruct shipped with lorasweep), a Hugging Face
+    id, or a local folder saved with ``save_pretrained``."""
+
+    name_or_path: str = EMBEDDED_MODEL
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="auto: bfloat16 on GPU, float32 on CPU")
+
+
+class DataSpec(_Strict):
+    """Training data: the embedded demo task, or your own JSONL files (one example per line, chat
+    ``{"messages": [...]}`` or instruction ``{"instruction", "input"?, "output"}`` format)."""
+
+    source: Literal["embedded", "files"] = "embedded"
+    train: Path | None = None
+    validation: Path | None = None
+    test: Path | None = None
+    format: Literal["chat", "instruction"] = "chat"
+
+    @model_validator(mode="after")
+    def _files_given(self) -> DataSpec:
+        if self.source == "files" and (self.train is None or self.validation is None):
+            raise ValueError("source: files needs both `train` and `validation` paths")
+        if self.source == "embedded" and (self.train or self.validation or self.test):
+            raise ValueError("source: embedded takes no file paths; set `source: files` to use yours")
+        return self
+
+
+class TrialSpec(_Strict):
+    """Limits of one trial."""
+
+    max_steps: int = Field(30, ge=1, description="optimizer steps per trial")
+    eval_every: int = Field(10, ge=1, description="steps between evals (and budget checks)")
+    batch_size: int = Field(8, ge=1, description="examples per step; small-medium suits LoRA")
+    max_seq_len: int = Field(256, ge=16, description="longer examples are truncated")
+    eval_examples: int = Field(24, ge=1, description="validation rows scored by generation")
+    max_new_tokens: int = Field(96, ge=1, description="generation length when scoring")
+    warmup_fraction: float = Field(0.1, ge=0, lt=1)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _eval_fits(self) -> TrialSpec:
+        if self.eval_every > self.max_steps:
+            raise ValueError(f"eval_every ({self.eval_every}) must be <= max_steps ({self.max_steps})")
+        return self
+
+
+class ResourcesSpec(_Strict):
+    """What each trial holds, and how many run at once."""
+
+    accelerator: str = Field("cpu", description="a key of the price catalog, e.g. cpu, H100, A10G")
+    gpus_per_trial: int = Field(0, ge=0)
+    cpus_per_trial: int = Field(1, ge=1)
+    max_concurrent_trials: int = Field(1, ge=1)
+
+    @model_validator(mode="after")
+    def _gpu_matches(self) -> ResourcesSpec:
+        if self.accelerator == "cpu" and self.gpus_per_trial:
+            raise ValueError("accelerator: cpu takes gpus_per_trial: 0; name the GPU type instead")
+        if self.accelerator != "cpu" and not self.gpus_per_trial:
+            raise ValueError(f"accelerator: {self.accelerator} needs gpus_per_trial >= 1")
+        return self
+
+
+class PricesSpec(_Strict):
+    """Price catalog (``$/GPU-hour``; ``cpu`` is ``$/core-hour``) and your own overrides."""
+
+    catalog: Path | None = Field(None, description="YAML catalog; default: the bundled one")
+    overrides: dict[str, float] = Field(default_factory=dict)
+
+    @field_validator("overrides")
+    @classmethod
+    def _positive(cls, v: dict[str, float]) -> dict[str, float]:
+        for name, price in v.items():
+            if price <= 0:
+                raise ValueError(f"price of {name} must be > 0 (got {price})")
+        return v
+
+
+class StorageSpec(_Strict):
+    """Where results go. Defaults are embedded (no servers) under ``data_dir``."""
+
+    data_dir: Path = Path("lorasweep-data")
+    mlflow_tracking_uri: str | None = Field(None, description="default sqlite:///<data_dir>/mlflow.db")
+    optuna_storage: str | None = Field(None, description="SQLAlchemy URL; default sqlite in data_dir")
+    ray_address: str | None = Field(None, description="Ray cluster address; default: local Ray")
+
+
+class EarlyStoppingSpec(_Strict):
+    """ASHA: trials are compared at rungs; the worse ones stop."""
+
+    enabled: bool = True
+    grace_fraction: float = Field(0.3, ge=0.2, le=1,
+                                  description="first rung as a share of max_steps (>= 0.2)")
+    reduction_factor: int = Field(3, ge=2)
+
+
+class ObjectiveSpec(_Strict):
+    metric: Literal["score", "eval_loss"] = "score"
+    mode: Literal["max", "min"] = "max"
+
+    @model_validator(mode="after")
+    def _mode_matches(self) -> ObjectiveSpec:
+        expected = "max" if self.metric == "score" else "min"
+        if self.mode != expected:
+            raise ValueError(f"metric {self.metric} is optimised with mode: {expected}")
+        return self
+
+
+class SweepSpec(_Strict):
+    """A whole sweep. Only ``name`` and ``budget_usd`` are required."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    budget_usd: float = Field(description="hard cap on total spend, US dollars")
+    objective: ObjectiveSpec = ObjectiveSpec()
+    model: ModelSpec = ModelSpec()
+    data: DataSpec = DataSpec()
+    search_space: SearchSpace = SearchSpace(preset="default")
+    trial: TrialSpec = TrialSpec()
+    resources: ResourcesSpec = ResourcesSpec()
+    max_trials: int = Field(32, ge=1, description="upper bound; the budget usually ends it first")
+    early_stopping: EarlyStoppingSpec = EarlyStoppingSpec()
+    prices: PricesSpec = PricesSpec()
+    storage: StorageSpec = StorageSpec()
+
+    @field_validator("budget_usd")
+    @classmethod
+    def _positive_budget(cls, v: float) -> float:
+        if not v > 0 or math.isinf(v):
+            raise ValueError(f"must be a finite amount > 0 (got {v}); e.g. budget_usd: 20")
+        return v
+
+    @property
+    def eval_steps(self) -> list[int]:
+        """Steps at which a trial evaluates and reports (the last step always)."""
+        t = self.trial
+        steps = list(range(t.eval_every, t.max_steps + 1, t.eval_every))
+        return steps if steps and steps[-1] == t.max_steps else [*steps, t.max_steps]
+
+    @property
+    def first_rung_reports(self) -> int:
+        """ASHA grace period in reports: the first rung sits at >= grace_fraction of max_steps."""
+        steps = self.eval_steps
+        need = self.early_stopping.grace_fraction * self.trial.max_steps
+        return next(i for i, s in enumerate(steps, 1) if s >= need - 1e-9)
+
+
+def _fix_hint(err: dict) -> str:
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        return "unknown key; remove it or fix its spelling (see examples/demo.yaml for every key)"
+    if kind == "missing":
+        return "required key is missing; add it (see examples/demo.yaml)"
+    return err["msg"].removeprefix("Value error, ")
+
+
+def _raise_first(exc: ValidationError, prefix: str = "") -> None:
+    err = exc.errors()[0]
+    loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-"))
+    raise SpecError(prefix + loc if loc else prefix.rstrip(".") or "spec", _fix_hint(err)) from None
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+
+
+def load_preset(name: str) -> dict:
+    path = PRESETS_DIR / f"{name}.yaml"
+    if not path.is_file():
+        raise SpecError("search_space.preset",
+                        f"unknown preset {name!r}; choose one of {', '.join(preset_names())}")
+    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        SearchSpace.model_validate(data)
+    except ValidationError as exc:
+        _raise_first(exc, f"search_spaces/{name}.yaml: ")
+    return data
+
+
+def _resolve_search_space(raw: dict) -> dict:
+    space = raw.get("search_space")
+    if space is None:
+        space = {"preset": "default"}
+    if not isinstance(space, dict):
+        raise SpecError("search_space", "must be a mapping, e.g. {preset: default}")
+    preset = space.get("preset")
+    merged = {**load_preset(preset), **space} if preset else dict(space)
+    return {**raw, "search_space": merged}
+
+
+def _resolve_paths(spec: SweepSpec, base: Path) -> SweepSpec:
+    def rel(p: Path | None) -> Path | None:
+        return None if p is None or p.is_absolute() else base / p
+
+    data = spec.data.model_copy(update={k: rel(getattr(spec.data, k)) or getattr(spec.data, k)
+                                        for k in ("train", "validation", "test")})
+    prices = spec.prices.model_copy(update={"catalog": rel(spec.prices.catalog) or spec.prices.catalog})
+    model = spec.model
+    if model.name_or_path.startswith((".", "/", "~")):
+        local = Path(model.name_or_path).expanduser()
+        model = model.model_copy(update={"name_or_path": str(local if local.is_absolute() else base / local)})
+    return spec.model_copy(update={"data": data, "prices": prices, "model": model})
+
+
+def parse_spec(raw: Any, base_dir: Path = Path(".")) -> SweepSpec:
+    """Validate a spec already read from YAML; raises :class:`SpecError` naming the field."""
+    if not isinstance(raw, dict):
+        raise SpecError("spec", "must be a YAML mapping with at least `name` and `budget_usd`")
+    raw = _resolve_search_space(raw)
+    try:
+        spec = SweepSpec.model_validate(raw)
+    except ValidationError as exc:
+        _raise_first(exc)
+    return _resolve_paths(spec, base_dir)
+
+
+def load_spec(path: Path | str | None = None) -> SweepSpec:
+    """Load and validate a spec file; ``None`` loads the embedded demo (``examples/demo.yaml``)."""
+    path = Path(path) if path is not None else EXAMPLE_SPEC
+    if not path.is_file():
+        raise SpecError("SPEC", f"file {path} not found; pass the path of a sweep YAML")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise SpecError("SPEC", f"{path} is not valid YAML: {exc}") from None
+    return parse_spec(raw, path.resolve().parent)

@@ -1,0 +1,214 @@
+"""The sweep driver: spec -> plan -> base-model eval -> Tune (Optuna TPE + ASHA + budget) -> summary.
+
+Straight-line on purpose: every step below is one helper a reader can find in seconds.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from orchestrator import leaderboard
+from orchestrator.preflight import Plan, make_plan
+from orchestrator.spec import SweepSpec
+from orchestrator.tracking import Tracker, default_tracking_uri
+
+
+@dataclass
+class SweepResult:
+    sweep_id: str
+    tracking_uri: str
+    budget_usd: float
+    spent_usd: float
+    base_score: float | None
+    best: leaderboard.Row | None
+    rows: list[leaderboard.Row] = field(default_factory=list)
+    end_reason: str = ""
+    wall_s: float = 0.0
+
+
+def storage_urls(spec: SweepSpec) -> tuple[Path, str, str]:
+    """(data_dir, MLflow tracking URI, Optuna storage URL), defaults embedded under data_dir."""
+    data_dir = spec.storage.data_dir
+    tracking = spec.storage.mlflow_tracking_uri or default_tracking_uri(data_dir)
+    optuna_url = spec.storage.optuna_storage or f"sqlite:///{data_dir / 'optuna.db'}"
+    return data_dir, tracking, optuna_url
+
+
+def _init_ray(spec: SweepSpec, address: str | None) -> None:
+    import ray
+
+    address = address or spec.storage.ray_address
+    verbose = bool(os.environ.get("LORASWEEP_VERBOSE"))
+    if ray.is_initialized():
+        return
+    if address:
+        ray.init(address=address, log_to_driver=verbose)
+    else:
+        ray.init(num_cpus=os.cpu_count(), num_gpus=_local_gpus(), include_dashboard=False,
+                 log_to_driver=verbose, configure_logging=verbose)
+
+
+def _local_gpus() -> int:
+    try:
+        import torch
+
+        return torch.cuda.device_count()
+    except Exception:  # noqa: BLE001 - no CUDA runtime at all
+        return 0
+
+
+def _base_trial_config(spec: SweepSpec, plan: Plan) -> dict:
+    t, res = spec.trial, spec.resources
+    return {
+        "model": plan.model_ref, "train_path": str(plan.train_path),
+        "validation_path": str(plan.validation_path), "data_format": spec.data.format,
+        "dtype": spec.model.dtype, "max_steps": t.max_steps, "eval_every": t.eval_every,
+        "batch_size": t.batch_size, "max_seq_len": t.max_seq_len, "eval_examples": t.eval_examples,
+        "max_new_tokens": t.max_new_tokens, "warmup_fraction": t.warmup_fraction, "seed": t.seed,
+        "price_usd_per_hour": plan.price_usd_per_hour,
+        "device": "cuda" if res.gpus_per_trial else "cpu", "num_threads": res.cpus_per_trial,
+        **{f"prior_{k}": v for k, v in plan.cost_model.timings({}).items() if k != "startup_s"},
+    }
+
+
+def _score_base(spec: SweepSpec, plan: Plan, ledger) -> dict | None:
+    """Score the base model on the validation split as a Ray task holding a trial's resources;
+    its cost is charged to the budget like a trial's."""
+    import ray
+
+    from workers.scoring import score_split
+
+    if not ray.get(ledger.reserve.remote("baseline", plan.baseline_usd)):
+        return None
+    res, t = spec.resources, spec.trial
+    task = ray.remote(score_split).options(num_cpus=res.cpus_per_trial, num_gpus=res.gpus_per_trial)
+    start = time.time()
+    out = ray.get(task.remote(plan.model_ref, plan.validation_path, data_format=spec.data.format,
+                              limit=t.eval_examples, max_new_tokens=t.max_new_tokens,
+                              max_seq_len=t.max_seq_len, batch_size=t.batch_size,
+                              dtype=spec.model.dtype, num_threads=res.cpus_per_trial,
+                              device="cuda" if res.gpus_per_trial else "cpu"))
+    billed_s = time.time() - start
+    out["cost_usd"] = plan.price_usd_per_hour * billed_s / 3600
+    ray.get(ledger.settle.remote("baseline", out["cost_usd"]))
+    return out
+
+
+def _make_tuner(spec: SweepSpec, plan: Plan, sweep_id: str, ledger, callback, optuna_url: str):
+    import optuna
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.search.optuna import OptunaSearch
+
+    from orchestrator.search import BudgetedSearcher, define_by_run
+    from orchestrator.trainable import train_lorasweep
+
+    metric, mode = spec.objective.metric, spec.objective.mode
+    optuna_search = OptunaSearch(
+        space=define_by_run(spec.search_space), metric=metric, mode=mode,
+        sampler=optuna.samplers.TPESampler(seed=spec.trial.seed, n_startup_trials=4),
+        storage=optuna.storages.RDBStorage(optuna_url), study_name=sweep_id)
+
+    def predict() -> float:
+        import ray
+
+        return plan.admission_usd(ray.get(ledger.get_timings.remote()))
+
+    searcher = BudgetedSearcher(optuna_search, ledger, predict)
+    if spec.early_stopping.enabled:
+        scheduler = ASHAScheduler(time_attr="training_iteration", metric=metric, mode=mode,
+                                  max_t=len(spec.eval_steps), grace_period=spec.first_rung_reports,
+                                  reduction_factor=spec.early_stopping.reduction_factor)
+    else:
+        scheduler = FIFOScheduler()
+    res = spec.resources
+    trainable = tune.with_resources(
+        tune.with_parameters(train_lorasweep, base=_base_trial_config(spec, plan), ledger=ledger),
+        {"cpu": res.cpus_per_trial, "gpu": res.gpus_per_trial})
+    storage_path = (spec.storage.data_dir / "ray").resolve()
+    tuner = tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler,
+                                    num_samples=spec.max_trials,
+                                    max_concurrent_trials=res.max_concurrent_trials),
+        run_config=tune.RunConfig(name=sweep_id, storage_path=str(storage_path), verbose=0,
+                                  callbacks=[callback],
+                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=1)),
+    )
+    return tuner, searcher
+
+
+def _summarize(spec, tracker: Tracker, tracking_uri: str, sweep_id: str, base: dict | None,
+               snap: dict, reason: str) -> tuple[list, leaderboard.Row | None]:
+    parent = leaderboard.find_sweep(tracking_uri, sweep_id)
+    rows = leaderboard.trial_rows(tracking_uri, parent)
+    best = leaderboard.best_row(rows)
+    metrics = {"spent_usd": snap["spent_usd"], "budget_usd": spec.budget_usd,
+               "unspent_usd": spec.budget_usd - snap["spent_usd"], "trials": len(rows),
+               "best_score": best.score if best else None,
+               "base_score": base["score"] if base else None,
+               "base_eval_loss": base["eval_loss"] if base else None,
+               "baseline_cost_usd": base["cost_usd"] if base else None}
+    with tempfile.TemporaryDirectory() as tmp:
+        csv_path = leaderboard.write_csv(rows, Path(tmp) / "leaderboard.csv")
+        png = leaderboard.plot_score_vs_cost(rows, Path(tmp) / "score_vs_cost.png",
+                                             base["score"] if base else None)
+        tracker.client.set_tag(tracker.parent_id, "lorasweep.end_reason", reason)
+        if best:
+            tracker.client.set_tag(tracker.parent_id, "lorasweep.best_run_id", best.run_id)
+        tracker.end_sweep("completed", metrics, [csv_path, png])
+    return rows, best
+
+
+def run_sweep(spec: SweepSpec, console, address: str | None = None) -> SweepResult:
+    """Run a whole sweep; returns what the leaderboard shows. Raises before spending on bad input."""
+    import ray
+
+    from orchestrator.budget import Ledger
+    from orchestrator.callbacks import SweepCallback
+
+    t0 = time.time()
+    console.print("[bold]checking[/] spec, data, model and prices ...")
+    plan = make_plan(spec)
+    data_dir, tracking_uri, optuna_url = storage_urls(spec)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    sweep_id = f"{spec.name}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
+    console.print(f"[bold]sweep[/] {sweep_id}: budget ${spec.budget_usd:g}, trial resources "
+                  f"${plan.price_usd_per_hour:.4f}/h, first rung predicted "
+                  f"${plan.admission_usd({}):.5f}")
+    _init_ray(spec, address)
+    ledger = ray.remote(Ledger).options(num_cpus=0).remote(spec.budget_usd)
+    tracker = Tracker(tracking_uri, spec.name, artifact_root=data_dir / "artifacts")
+    tracker.start_sweep(sweep_id, spec.model_dump(mode="json"),
+                        {"budget_usd": spec.budget_usd, "model": spec.model.name_or_path,
+                         "accelerator": spec.resources.accelerator,
+                         "price_usd_per_hour": plan.price_usd_per_hour,
+                         "max_trials": spec.max_trials, "objective": spec.objective.metric})
+    console.print("[bold]scoring[/] the base model on the validation split ...")
+    base = _score_base(spec, plan, ledger)
+    if base:
+        console.print(f"  base model score {base['score']:.3f}  eval_loss {base['eval_loss']:.4f}  "
+                      f"${base['cost_usd']:.5f}")
+    fixed = {k: v for k, v in _base_trial_config(spec, plan).items()
+             if k in ("max_steps", "eval_every", "batch_size", "max_seq_len", "seed", "dtype",
+                      "price_usd_per_hour")}
+    callback = SweepCallback(sweep_id=sweep_id, tracker=tracker, ledger=ledger,
+                             price_usd_per_hour=plan.price_usd_per_hour,
+                             fixed_params={**fixed, "base_model": spec.model.name_or_path},
+                             console=console, base_score=base["score"] if base else None)
+    tuner, searcher = _make_tuner(spec, plan, sweep_id, ledger, callback, optuna_url)
+    try:
+        tuner.fit()
+    except BaseException:
+        tracker.end_sweep("failed", ray.get(ledger.snapshot.remote()), [])
+        raise
+    snap = ray.get(ledger.snapshot.remote())
+    reason = searcher.exhausted_reason or f"max_trials ({spec.max_trials}) reached"
+    rows, best = _summarize(spec, tracker, tracking_uri, sweep_id, base, snap, reason)
+    return SweepResult(sweep_id, tracking_uri, spec.budget_usd, snap["spent_usd"],
+                       base["score"] if base else None, best, rows, reason, time.time() - t0)

@@ -1,0 +1,107 @@
+"""MLflow logging, owned by the driver: one parent run per sweep, one child run per trial.
+
+Only the driver process writes to MLflow (workers report through Tune), so an embedded sqlite
+backend sees a single writer, and metrics are logged in batches, once per eval report.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+
+import yaml
+
+KIND_TAG, SWEEP_TAG, STATUS_TAG = "lorasweep.kind", "lorasweep.sweep_id", "lorasweep.status"
+PARENT_TAG = "mlflow.parentRunId"
+_TRIAL_METRICS = ("eval_loss", "score", "cost_usd", "billed_s", "tokens")
+
+
+def redact(text: str) -> str:
+    """Hide passwords in URLs (``scheme://user:secret@host`` -> ``scheme://user:***@host``)."""
+    return re.sub(r"(://[^:/@\s]+:)[^@\s]+@", r"\1***@", text)
+
+
+def default_tracking_uri(data_dir: Path) -> str:
+    return f"sqlite:///{data_dir / 'mlflow.db'}"
+
+
+class Tracker:
+    """Thin wrapper over ``MlflowClient`` with explicit run ids (no global active run)."""
+
+    def __init__(self, tracking_uri: str, experiment: str, artifact_root: Path | None = None):
+        from mlflow.tracking import MlflowClient
+
+        self.client = MlflowClient(tracking_uri=tracking_uri)
+        self.tracking_uri = tracking_uri
+        exp = self.client.get_experiment_by_name(experiment)
+        if exp is None:
+            location = None
+            if artifact_root is not None and not tracking_uri.startswith(("http:", "https:")):
+                location = (Path(artifact_root).resolve() / experiment).as_uri()
+            self.experiment_id = self.client.create_experiment(experiment, artifact_location=location)
+        else:
+            self.experiment_id = exp.experiment_id
+        self.parent_id: str | None = None
+
+    # --- sweep (parent run) ---------------------------------------------------------------
+    def start_sweep(self, sweep_id: str, spec: dict, params: dict) -> str:
+        run = self.client.create_run(self.experiment_id, run_name=sweep_id,
+                                     tags={KIND_TAG: "sweep", SWEEP_TAG: sweep_id,
+                                           STATUS_TAG: "running"})
+        self.parent_id = run.info.run_id
+        self.client.log_text(self.parent_id, redact(yaml.safe_dump(spec, sort_keys=False)),
+                             "spec.yaml")
+        self._log_params(self.parent_id, params)
+        return self.parent_id
+
+    def log_sweep_metrics(self, metrics: dict[str, float], step: int) -> None:
+        self._log_metrics(self.parent_id, metrics, step)
+
+    def end_sweep(self, status: str, metrics: dict[str, float], artifacts: list[Path]) -> None:
+        self._log_metrics(self.parent_id, metrics, 0)
+        for path in artifacts:
+            self.client.log_artifact(self.parent_id, str(path))
+        self.client.set_tag(self.parent_id, STATUS_TAG, status)
+        self.client.set_terminated(self.parent_id, "FINISHED" if status != "failed" else "FAILED")
+
+    # --- trials (child runs) ----------------------------------------------------------------
+    def start_trial(self, sweep_id: str, trial_name: str, trial_id: str, params: dict) -> str:
+        run = self.client.create_run(
+            self.experiment_id, run_name=trial_name,
+            tags={KIND_TAG: "trial", SWEEP_TAG: sweep_id, PARENT_TAG: self.parent_id,
+                  "lorasweep.trial_id": trial_id, STATUS_TAG: "running"})
+        self._log_params(run.info.run_id, params)
+        return run.info.run_id
+
+    def log_trial_result(self, run_id: str, result: dict) -> None:
+        """One eval report: train loss of every step since the last one, and the eval metrics."""
+        from mlflow.entities import Metric
+
+        now_ms = int(time.time() * 1000)
+        metrics = [Metric("train_loss", float(v), now_ms, int(s))
+                   for s, v in result.get("train_loss_steps", [])]
+        step = int(result["step"])
+        metrics += [Metric(k, float(result[k]), now_ms, step) for k in _TRIAL_METRICS if k in result]
+        self.client.log_batch(run_id, metrics=metrics)
+
+    def end_trial(self, run_id: str, status: str, final: dict, adapter_dir: str | None) -> None:
+        self._log_metrics(run_id, final, int(final.pop("step", 0)))
+        if adapter_dir and Path(adapter_dir).is_dir():
+            self.client.log_artifacts(run_id, adapter_dir, "adapter")
+        self.client.set_tag(run_id, STATUS_TAG, status)
+        self.client.set_terminated(run_id, "FAILED" if status == "failed" else "FINISHED")
+
+    # --- helpers --------------------------------------------------------------------------
+    def _log_params(self, run_id: str, params: dict) -> None:
+        from mlflow.entities import Param
+
+        self.client.log_batch(run_id, params=[Param(k, redact(str(v))[:6000])
+                                              for k, v in params.items()])
+
+    def _log_metrics(self, run_id: str, metrics: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        now_ms = int(time.time() * 1000)
+        self.client.log_batch(run_id, metrics=[Metric(k, float(v), now_ms, step)
+                                               for k, v in metrics.items() if v is not None])

@@ -1,0 +1,43 @@
+"""Scoring a model (base, or base + adapter) on a data split, outside any training run.
+
+Used for the base model's score before a sweep and for the promoted adapter's test score.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from workers import evaluate
+from workers.data import read_examples
+from workers.model import load_base_model, load_tokenizer
+
+
+def load_with_adapter(model_ref: str, adapter_dir: str | Path | None, dtype: str = "auto",
+                      device: str = "cpu"):
+    """Tokenizer and model, with the LoRA adapter in ``adapter_dir`` applied when given."""
+    tokenizer = load_tokenizer(model_ref)
+    model = load_base_model(model_ref, dtype, device)
+    if adapter_dir is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(adapter_dir))
+    return tokenizer, model.eval()
+
+
+def score_split(model_ref: str, data_path: str | Path, *, adapter_dir: str | Path | None = None,
+                data_format: str = "chat", field: str = "data.validation", limit: int | None = None,
+                max_new_tokens: int = 96, max_seq_len: int = 256, batch_size: int = 8,
+                dtype: str = "auto", device: str = "cpu", num_threads: int | None = None) -> dict:
+    """``{"score", "eval_loss", "examples", "seconds"}`` of one model on one split."""
+    import torch
+
+    t0 = time.time()
+    if num_threads and device == "cpu":
+        torch.set_num_threads(num_threads)
+    examples = read_examples(Path(data_path), data_format, field)[:limit]
+    tokenizer, model = load_with_adapter(model_ref, adapter_dir, dtype, device)
+    loss = evaluate.eval_loss(model, tokenizer, examples, max_seq_len, batch_size)
+    generations = evaluate.generate(model, tokenizer, examples, max_new_tokens)
+    return {"score": evaluate.score(generations, [e.answer for e in examples]),
+            "eval_loss": loss, "examples": len(examples), "seconds": time.time() - t0}

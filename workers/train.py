@@ -1,0 +1,237 @@
+"""One trial, top to bottom: setup -> train (eval + report every interval) -> save.
+
+Callable without Ray: ``run_trial(cfg, report=print_report)``. Under Ray, the orchestrator passes a
+``report`` that calls ``tune.report`` and a ``budget`` backed by the sweep's ledger actor.
+
+Billing starts when this function starts (the trial holds its resources) and covers model load,
+training, eval and checkpointing. Budget safety: before each interval, and before every step, the
+trial checks that its spend so far + the next chunk of work + a closing eval and save fit under the
+ceiling the ledger granted it; if not, it asks for more, and when refused it closes (final eval and
+adapter save) inside the ceiling and stops.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from workers import evaluate
+from workers.data import encode_for_training, pad_batch, read_examples
+from workers.lora import attach_lora
+from workers.model import load_base_model, load_tokenizer
+
+SAFETY = 1.25  # headroom on time estimates when checking the budget ceiling
+
+
+@dataclass
+class TrialConfig:
+    """Everything one trial needs; plain data so it crosses process boundaries."""
+
+    model: str                       # resolved reference (local folder or HF id)
+    train_path: str
+    validation_path: str
+    data_format: str = "chat"
+    dtype: str = "auto"
+    # hyperparameters
+    learning_rate: float = 1e-3
+    rank: int = 16
+    alpha: float = 32
+    target_modules: str = "all_linear"
+    dropout: float = 0.05
+    # limits
+    max_steps: int = 30
+    eval_every: int = 10
+    batch_size: int = 8
+    max_seq_len: int = 256
+    eval_examples: int = 24
+    max_new_tokens: int = 96
+    warmup_fraction: float = 0.1
+    seed: int = 0
+    # money and machine
+    price_usd_per_hour: float = 0.0  # for everything the trial holds
+    device: str = "cpu"
+    num_threads: int = 1
+    prior_step_s: float = 5.0        # time estimates until this trial has measured its own
+    prior_closing_s: float = 30.0
+    billing_start_unix: float | None = None  # when the trial acquired its resources; default now
+
+    def hyperparameters(self) -> dict:
+        keys = ("learning_rate", "rank", "alpha", "target_modules", "dropout")
+        return {k: getattr(self, k) for k in keys}
+
+
+class Budget(Protocol):
+    """The ledger's view from a trial: a ceiling it may spend up to, raised on request."""
+
+    ceiling_usd: float
+
+    def request(self, total_usd: float) -> bool:
+        """Ask to raise this trial's ceiling to ``total_usd``; False when the cap forbids it."""
+
+
+@dataclass
+class FixedBudget:
+    """A single trial's budget without a sweep (device runs, tests)."""
+
+    ceiling_usd: float = math.inf
+
+    def request(self, total_usd: float) -> bool:
+        return total_usd <= self.ceiling_usd
+
+
+@dataclass
+class _Clock:
+    price_usd_per_hour: float
+    t0_unix: float = field(default_factory=time.time)
+    phases_s: dict = field(default_factory=lambda: dict.fromkeys(
+        ("load", "data", "step", "eval", "checkpoint", "report"), 0.0))
+
+    @property
+    def billed_s(self) -> float:
+        return time.time() - self.t0_unix
+
+    def cost_usd(self, extra_s: float = 0.0) -> float:
+        return self.price_usd_per_hour * (self.billed_s + extra_s) / 3600.0
+
+
+def _lr_at(step: int, cfg: TrialConfig) -> float:
+    """Linear warmup, then cosine decay to 10% of the peak learning rate."""
+    warmup = max(1, round(cfg.warmup_fraction * cfg.max_steps))
+    if step < warmup:
+        return cfg.learning_rate * (step + 1) / warmup
+    progress = (step - warmup) / max(1, cfg.max_steps - warmup)
+    return cfg.learning_rate * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
+
+
+def _batches(encoded: list, batch_size: int, seed: int):
+    rng = random.Random(seed)
+    order: list[int] = []
+    while True:
+        if len(order) < batch_size:
+            fresh = list(range(len(encoded)))
+            rng.shuffle(fresh)
+            order += fresh
+        yield [encoded[i] for i in order[:batch_size]]
+        del order[:batch_size]
+
+
+def _setup(cfg: TrialConfig, clock: _Clock):
+    import torch
+
+    torch.manual_seed(cfg.seed)
+    if cfg.device == "cpu":
+        torch.set_num_threads(cfg.num_threads)
+    t = time.monotonic()
+    tokenizer = load_tokenizer(cfg.model)
+    model = load_base_model(cfg.model, cfg.dtype, cfg.device)
+    model = attach_lora(model, rank=cfg.rank, alpha=cfg.alpha,
+                        target_modules=cfg.target_modules, dropout=cfg.dropout)
+    clock.phases_s["load"] += time.monotonic() - t
+    t = time.monotonic()
+    train = [encode_for_training(tokenizer, ex, cfg.max_seq_len)
+             for ex in read_examples(Path(cfg.train_path), cfg.data_format)]
+    val = read_examples(Path(cfg.validation_path), cfg.data_format, "data.validation")
+    clock.phases_s["data"] += time.monotonic() - t
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.0,
+                                  fused=cfg.device == "cuda")
+    return tokenizer, model, optimizer, train, val[: cfg.eval_examples]
+
+
+def _eval_and_save(model, tokenizer, val, cfg: TrialConfig, clock: _Clock, out_dir: Path) -> dict:
+    t = time.monotonic()
+    loss = evaluate.eval_loss(model, tokenizer, val, cfg.max_seq_len, cfg.batch_size)
+    generations = evaluate.generate(model, tokenizer, val, cfg.max_new_tokens)
+    clock.phases_s["eval"] += time.monotonic() - t
+    t = time.monotonic()
+    model.save_pretrained(out_dir, safe_serialization=True)
+    clock.phases_s["checkpoint"] += time.monotonic() - t
+    model.train()
+    return {"eval_loss": loss, "score": evaluate.score(generations, [e.answer for e in val])}
+
+
+def run_trial(cfg: TrialConfig, report: Callable[[dict, Path], None],
+              budget: Budget | None = None) -> dict:
+    """Train one adapter; calls ``report(metrics, adapter_dir)`` after every eval and returns the
+    last metrics. ``metrics["status"]`` is ``completed`` or ``budget_stopped``."""
+    import torch
+
+    clock = _Clock(cfg.price_usd_per_hour, cfg.billing_start_unix or time.time())
+    budget = budget or FixedBudget()
+    tokenizer, model, optimizer, train, val = _setup(cfg, clock)
+    model.train()
+    batches = _batches(train, cfg.batch_size, cfg.seed)
+    step_s, closing_s = cfg.prior_step_s, cfg.prior_closing_s
+    tokens, losses, metrics = 0, [], {}
+    status = "completed"
+    step = 0
+    while step < cfg.max_steps:
+        interval = min(cfg.eval_every - step % cfg.eval_every, cfg.max_steps - step)
+        need = clock.cost_usd(SAFETY * (interval * step_s + closing_s))
+        if need > budget.ceiling_usd and not budget.request(need):
+            status = "budget_stopped"
+            break
+        start_step = step
+        for _ in range(interval):
+            if clock.cost_usd(SAFETY * (step_s + closing_s)) > budget.ceiling_usd:
+                status = "budget_stopped"  # close now, inside the ceiling
+                break
+            t = time.monotonic()
+            batch = pad_batch(next(batches), tokenizer.pad_token_id)
+            batch = {k: v.to(cfg.device) for k, v in batch.items()}
+            for group in optimizer.param_groups:
+                group["lr"] = _lr_at(step, cfg)
+            loss = model(**batch).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append((step + 1, float(loss)))
+            tokens += int(batch["attention_mask"].sum())
+            dt = time.monotonic() - t
+            clock.phases_s["step"] += dt
+            step_s = dt if step == 0 else 0.7 * step_s + 0.3 * dt
+            step += 1
+        if step == start_step and metrics:
+            break  # stopped right after an eval: the last report already holds the adapter
+        with tempfile.TemporaryDirectory(prefix="adapter-") as tmp:
+            t = time.monotonic()
+            metrics = _eval_and_save(model, tokenizer, val, cfg, clock, Path(tmp))
+            closing_s = time.monotonic() - t
+            done = status == "budget_stopped" or step >= cfg.max_steps
+            interval_losses = [loss for s, loss in losses if s > step - interval]
+            metrics.update(
+                step=step, train_loss=sum(interval_losses) / max(1, len(interval_losses)),
+                train_loss_steps=[[s, round(v, 5)] for s, v in losses if s > step - interval],
+                tokens=tokens, billed_s=clock.billed_s, cost_usd=clock.cost_usd(),
+                status=status if done else "running",
+                phases_s={k: round(v, 3) for k, v in clock.phases_s.items()},
+                step_s=step_s, closing_s=closing_s)
+            t = time.monotonic()
+            report(metrics, Path(tmp))
+            clock.phases_s["report"] += time.monotonic() - t
+        if status == "budget_stopped":
+            break
+    if not metrics:  # refused before the first interval: nothing trained, nothing to save
+        metrics = {"step": 0, "tokens": 0, "status": status, "billed_s": clock.billed_s,
+                   "cost_usd": clock.cost_usd()}
+    del model, optimizer
+    if cfg.device == "cuda":
+        torch.cuda.empty_cache()
+    return metrics
+
+
+def print_report(metrics: dict, adapter_dir: Path) -> None:
+    """A ``report`` for runs without Ray."""
+    shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in metrics.items()
+             if k not in ("train_loss_steps", "phases_s")}
+    print(shown, flush=True)
+
+
+def config_dict(cfg: TrialConfig) -> dict:
+    return asdict(cfg)
