@@ -48,7 +48,7 @@ class Ledger:
     cap_usd: float
     trials: dict[str, TrialAccount] = field(default_factory=dict)
     charges_usd: dict[str, float] = field(default_factory=dict)  # fixed spends (baseline eval)
-    timings: dict[str, float] = field(default_factory=dict)       # calibrated step/closing/startup
+    timings: dict[str, float] = field(default_factory=dict)  # calibrated step/closing/startup
 
     def _committed_usd(self, excluding: str | None = None) -> float:
         trials = sum(a.committed_usd for k, a in self.trials.items() if k != excluding)
@@ -114,9 +114,13 @@ class Ledger:
     def snapshot(self) -> dict[str, float]:
         spent = sum(a.spent_usd for a in self.trials.values()) + sum(self.charges_usd.values())
         committed = self._committed_usd()
-        return {"cap_usd": self.cap_usd, "spent_usd": spent, "reserved_usd": committed - spent,
-                "remaining_usd": self.cap_usd - committed,
-                "running": sum(not a.settled for a in self.trials.values())}
+        return {
+            "cap_usd": self.cap_usd,
+            "spent_usd": spent,
+            "reserved_usd": committed - spent,
+            "remaining_usd": self.cap_usd - committed,
+            "running": sum(not a.settled for a in self.trials.values()),
+        }
 
 
 @dataclass(frozen=True)
@@ -125,24 +129,30 @@ class CostModel:
 
     price_usd_per_hour: float
     accelerator: str
-    units: int                      # cores on cpu, GPUs otherwise
-    n_params: int                   # base model parameters
-    tokens_per_step: int            # batch_size x typical sequence length
-    eval_tokens: int                # tokens the eval touches (loss + generation), for the prior
+    units: int  # cores on cpu, GPUs otherwise
+    n_params: int  # base model parameters
+    tokens_per_step: int  # batch_size x padded sequence length
+    eval_batches: int  # eval_examples / batch_size, rounded up
 
     def _prior_step_s(self) -> float:
+        # LoRA trains ~4N FLOPs per token (forward + input gradients; no weight gradients)
         per_unit = PRIOR_FLOPS_PER_S.get(self.accelerator, PRIOR_GPU_FLOPS_PER_S)
-        return 6 * self.n_params * self.tokens_per_step / (per_unit * self.units)
+        return 4 * self.n_params * self.tokens_per_step / (per_unit * self.units)
 
     def timings(self, measured: dict[str, float]) -> dict[str, float]:
         step = measured.get("step_s") or self._prior_step_s()
-        closing = measured.get("closing_s") or 2 * step * max(1, self.eval_tokens // self.tokens_per_step)
-        startup = measured.get("startup_s") or PRIOR_STARTUP_S.get(self.accelerator, PRIOR_GPU_STARTUP_S)
+        # eval = loss pass + greedy generation; measured on CPU at ~1.5 train steps per batch
+        closing = measured.get("closing_s") or 1.5 * step * self.eval_batches
+        startup = measured.get("startup_s") or PRIOR_STARTUP_S.get(
+            self.accelerator, PRIOR_GPU_STARTUP_S
+        )
         return {"step_s": step, "closing_s": closing, "startup_s": startup}
 
     def seconds(self, steps: int, evals: int, measured: dict[str, float]) -> float:
         t = self.timings(measured)
         return t["startup_s"] + steps * t["step_s"] + evals * t["closing_s"]
 
-    def usd(self, steps: int, evals: int, measured: dict[str, float], safety: float = 1.25) -> float:
+    def usd(
+        self, steps: int, evals: int, measured: dict[str, float], safety: float = 1.25
+    ) -> float:
         return self.price_usd_per_hour * safety * self.seconds(steps, evals, measured) / 3600.0

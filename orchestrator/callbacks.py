@@ -21,6 +21,16 @@ class _Live:
     last_result_unix: float | None = None
 
 
+def _startup_s(result: dict) -> float | None:
+    """Billed seconds before training began (actor start, imports, model load), measured at a
+    trial's first report as what its steps, evals and saves do not explain."""
+    if result.get("training_iteration") != 1:
+        return None
+    phases = result.get("phases_s", {})
+    busy = sum(phases.get(k, 0.0) for k in ("step", "eval", "checkpoint", "report"))
+    return result["billed_s"] - busy
+
+
 class SweepCallback(Callback):
     """Keeps the ledger, MLflow and the console in step with Tune's view of the trials.
 
@@ -29,8 +39,17 @@ class SweepCallback(Callback):
     resources until Tune releases them).
     """
 
-    def __init__(self, *, sweep_id: str, tracker, ledger, price_usd_per_hour: float,
-                 fixed_params: dict, console, base_score: float | None) -> None:
+    def __init__(
+        self,
+        *,
+        sweep_id: str,
+        tracker,
+        ledger,
+        price_usd_per_hour: float,
+        fixed_params: dict,
+        console,
+        base_score: float | None,
+    ) -> None:
         self.sweep_id, self.tracker, self.ledger = sweep_id, tracker, ledger
         self.price_usd_per_hour = price_usd_per_hour
         self.fixed_params, self.console, self.base_score = fixed_params, console, base_score
@@ -39,6 +58,11 @@ class SweepCallback(Callback):
         self._count = 0
         self._reports = 0
 
+    def __getstate__(self) -> dict:
+        # Tune pickles its callbacks with the experiment state; the live MLflow client and the
+        # console are not picklable and are re-supplied when a sweep is resumed.
+        return {k: v for k, v in self.__dict__.items() if k not in ("tracker", "console")}
+
     # --- Tune hooks ---------------------------------------------------------------------------
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
         self._count += 1
@@ -46,30 +70,42 @@ class SweepCallback(Callback):
         ray.get(self.ledger.mark_started.remote(trial.trial_id, now))
         name = f"trial-{self._count:03d}"
         params = {k: trial.config.get(k) for k in (*HYPERPARAMETERS, "method")}
-        run_id = self.tracker.start_trial(self.sweep_id, name, trial.trial_id,
-                                          {**params, **self.fixed_params})
+        run_id = self.tracker.start_trial(
+            self.sweep_id, name, trial.trial_id, {**params, **self.fixed_params}
+        )
         self.live[trial.trial_id] = _Live(run_id, name, now)
         c = trial.config
-        self.console.print(f"[bold]{name}[/] started  lora r{c['rank']} alpha {c['alpha']:g} "
-                           f"{c['target_modules']} lr {c['learning_rate']:.2e}")
+        self.console.print(
+            f"[bold]{name}[/] started  lora r{c['rank']} alpha {c['alpha']:g} "
+            f"{c['target_modules']} lr {c['learning_rate']:.2e}"
+        )
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         live = self.live[trial.trial_id]
         live.last_result, live.last_result_unix = result, time.time()
         ray.get(self.ledger.update.remote(trial.trial_id, float(result["cost_usd"])))
-        ray.get(self.ledger.calibrate.remote(step_s=result.get("step_s"),
-                                             closing_s=result.get("closing_s"),
-                                             startup_s=result.get("phases_s", {}).get("load")))
+        ray.get(
+            self.ledger.calibrate.remote(
+                step_s=result.get("step_s"),
+                closing_s=result.get("closing_s"),
+                startup_s=_startup_s(result),
+            )
+        )
         self.tracker.log_trial_result(live.run_id, result)
         snap = ray.get(self.ledger.snapshot.remote())
         self._reports += 1
-        self.tracker.log_sweep_metrics({"budget_spent_usd": snap["spent_usd"],
-                                        "budget_committed_usd": snap["cap_usd"] - snap["remaining_usd"]},
-                                       self._reports)
+        self.tracker.log_sweep_metrics(
+            {
+                "budget_spent_usd": snap["spent_usd"],
+                "budget_committed_usd": snap["cap_usd"] - snap["remaining_usd"],
+            },
+            self._reports,
+        )
         self.console.print(
             f"  {live.name} step {result['step']:>4}  score {result['score']:.3f}  "
             f"eval_loss {result['eval_loss']:.4f}  ${result['cost_usd']:.5f}   "
-            f"[dim]sweep spent ${snap['spent_usd']:.5f} of ${snap['cap_usd']:.5f}[/]")
+            f"[dim]sweep spent ${snap['spent_usd']:.5f} of ${snap['cap_usd']:.5f}[/]"
+        )
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         last = self.live[trial.trial_id].last_result
@@ -94,11 +130,15 @@ class SweepCallback(Callback):
         final = {"cost_usd": final_usd, "billed_s": billed_s, "step": last.get("step", 0)}
         if "tokens" in last:
             final["tokens"] = last["tokens"]
-        self.tracker.end_trial(live.run_id, status, dict(final),
-                               checkpoint.path if checkpoint is not None else None)
-        self.finished.append({"trial": live.name, "status": status, **final,
-                              "score": last.get("score")})
+        self.tracker.end_trial(
+            live.run_id, status, dict(final), checkpoint.path if checkpoint is not None else None
+        )
+        self.finished.append(
+            {"trial": live.name, "status": status, **final, "score": last.get("score")}
+        )
         score = last.get("score")
-        self.console.print(f"[bold]{live.name}[/] {status}  score "
-                           f"{'-' if score is None else f'{score:.3f}'}  ${final_usd:.5f} "
-                           f"({billed_s:.0f} s billed)")
+        self.console.print(
+            f"[bold]{live.name}[/] {status}  score "
+            f"{'-' if score is None else f'{score:.3f}'}  ${final_usd:.5f} "
+            f"({billed_s:.0f} s billed)"
+        )

@@ -16,14 +16,22 @@ from rich.console import Console
 
 from orchestrator.errors import LorasweepError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help="Budget-capped LoRA sweeps on Ray, driven by Optuna, tracked in MLflow.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Budget-capped LoRA sweeps on Ray, driven by Optuna, tracked in MLflow.",
+)
 console = Console(highlight=False)
 DEFAULT_TRACKING_URI = "sqlite:///lorasweep-data/mlflow.db"
 
-TrackingOpt = Annotated[str, typer.Option(
-    "--tracking-uri", envvar="LORASWEEP_TRACKING_URI",
-    help="MLflow tracking URI holding the sweeps (sqlite file or http server).")]
+TrackingOpt = Annotated[
+    str,
+    typer.Option(
+        "--tracking-uri",
+        envvar="LORASWEEP_TRACKING_URI",
+        help="MLflow tracking URI holding the sweeps (sqlite file or http server).",
+    ),
+]
 
 
 def _friendly(fn):
@@ -47,10 +55,16 @@ def _ui_command(tracking_uri: str) -> str:
 @app.command()
 @_friendly
 def run(
-    spec: Annotated[Path | None, typer.Argument(
-        help="Sweep YAML; omit to run the embedded demo (examples/demo.yaml).")] = None,
-    address: Annotated[str | None, typer.Option(
-        help="Ray cluster address (e.g. ray://head:10001 or auto); default: local Ray.")] = None,
+    spec: Annotated[
+        Path | None,
+        typer.Argument(help="Sweep YAML; omit to run the embedded demo (examples/demo.yaml)."),
+    ] = None,
+    address: Annotated[
+        str | None,
+        typer.Option(
+            help="Ray cluster address (e.g. ray://head:10001 or auto); default: local Ray."
+        ),
+    ] = None,
 ) -> None:
     """Run a budget-capped sweep and print its leaderboard."""
     from orchestrator.spec import EXAMPLE_SPEC, load_spec
@@ -63,16 +77,21 @@ def run(
     result = run_sweep(sweep_spec, console, address=address)
     console.print(leaderboard.render(result.rows, title=f"leaderboard — {result.sweep_id}"))
     pct = 100 * result.spent_usd / result.budget_usd
-    console.print(f"[bold]spent[/] ${result.spent_usd:.5f} of ${result.budget_usd:g} "
-                  f"({pct:.1f}%), {len(result.rows)} trials, {result.wall_s:.0f} s wall")
+    console.print(
+        f"[bold]spent[/] ${result.spent_usd:.5f} of ${result.budget_usd:g} "
+        f"({pct:.1f}%), {len(result.rows)} trials, {result.wall_s:.0f} s wall"
+    )
     console.print(f"[bold]ended[/] {result.end_reason}")
     if result.best is not None:
         base = "-" if result.base_score is None else f"{result.base_score:.3f}"
-        console.print(f"[bold]score[/] base model {base} -> best {result.best.score:.3f} "
-                      f"({result.best.trial}, ${result.best.cost_usd:.5f})")
+        console.print(
+            f"[bold]score[/] base model {base} -> best {result.best.score:.3f} "
+            f"({result.best.trial}, ${result.best.cost_usd:.5f})"
+        )
     console.print(f"[bold]next[/]  lorasweep promote {result.sweep_id}")
-    console.print(f"[bold]browse[/] {_ui_command(result.tracking_uri)}   (then open "
-                  "http://127.0.0.1:5000)")
+    console.print(
+        f"[bold]browse[/] {_ui_command(result.tracking_uri)}   (then open http://127.0.0.1:5000)"
+    )
 
 
 @app.command()
@@ -85,16 +104,22 @@ def validate(spec: Annotated[Path, typer.Argument(help="Sweep YAML to check.")])
     sweep_spec = load_spec(spec)
     plan = make_plan(sweep_spec)
     steps = len(sweep_spec.eval_steps)
-    console.print(f"[green]ok[/] {spec}: model {plan.model_ref}, trial resources "
-                  f"${plan.price_usd_per_hour:.4f}/h")
-    console.print(f"  predicted per trial: ${plan.admission_usd({}):.5f} to the first rung, "
-                  f"${plan.full_trial_usd(sweep_spec.trial.max_steps, steps, {}):.5f} in full")
+    console.print(
+        f"[green]ok[/] {spec}: model {plan.model_ref}, trial resources "
+        f"${plan.price_usd_per_hour:.4f}/h"
+    )
+    console.print(
+        f"  predicted per trial: ${plan.admission_usd({}):.5f} to the first rung, "
+        f"${plan.full_trial_usd(sweep_spec.trial.max_steps, steps, {}):.5f} in full"
+    )
 
 
 @app.command()
 @_friendly
 def status(
-    sweep: Annotated[str | None, typer.Argument(help="Sweep id or spec name; omit to list all.")] = None,
+    sweep: Annotated[
+        str | None, typer.Argument(help="Sweep id or spec name; omit to list all.")
+    ] = None,
     tracking_uri: TrackingOpt = DEFAULT_TRACKING_URI,
 ) -> None:
     """Sweeps and their spend, or one sweep's progress."""
@@ -109,10 +134,14 @@ def status(
         for run in leaderboard.sweep_runs(tracking_uri):
             m, p, t = run.data.metrics, run.data.params, run.data.tags
             best = m.get("best_score")
-            table.add_row(run.info.run_name, t.get("lorasweep.status", "?"),
-                          str(int(m.get("trials", 0))) if "trials" in m else "-",
-                          f"{m.get('budget_spent_usd', m.get('spent_usd', 0.0)):.5f}",
-                          p.get("budget_usd", "-"), "-" if best is None else f"{best:.3f}")
+            table.add_row(
+                run.info.run_name,
+                t.get("lorasweep.status", "?"),
+                str(int(m.get("trials", 0))) if "trials" in m else "-",
+                f"{m.get('budget_spent_usd', m.get('spent_usd', 0.0)):.5f}",
+                p.get("budget_usd", "-"),
+                "-" if best is None else f"{best:.3f}",
+            )
         console.print(table)
         return
     parent = leaderboard.find_sweep(tracking_uri, sweep)
@@ -122,10 +151,12 @@ def status(
     counts = {}
     for r in rows:
         counts[r.status] = counts.get(r.status, 0) + 1
-    console.print(f"[bold]{parent.info.run_name}[/] {t.get('lorasweep.status', '?')}: "
-                  f"spent ${max(spent, m.get('budget_spent_usd', 0.0)):.5f} of "
-                  f"${float(parent.data.params.get('budget_usd', 'nan')):g}; trials "
-                  + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
+    console.print(
+        f"[bold]{parent.info.run_name}[/] {t.get('lorasweep.status', '?')}: "
+        f"spent ${max(spent, m.get('budget_spent_usd', 0.0)):.5f} of "
+        f"${float(parent.data.params.get('budget_usd', 'nan')):g}; trials "
+        + ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+    )
     if "lorasweep.end_reason" in t:
         console.print(f"ended: {t['lorasweep.end_reason']}")
     best = leaderboard.best_row(rows)
@@ -151,19 +182,26 @@ def leaderboard_cmd(
 @_friendly
 def promote(
     sweep: Annotated[str | None, typer.Argument(help="Sweep id or spec name (latest).")] = None,
-    name: Annotated[str | None, typer.Option(help="Registered model name; default: spec name.")] = None,
+    name: Annotated[
+        str | None, typer.Option(help="Registered model name; default: spec name.")
+    ] = None,
     tracking_uri: TrackingOpt = DEFAULT_TRACKING_URI,
 ) -> None:
     """Register the best adapter and point the alias `champion` at it."""
-    from orchestrator.registry import ALIAS, promote as do_promote
+    from orchestrator.registry import ALIAS
+    from orchestrator.registry import promote as do_promote
 
     console.print("[bold]promoting[/] the best trial (scoring it on the test split) ...")
     p = do_promote(tracking_uri, sweep, name)
     test = "" if p.test_score is None else f", test score {p.test_score:.3f}"
-    console.print(f"[green]registered[/] {p.name} version {p.version} as @{ALIAS}: "
-                  f"validation score {p.score:.3f}{test}, trial cost ${p.cost_usd:.5f}")
-    console.print(f"[bold]try it[/] lorasweep generate --model models:/{p.name}@{ALIAS} "
-                  "\"3 bed, 2 bath house in Austin. 1,850 sq ft. Asking $525,000. Has a pool.\"")
+    console.print(
+        f"[green]registered[/] {p.name} version {p.version} as @{ALIAS}: "
+        f"validation score {p.score:.3f}{test}, trial cost ${p.cost_usd:.5f}"
+    )
+    console.print(
+        f"[bold]try it[/] lorasweep generate --model models:/{p.name}@{ALIAS} "
+        '"3 bed, 2 bath house in Austin. 1,850 sq ft. Asking $525,000. Has a pool."'
+    )
 
 
 @app.command()
@@ -171,7 +209,9 @@ def promote(
 def generate(
     prompt: Annotated[str, typer.Argument(help="The user message to complete.")],
     model: Annotated[str, typer.Option(help="Model URI, e.g. models:/demo@champion.")],
-    system: Annotated[str | None, typer.Option(help="System prompt; default: the training one.")] = None,
+    system: Annotated[
+        str | None, typer.Option(help="System prompt; default: the training one.")
+    ] = None,
     max_new_tokens: Annotated[int, typer.Option(min=1)] = 128,
     tracking_uri: TrackingOpt = DEFAULT_TRACKING_URI,
 ) -> None:

@@ -9,8 +9,19 @@ from pathlib import Path
 from orchestrator.errors import LorasweepError
 from orchestrator.tracking import KIND_TAG, PARENT_TAG, STATUS_TAG, SWEEP_TAG
 
-COLUMNS = ("trial", "method", "rank", "alpha", "targets", "lr", "score", "eval_loss", "cost_usd",
-           "billed_s", "status")
+COLUMNS = (
+    "trial",
+    "method",
+    "rank",
+    "alpha",
+    "targets",
+    "lr",
+    "score",
+    "eval_loss",
+    "cost_usd",
+    "billed_s",
+    "status",
+)
 
 
 @dataclass
@@ -41,8 +52,12 @@ def sweep_runs(tracking_uri: str, max_results: int = 50) -> list:
     exp_ids = [e.experiment_id for e in client.search_experiments()]
     if not exp_ids:
         return []
-    return client.search_runs(exp_ids, filter_string=f"tags.`{KIND_TAG}` = 'sweep'",
-                              order_by=["attributes.start_time DESC"], max_results=max_results)
+    return client.search_runs(
+        exp_ids,
+        filter_string=f"tags.`{KIND_TAG}` = 'sweep'",
+        order_by=["attributes.start_time DESC"],
+        max_results=max_results,
+    )
 
 
 def find_sweep(tracking_uri: str, sweep: str | None):
@@ -51,32 +66,47 @@ def find_sweep(tracking_uri: str, sweep: str | None):
     runs = sweep_runs(tracking_uri, max_results=1000)
     for run in runs:
         sweep_id = run.data.tags.get(SWEEP_TAG, "")
-        if sweep is None or sweep == sweep_id or sweep == sweep_id.rsplit("-", 2)[0] \
-                or sweep == run.info.run_id:
+        if (
+            sweep is None
+            or sweep == sweep_id
+            or sweep == sweep_id.rsplit("-", 2)[0]
+            or sweep == run.info.run_id
+        ):
             return run
     known = sorted({r.data.tags.get(SWEEP_TAG, "") for r in runs})[:10]
-    raise LorasweepError(f"SWEEP: no sweep named {sweep!r} in {tracking_uri}; known: "
-                         f"{', '.join(known) or 'none yet (run `lorasweep run`)'}")
+    raise LorasweepError(
+        f"SWEEP: no sweep named {sweep!r} in {tracking_uri}; known: "
+        f"{', '.join(known) or 'none yet (run `lorasweep run`)'}"
+    )
 
 
 def trial_rows(tracking_uri: str, parent) -> list[Row]:
     """Trials of one sweep, best first (by score, then cost)."""
     client = _client(tracking_uri)
-    runs = client.search_runs([parent.info.experiment_id],
-                              filter_string=f"tags.`{PARENT_TAG}` = '{parent.info.run_id}'",
-                              max_results=5000)
+    runs = client.search_runs(
+        [parent.info.experiment_id],
+        filter_string=f"tags.`{PARENT_TAG}` = '{parent.info.run_id}'",
+        max_results=5000,
+    )
     rows = []
     for run in runs:
         p, m, t = run.data.params, run.data.metrics, run.data.tags
-        rows.append(Row(
-            trial=run.info.run_name, method=p.get("method", "lora"),
-            rank=int(p["rank"]) if "rank" in p else None,
-            alpha=float(p["alpha"]) if "alpha" in p else None,
-            targets=p.get("target_modules", ""),
-            lr=float(p["learning_rate"]) if "learning_rate" in p else None,
-            score=m.get("score"), eval_loss=m.get("eval_loss"),
-            cost_usd=m.get("cost_usd", 0.0), billed_s=m.get("billed_s", 0.0),
-            status=t.get(STATUS_TAG, "running"), run_id=run.info.run_id))
+        rows.append(
+            Row(
+                trial=run.info.run_name,
+                method=p.get("method", "lora"),
+                rank=int(p["rank"]) if "rank" in p else None,
+                alpha=float(p["alpha"]) if "alpha" in p else None,
+                targets=p.get("target_modules", ""),
+                lr=float(p["learning_rate"]) if "learning_rate" in p else None,
+                score=m.get("score"),
+                eval_loss=m.get("eval_loss"),
+                cost_usd=m.get("cost_usd", 0.0),
+                billed_s=m.get("billed_s", 0.0),
+                status=t.get(STATUS_TAG, "running"),
+                run_id=run.info.run_id,
+            )
+        )
     return sorted(rows, key=lambda r: (r.score is None, -(r.score or 0.0), r.cost_usd))
 
 
@@ -123,14 +153,25 @@ def render(rows: list[Row], title: str = "leaderboard"):
 
     table = Table(title=title)
     for col in COLUMNS:
-        table.add_column(col, justify="right" if col not in ("trial", "method", "targets", "status")
-                         else "left")
+        table.add_column(
+            col, justify="right" if col not in ("trial", "method", "targets", "status") else "left"
+        )
 
     def fmt(v, spec: str) -> str:
         return "-" if v is None else format(v, spec)
 
     for r in rows:
-        table.add_row(r.trial, r.method, fmt(r.rank, "d"), fmt(r.alpha, "g"), r.targets,
-                      fmt(r.lr, ".2e"), fmt(r.score, ".3f"), fmt(r.eval_loss, ".4f"),
-                      fmt(r.cost_usd, ".5f"), fmt(r.billed_s, ".1f"), r.status)
+        table.add_row(
+            r.trial,
+            r.method,
+            fmt(r.rank, "d"),
+            fmt(r.alpha, "g"),
+            r.targets,
+            fmt(r.lr, ".2e"),
+            fmt(r.score, ".3f"),
+            fmt(r.eval_loss, ".4f"),
+            fmt(r.cost_usd, ".5f"),
+            fmt(r.billed_s, ".1f"),
+            r.status,
+        )
     return table

@@ -19,11 +19,11 @@ class Plan:
     train_path: Path
     validation_path: Path
     test_path: Path | None
-    price_usd_per_hour: float      # one trial's resources
+    price_usd_per_hour: float  # one trial's resources
     cost_model: CostModel
     first_rung_steps: int
     first_rung_evals: int
-    baseline_usd: float            # predicted cost of scoring the base model
+    baseline_usd: float  # predicted cost of scoring the base model
 
     def admission_usd(self, measured: dict[str, float]) -> float:
         """Predicted cost of a new trial up to its first early-stopping rung."""
@@ -88,27 +88,39 @@ def make_plan(spec: SweepSpec) -> Plan:
         raise LorasweepError(str(exc)) from None
     catalog = load_catalog(spec.prices.catalog, spec.prices.overrides)
     res = spec.resources
-    price = trial_price_usd_per_hour(catalog, res.accelerator, res.gpus_per_trial, res.cpus_per_trial)
+    price = trial_price_usd_per_hour(
+        catalog, res.accelerator, res.gpus_per_trial, res.cpus_per_trial
+    )
     t = spec.trial
     tokens = _tokens_per_example(model_ref, train, t.max_seq_len)
     cost_model = CostModel(
-        price_usd_per_hour=price, accelerator=res.accelerator,
+        price_usd_per_hour=price,
+        accelerator=res.accelerator,
         units=res.cpus_per_trial if res.accelerator == "cpu" else res.gpus_per_trial,
-        n_params=_model_size(model_ref), tokens_per_step=tokens * t.batch_size,
-        eval_tokens=tokens * t.eval_examples * 2)
+        n_params=_model_size(model_ref),
+        tokens_per_step=tokens * t.batch_size,
+        eval_batches=-(-t.eval_examples // t.batch_size),
+    )
     evals = spec.eval_steps
     if spec.early_stopping.enabled:
         rung = spec.first_rung_reports
         first_steps, first_evals = evals[rung - 1], rung
     else:
         first_steps, first_evals = t.max_steps, len(evals)
-    plan = Plan(model_ref, *paths, price_usd_per_hour=price, cost_model=cost_model,
-                first_rung_steps=first_steps, first_rung_evals=first_evals,
-                baseline_usd=cost_model.usd(0, 1, {}))
+    plan = Plan(
+        model_ref,
+        *paths,
+        price_usd_per_hour=price,
+        cost_model=cost_model,
+        first_rung_steps=first_steps,
+        first_rung_evals=first_evals,
+        baseline_usd=cost_model.usd(0, 1, {}),
+    )
     need = plan.baseline_usd + plan.admission_usd({})
     if need > spec.budget_usd:
         raise BudgetError(
             f"budget_usd: ${spec.budget_usd:g} cannot pay for the base-model eval and one trial "
             f"up to its first rung (predicted ${need:.4f} at ${price:.4f}/h). Raise budget_usd "
-            "or shrink trial.max_steps / trial.batch_size.")
+            "or shrink trial.max_steps / trial.batch_size."
+        )
     return plan

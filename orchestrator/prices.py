@@ -20,7 +20,9 @@ class Price:
     date: str
 
 
-def load_catalog(path: Path | None = None, overrides: dict[str, float] | None = None) -> dict[str, Price]:
+def load_catalog(
+    path: Path | None = None, overrides: dict[str, float] | None = None
+) -> dict[str, Price]:
     """Catalog rows by accelerator name, with ``overrides`` ($/hour) applied on top."""
     path = path or DEFAULT_CATALOG
     if not Path(path).is_file():
@@ -39,13 +41,17 @@ def load_catalog(path: Path | None = None, overrides: dict[str, float] | None = 
     return rows
 
 
-def trial_price_usd_per_hour(catalog: dict[str, Price], accelerator: str, gpus: int, cpus: int) -> float:
+def trial_price_usd_per_hour(
+    catalog: dict[str, Price], accelerator: str, gpus: int, cpus: int
+) -> float:
     """What one trial's resources cost per hour: GPUs x GPU price (CPUs come with GPU machines),
     or cores x core price on CPU."""
     if accelerator not in catalog:
-        raise SpecError("resources.accelerator",
-                        f"no price for {accelerator!r}; known: {', '.join(sorted(catalog))}. "
-                        f"Add one with prices: {{overrides: {{{accelerator}: <usd per hour>}}}}")
+        raise SpecError(
+            "resources.accelerator",
+            f"no price for {accelerator!r}; known: {', '.join(sorted(catalog))}. "
+            f"Add one with prices: {{overrides: {{{accelerator}: <usd per hour>}}}}",
+        )
     units = cpus if accelerator == "cpu" else gpus
     return units * catalog[accelerator].price_usd_per_hour
 

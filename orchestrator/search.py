@@ -1,4 +1,4 @@
-"""Search: the Optuna space from a spec, and a Tune searcher that admits trials only within budget."""
+"""Search: the Optuna space from a spec; a Tune searcher that admits trials only within budget."""
 
 from __future__ import annotations
 
@@ -21,18 +21,23 @@ def _suggest(trial, name: str, dim: Dim):
     return trial.suggest_float(name, dim.low, dim.high, log=dim.log)
 
 
-def define_by_run(space: SearchSpace) -> Callable:
-    """An Optuna define-by-run function: searched dims are suggested, fixed ones returned as
-    constants (Ray merges them into the trial config)."""
+class DefineByRun:
+    """An Optuna define-by-run space: searched dims are suggested (OptunaSearch captures them),
+    fixed ones are returned as constants that Ray merges into the trial config. A class rather
+    than a closure because OptunaSearch pickles its space when Tune checkpoints the experiment."""
 
-    def space_fn(trial) -> dict:
+    def __init__(self, space: SearchSpace) -> None:
+        self.space = space
+
+    def __call__(self, trial) -> dict:
         for name in HYPERPARAMETERS:
-            _suggest(trial, name, getattr(space, name))  # captured by OptunaSearch
-        fixed = {name: getattr(space, name).value for name in HYPERPARAMETERS
-                 if getattr(space, name).value is not None}
-        return {**fixed, "method": space.method}
-
-    return space_fn
+            _suggest(trial, name, getattr(self.space, name))
+        fixed = {
+            name: getattr(self.space, name).value
+            for name in HYPERPARAMETERS
+            if getattr(self.space, name).value is not None
+        }
+        return {**fixed, "method": self.space.method}
 
 
 class BudgetedSearcher(Searcher):
@@ -67,7 +72,8 @@ class BudgetedSearcher(Searcher):
                 return None  # ask again once a running trial has settled and freed its ceiling
             self.exhausted_reason = (
                 f"budget: the next trial needs ${need_usd:.4f} to reach its first rung, "
-                f"${snap['remaining_usd']:.4f} is left")
+                f"${snap['remaining_usd']:.4f} is left"
+            )
             return Searcher.FINISHED
         config = self.searcher.suggest(trial_id)
         if config is None or config == Searcher.FINISHED:
@@ -81,6 +87,12 @@ class BudgetedSearcher(Searcher):
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
         full = bool(result) and result.get("trial_status") == "completed"
         self.searcher.on_trial_complete(trial_id, result=result if full else None, error=error)
+
+    def get_state(self) -> dict:
+        return {"exhausted_reason": self.exhausted_reason}
+
+    def set_state(self, state: dict) -> None:
+        self.exhausted_reason = state.get("exhausted_reason")
 
     def save(self, checkpoint_path: str) -> None:
         self.searcher.save(checkpoint_path)

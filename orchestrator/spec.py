@@ -37,8 +37,11 @@ class Dim(_Strict):
 
     @model_validator(mode="after")
     def _one_form(self) -> Dim:
-        forms = [self.value is not None, self.choices is not None,
-                 self.low is not None or self.high is not None]
+        forms = [
+            self.value is not None,
+            self.choices is not None,
+            self.low is not None or self.high is not None,
+        ]
         if sum(forms) != 1:
             raise ValueError("give exactly one of `value`, `choices`, or `low` + `high`")
         if forms[1] and not self.choices:
@@ -74,11 +77,15 @@ class SearchSpace(_Strict):
     @model_validator(mode="after")
     def _check_values(self) -> SearchSpace:
         for name in ("learning_rate", "alpha"):
-            if any(not isinstance(v, (int, float)) or v <= 0 for v in getattr(self, name).candidates()):
+            if any(
+                not isinstance(v, (int, float)) or v <= 0 for v in getattr(self, name).candidates()
+            ):
                 raise ValueError(f"{name}: every value must be a number > 0")
         if any(not isinstance(v, int) or v < 1 for v in self.rank.candidates()):
             raise ValueError("rank: every value must be an integer >= 1 (e.g. choices: [8, 16])")
-        if any(not isinstance(v, (int, float)) or not 0 <= v < 1 for v in self.dropout.candidates()):
+        if any(
+            not isinstance(v, (int, float)) or not 0 <= v < 1 for v in self.dropout.candidates()
+        ):
             raise ValueError("dropout: every value must be in [0, 1)")
         bad = [v for v in self.target_modules.candidates() if v not in TARGET_MODULE_SETS]
         if bad:
@@ -92,7 +99,8 @@ class ModelSpec(_Strict):
 
     name_or_path: str = EMBEDDED_MODEL
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="auto: bfloat16 on GPU, float32 on CPU")
+        "auto", description="auto: bfloat16 on GPU, float32 on CPU"
+    )
 
 
 class DataSpec(_Strict):
@@ -110,7 +118,9 @@ class DataSpec(_Strict):
         if self.source == "files" and (self.train is None or self.validation is None):
             raise ValueError("source: files needs both `train` and `validation` paths")
         if self.source == "embedded" and (self.train or self.validation or self.test):
-            raise ValueError("source: embedded takes no file paths; set `source: files` to use yours")
+            raise ValueError(
+                "source: embedded takes no file paths; set `source: files` to use yours"
+            )
         return self
 
 
@@ -129,7 +139,9 @@ class TrialSpec(_Strict):
     @model_validator(mode="after")
     def _eval_fits(self) -> TrialSpec:
         if self.eval_every > self.max_steps:
-            raise ValueError(f"eval_every ({self.eval_every}) must be <= max_steps ({self.max_steps})")
+            raise ValueError(
+                f"eval_every ({self.eval_every}) must be <= max_steps ({self.max_steps})"
+            )
         return self
 
 
@@ -169,8 +181,12 @@ class StorageSpec(_Strict):
     """Where results go. Defaults are embedded (no servers) under ``data_dir``."""
 
     data_dir: Path = Path("lorasweep-data")
-    mlflow_tracking_uri: str | None = Field(None, description="default sqlite:///<data_dir>/mlflow.db")
-    optuna_storage: str | None = Field(None, description="SQLAlchemy URL; default sqlite in data_dir")
+    mlflow_tracking_uri: str | None = Field(
+        None, description="default sqlite:///<data_dir>/mlflow.db"
+    )
+    optuna_storage: str | None = Field(
+        None, description="SQLAlchemy URL; default sqlite in data_dir"
+    )
     ray_address: str | None = Field(None, description="Ray cluster address; default: local Ray")
 
 
@@ -178,8 +194,9 @@ class EarlyStoppingSpec(_Strict):
     """ASHA: trials are compared at rungs; the worse ones stop."""
 
     enabled: bool = True
-    grace_fraction: float = Field(0.3, ge=0.2, le=1,
-                                  description="first rung as a share of max_steps (>= 0.2)")
+    grace_fraction: float = Field(
+        0.3, ge=0.2, le=1, description="first rung as a share of max_steps (>= 0.2)"
+    )
     reduction_factor: int = Field(3, ge=2)
 
 
@@ -255,8 +272,10 @@ def preset_names() -> list[str]:
 def load_preset(name: str) -> dict:
     path = PRESETS_DIR / f"{name}.yaml"
     if not path.is_file():
-        raise SpecError("search_space.preset",
-                        f"unknown preset {name!r}; choose one of {', '.join(preset_names())}")
+        raise SpecError(
+            "search_space.preset",
+            f"unknown preset {name!r}; choose one of {', '.join(preset_names())}",
+        )
     data = yaml.safe_load(path.read_text()) or {}
     try:
         SearchSpace.model_validate(data)
@@ -280,13 +299,21 @@ def _resolve_paths(spec: SweepSpec, base: Path) -> SweepSpec:
     def rel(p: Path | None) -> Path | None:
         return None if p is None or p.is_absolute() else base / p
 
-    data = spec.data.model_copy(update={k: rel(getattr(spec.data, k)) or getattr(spec.data, k)
-                                        for k in ("train", "validation", "test")})
-    prices = spec.prices.model_copy(update={"catalog": rel(spec.prices.catalog) or spec.prices.catalog})
+    data = spec.data.model_copy(
+        update={
+            k: rel(getattr(spec.data, k)) or getattr(spec.data, k)
+            for k in ("train", "validation", "test")
+        }
+    )
+    prices = spec.prices.model_copy(
+        update={"catalog": rel(spec.prices.catalog) or spec.prices.catalog}
+    )
     model = spec.model
     if model.name_or_path.startswith((".", "/", "~")):
         local = Path(model.name_or_path).expanduser()
-        model = model.model_copy(update={"name_or_path": str(local if local.is_absolute() else base / local)})
+        model = model.model_copy(
+            update={"name_or_path": str(local if local.is_absolute() else base / local)}
+        )
     return spec.model_copy(update={"data": data, "prices": prices, "model": model})
 
 

@@ -1,4 +1,4 @@
-"""The sweep driver: spec -> plan -> base-model eval -> Tune (Optuna TPE + ASHA + budget) -> summary.
+"""The sweep driver: spec -> plan -> base-model eval -> Tune (TPE + ASHA + budget) -> summary.
 
 Straight-line on purpose: every step below is one helper a reader can find in seconds.
 """
@@ -49,8 +49,13 @@ def _init_ray(spec: SweepSpec, address: str | None) -> None:
     if address:
         ray.init(address=address, log_to_driver=verbose)
     else:
-        ray.init(num_cpus=os.cpu_count(), num_gpus=_local_gpus(), include_dashboard=False,
-                 log_to_driver=verbose, configure_logging=verbose)
+        ray.init(
+            num_cpus=os.cpu_count(),
+            num_gpus=_local_gpus(),
+            include_dashboard=False,
+            log_to_driver=verbose,
+            configure_logging=verbose,
+        )
 
 
 def _local_gpus() -> int:
@@ -65,13 +70,22 @@ def _local_gpus() -> int:
 def _base_trial_config(spec: SweepSpec, plan: Plan) -> dict:
     t, res = spec.trial, spec.resources
     return {
-        "model": plan.model_ref, "train_path": str(plan.train_path),
-        "validation_path": str(plan.validation_path), "data_format": spec.data.format,
-        "dtype": spec.model.dtype, "max_steps": t.max_steps, "eval_every": t.eval_every,
-        "batch_size": t.batch_size, "max_seq_len": t.max_seq_len, "eval_examples": t.eval_examples,
-        "max_new_tokens": t.max_new_tokens, "warmup_fraction": t.warmup_fraction, "seed": t.seed,
+        "model": plan.model_ref,
+        "train_path": str(plan.train_path),
+        "validation_path": str(plan.validation_path),
+        "data_format": spec.data.format,
+        "dtype": spec.model.dtype,
+        "max_steps": t.max_steps,
+        "eval_every": t.eval_every,
+        "batch_size": t.batch_size,
+        "max_seq_len": t.max_seq_len,
+        "eval_examples": t.eval_examples,
+        "max_new_tokens": t.max_new_tokens,
+        "warmup_fraction": t.warmup_fraction,
+        "seed": t.seed,
         "price_usd_per_hour": plan.price_usd_per_hour,
-        "device": "cuda" if res.gpus_per_trial else "cpu", "num_threads": res.cpus_per_trial,
+        "device": "cuda" if res.gpus_per_trial else "cpu",
+        "num_threads": res.cpus_per_trial,
         **{f"prior_{k}": v for k, v in plan.cost_model.timings({}).items() if k != "startup_s"},
     }
 
@@ -88,14 +102,24 @@ def _score_base(spec: SweepSpec, plan: Plan, ledger) -> dict | None:
     res, t = spec.resources, spec.trial
     task = ray.remote(score_split).options(num_cpus=res.cpus_per_trial, num_gpus=res.gpus_per_trial)
     start = time.time()
-    out = ray.get(task.remote(plan.model_ref, plan.validation_path, data_format=spec.data.format,
-                              limit=t.eval_examples, max_new_tokens=t.max_new_tokens,
-                              max_seq_len=t.max_seq_len, batch_size=t.batch_size,
-                              dtype=spec.model.dtype, num_threads=res.cpus_per_trial,
-                              device="cuda" if res.gpus_per_trial else "cpu"))
+    out = ray.get(
+        task.remote(
+            plan.model_ref,
+            plan.validation_path,
+            data_format=spec.data.format,
+            limit=t.eval_examples,
+            max_new_tokens=t.max_new_tokens,
+            max_seq_len=t.max_seq_len,
+            batch_size=t.batch_size,
+            dtype=spec.model.dtype,
+            num_threads=res.cpus_per_trial,
+            device="cuda" if res.gpus_per_trial else "cpu",
+        )
+    )
     billed_s = time.time() - start
     out["cost_usd"] = plan.price_usd_per_hour * billed_s / 3600
     ray.get(ledger.settle.remote("baseline", out["cost_usd"]))
+    ray.get(ledger.calibrate.remote(closing_s=out["seconds"]))  # the first trial's eval prior
     return out
 
 
@@ -105,14 +129,18 @@ def _make_tuner(spec: SweepSpec, plan: Plan, sweep_id: str, ledger, callback, op
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search.optuna import OptunaSearch
 
-    from orchestrator.search import BudgetedSearcher, define_by_run
+    from orchestrator.search import BudgetedSearcher, DefineByRun
     from orchestrator.trainable import train_lorasweep
 
     metric, mode = spec.objective.metric, spec.objective.mode
     optuna_search = OptunaSearch(
-        space=define_by_run(spec.search_space), metric=metric, mode=mode,
+        space=DefineByRun(spec.search_space),
+        metric=metric,
+        mode=mode,
         sampler=optuna.samplers.TPESampler(seed=spec.trial.seed, n_startup_trials=4),
-        storage=optuna.storages.RDBStorage(optuna_url), study_name=sweep_id)
+        storage=optuna.storages.RDBStorage(optuna_url),
+        study_name=sweep_id,
+    )
 
     def predict() -> float:
         import ray
@@ -121,43 +149,68 @@ def _make_tuner(spec: SweepSpec, plan: Plan, sweep_id: str, ledger, callback, op
 
     searcher = BudgetedSearcher(optuna_search, ledger, predict)
     if spec.early_stopping.enabled:
-        scheduler = ASHAScheduler(time_attr="training_iteration", metric=metric, mode=mode,
-                                  max_t=len(spec.eval_steps), grace_period=spec.first_rung_reports,
-                                  reduction_factor=spec.early_stopping.reduction_factor)
+        scheduler = ASHAScheduler(
+            time_attr="training_iteration",
+            metric=metric,
+            mode=mode,
+            max_t=len(spec.eval_steps),
+            grace_period=spec.first_rung_reports,
+            reduction_factor=spec.early_stopping.reduction_factor,
+        )
     else:
         scheduler = FIFOScheduler()
     res = spec.resources
     trainable = tune.with_resources(
         tune.with_parameters(train_lorasweep, base=_base_trial_config(spec, plan), ledger=ledger),
-        {"cpu": res.cpus_per_trial, "gpu": res.gpus_per_trial})
+        {"cpu": res.cpus_per_trial, "gpu": res.gpus_per_trial},
+    )
     storage_path = (spec.storage.data_dir / "ray").resolve()
     tuner = tune.Tuner(
         trainable,
-        tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler,
-                                    num_samples=spec.max_trials,
-                                    max_concurrent_trials=res.max_concurrent_trials),
-        run_config=tune.RunConfig(name=sweep_id, storage_path=str(storage_path), verbose=0,
-                                  callbacks=[callback],
-                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=1)),
+        tune_config=tune.TuneConfig(
+            search_alg=searcher,
+            scheduler=scheduler,
+            num_samples=spec.max_trials,
+            max_concurrent_trials=res.max_concurrent_trials,
+        ),
+        run_config=tune.RunConfig(
+            name=sweep_id,
+            storage_path=str(storage_path),
+            verbose=0,
+            callbacks=[callback],
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+        ),
     )
     return tuner, searcher
 
 
-def _summarize(spec, tracker: Tracker, tracking_uri: str, sweep_id: str, base: dict | None,
-               snap: dict, reason: str) -> tuple[list, leaderboard.Row | None]:
+def _summarize(
+    spec,
+    tracker: Tracker,
+    tracking_uri: str,
+    sweep_id: str,
+    base: dict | None,
+    snap: dict,
+    reason: str,
+) -> tuple[list, leaderboard.Row | None]:
     parent = leaderboard.find_sweep(tracking_uri, sweep_id)
     rows = leaderboard.trial_rows(tracking_uri, parent)
     best = leaderboard.best_row(rows)
-    metrics = {"spent_usd": snap["spent_usd"], "budget_usd": spec.budget_usd,
-               "unspent_usd": spec.budget_usd - snap["spent_usd"], "trials": len(rows),
-               "best_score": best.score if best else None,
-               "base_score": base["score"] if base else None,
-               "base_eval_loss": base["eval_loss"] if base else None,
-               "baseline_cost_usd": base["cost_usd"] if base else None}
+    metrics = {
+        "spent_usd": snap["spent_usd"],
+        "budget_usd": spec.budget_usd,
+        "unspent_usd": spec.budget_usd - snap["spent_usd"],
+        "trials": len(rows),
+        "best_score": best.score if best else None,
+        "base_score": base["score"] if base else None,
+        "base_eval_loss": base["eval_loss"] if base else None,
+        "baseline_cost_usd": base["cost_usd"] if base else None,
+    }
     with tempfile.TemporaryDirectory() as tmp:
         csv_path = leaderboard.write_csv(rows, Path(tmp) / "leaderboard.csv")
-        png = leaderboard.plot_score_vs_cost(rows, Path(tmp) / "score_vs_cost.png",
-                                             base["score"] if base else None)
+        png = leaderboard.plot_score_vs_cost(
+            rows, Path(tmp) / "score_vs_cost.png", base["score"] if base else None
+        )
         tracker.client.set_tag(tracker.parent_id, "lorasweep.end_reason", reason)
         if best:
             tracker.client.set_tag(tracker.parent_id, "lorasweep.best_run_id", best.run_id)
@@ -166,7 +219,7 @@ def _summarize(spec, tracker: Tracker, tracking_uri: str, sweep_id: str, base: d
 
 
 def run_sweep(spec: SweepSpec, console, address: str | None = None) -> SweepResult:
-    """Run a whole sweep; returns what the leaderboard shows. Raises before spending on bad input."""
+    """Run a whole sweep and return its leaderboard; raises before any spend on bad input."""
     import ray
 
     from orchestrator.budget import Ledger
@@ -178,29 +231,56 @@ def run_sweep(spec: SweepSpec, console, address: str | None = None) -> SweepResu
     data_dir, tracking_uri, optuna_url = storage_urls(spec)
     data_dir.mkdir(parents=True, exist_ok=True)
     sweep_id = f"{spec.name}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
-    console.print(f"[bold]sweep[/] {sweep_id}: budget ${spec.budget_usd:g}, trial resources "
-                  f"${plan.price_usd_per_hour:.4f}/h, first rung predicted "
-                  f"${plan.admission_usd({}):.5f}")
+    console.print(
+        f"[bold]sweep[/] {sweep_id}: budget ${spec.budget_usd:g}, trial resources "
+        f"${plan.price_usd_per_hour:.4f}/h, first rung predicted "
+        f"${plan.admission_usd({}):.5f}"
+    )
     _init_ray(spec, address)
     ledger = ray.remote(Ledger).options(num_cpus=0).remote(spec.budget_usd)
     tracker = Tracker(tracking_uri, spec.name, artifact_root=data_dir / "artifacts")
-    tracker.start_sweep(sweep_id, spec.model_dump(mode="json"),
-                        {"budget_usd": spec.budget_usd, "model": spec.model.name_or_path,
-                         "accelerator": spec.resources.accelerator,
-                         "price_usd_per_hour": plan.price_usd_per_hour,
-                         "max_trials": spec.max_trials, "objective": spec.objective.metric})
+    tracker.start_sweep(
+        sweep_id,
+        spec.model_dump(mode="json"),
+        {
+            "budget_usd": spec.budget_usd,
+            "model": spec.model.name_or_path,
+            "accelerator": spec.resources.accelerator,
+            "price_usd_per_hour": plan.price_usd_per_hour,
+            "max_trials": spec.max_trials,
+            "objective": spec.objective.metric,
+        },
+    )
     console.print("[bold]scoring[/] the base model on the validation split ...")
     base = _score_base(spec, plan, ledger)
     if base:
-        console.print(f"  base model score {base['score']:.3f}  eval_loss {base['eval_loss']:.4f}  "
-                      f"${base['cost_usd']:.5f}")
-    fixed = {k: v for k, v in _base_trial_config(spec, plan).items()
-             if k in ("max_steps", "eval_every", "batch_size", "max_seq_len", "seed", "dtype",
-                      "price_usd_per_hour")}
-    callback = SweepCallback(sweep_id=sweep_id, tracker=tracker, ledger=ledger,
-                             price_usd_per_hour=plan.price_usd_per_hour,
-                             fixed_params={**fixed, "base_model": spec.model.name_or_path},
-                             console=console, base_score=base["score"] if base else None)
+        console.print(
+            f"  base model score {base['score']:.3f}  eval_loss {base['eval_loss']:.4f}  "
+            f"${base['cost_usd']:.5f}"
+        )
+    fixed = {
+        k: v
+        for k, v in _base_trial_config(spec, plan).items()
+        if k
+        in (
+            "max_steps",
+            "eval_every",
+            "batch_size",
+            "max_seq_len",
+            "seed",
+            "dtype",
+            "price_usd_per_hour",
+        )
+    }
+    callback = SweepCallback(
+        sweep_id=sweep_id,
+        tracker=tracker,
+        ledger=ledger,
+        price_usd_per_hour=plan.price_usd_per_hour,
+        fixed_params={**fixed, "base_model": spec.model.name_or_path},
+        console=console,
+        base_score=base["score"] if base else None,
+    )
     tuner, searcher = _make_tuner(spec, plan, sweep_id, ledger, callback, optuna_url)
     try:
         tuner.fit()
@@ -210,5 +290,14 @@ def run_sweep(spec: SweepSpec, console, address: str | None = None) -> SweepResu
     snap = ray.get(ledger.snapshot.remote())
     reason = searcher.exhausted_reason or f"max_trials ({spec.max_trials}) reached"
     rows, best = _summarize(spec, tracker, tracking_uri, sweep_id, base, snap, reason)
-    return SweepResult(sweep_id, tracking_uri, spec.budget_usd, snap["spent_usd"],
-                       base["score"] if base else None, best, rows, reason, time.time() - t0)
+    return SweepResult(
+        sweep_id,
+        tracking_uri,
+        spec.budget_usd,
+        snap["spent_usd"],
+        base["score"] if base else None,
+        best,
+        rows,
+        reason,
+        time.time() - t0,
+    )

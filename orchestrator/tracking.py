@@ -39,19 +39,24 @@ class Tracker:
             location = None
             if artifact_root is not None and not tracking_uri.startswith(("http:", "https:")):
                 location = (Path(artifact_root).resolve() / experiment).as_uri()
-            self.experiment_id = self.client.create_experiment(experiment, artifact_location=location)
+            self.experiment_id = self.client.create_experiment(
+                experiment, artifact_location=location
+            )
         else:
             self.experiment_id = exp.experiment_id
         self.parent_id: str | None = None
 
     # --- sweep (parent run) ---------------------------------------------------------------
     def start_sweep(self, sweep_id: str, spec: dict, params: dict) -> str:
-        run = self.client.create_run(self.experiment_id, run_name=sweep_id,
-                                     tags={KIND_TAG: "sweep", SWEEP_TAG: sweep_id,
-                                           STATUS_TAG: "running"})
+        run = self.client.create_run(
+            self.experiment_id,
+            run_name=sweep_id,
+            tags={KIND_TAG: "sweep", SWEEP_TAG: sweep_id, STATUS_TAG: "running"},
+        )
         self.parent_id = run.info.run_id
-        self.client.log_text(self.parent_id, redact(yaml.safe_dump(spec, sort_keys=False)),
-                             "spec.yaml")
+        self.client.log_text(
+            self.parent_id, redact(yaml.safe_dump(spec, sort_keys=False)), "spec.yaml"
+        )
         self._log_params(self.parent_id, params)
         return self.parent_id
 
@@ -68,9 +73,16 @@ class Tracker:
     # --- trials (child runs) ----------------------------------------------------------------
     def start_trial(self, sweep_id: str, trial_name: str, trial_id: str, params: dict) -> str:
         run = self.client.create_run(
-            self.experiment_id, run_name=trial_name,
-            tags={KIND_TAG: "trial", SWEEP_TAG: sweep_id, PARENT_TAG: self.parent_id,
-                  "lorasweep.trial_id": trial_id, STATUS_TAG: "running"})
+            self.experiment_id,
+            run_name=trial_name,
+            tags={
+                KIND_TAG: "trial",
+                SWEEP_TAG: sweep_id,
+                PARENT_TAG: self.parent_id,
+                "lorasweep.trial_id": trial_id,
+                STATUS_TAG: "running",
+            },
+        )
         self._log_params(run.info.run_id, params)
         return run.info.run_id
 
@@ -79,10 +91,14 @@ class Tracker:
         from mlflow.entities import Metric
 
         now_ms = int(time.time() * 1000)
-        metrics = [Metric("train_loss", float(v), now_ms, int(s))
-                   for s, v in result.get("train_loss_steps", [])]
+        metrics = [
+            Metric("train_loss", float(v), now_ms, int(s))
+            for s, v in result.get("train_loss_steps", [])
+        ]
         step = int(result["step"])
-        metrics += [Metric(k, float(result[k]), now_ms, step) for k in _TRIAL_METRICS if k in result]
+        metrics += [
+            Metric(k, float(result[k]), now_ms, step) for k in _TRIAL_METRICS if k in result
+        ]
         self.client.log_batch(run_id, metrics=metrics)
 
     def end_trial(self, run_id: str, status: str, final: dict, adapter_dir: str | None) -> None:
@@ -96,12 +112,17 @@ class Tracker:
     def _log_params(self, run_id: str, params: dict) -> None:
         from mlflow.entities import Param
 
-        self.client.log_batch(run_id, params=[Param(k, redact(str(v))[:6000])
-                                              for k, v in params.items()])
+        self.client.log_batch(
+            run_id, params=[Param(k, redact(str(v))[:6000]) for k, v in params.items()]
+        )
 
     def _log_metrics(self, run_id: str, metrics: dict[str, float], step: int) -> None:
         from mlflow.entities import Metric
 
         now_ms = int(time.time() * 1000)
-        self.client.log_batch(run_id, metrics=[Metric(k, float(v), now_ms, step)
-                                               for k, v in metrics.items() if v is not None])
+        self.client.log_batch(
+            run_id,
+            metrics=[
+                Metric(k, float(v), now_ms, step) for k, v in metrics.items() if v is not None
+            ],
+        )

@@ -34,10 +34,15 @@ def train_lorasweep(config: dict, *, base: dict, ledger) -> None:
     timings = ray.get(ledger.get_timings.remote())
     scheduled_unix = ray.get(ledger.started.remote(trial_id))
     hyper = {k: config[k] for k in ("learning_rate", "rank", "alpha", "target_modules", "dropout")}
-    cfg = TrialConfig(**base, **hyper,
-                      prior_step_s=timings.get("step_s", base.get("prior_step_s", 5.0)),
-                      prior_closing_s=timings.get("closing_s", base.get("prior_closing_s", 30.0)),
-                      billing_start_unix=min(started_unix, scheduled_unix or started_unix))
+    cfg = TrialConfig(
+        **{
+            **base,
+            **hyper,
+            "prior_step_s": timings.get("step_s", base.get("prior_step_s", 5.0)),
+            "prior_closing_s": timings.get("closing_s", base.get("prior_closing_s", 30.0)),
+            "billing_start_unix": min(started_unix, scheduled_unix or started_unix),
+        }
+    )
 
     def report(metrics: dict, adapter_dir: Path) -> None:
         metrics = {**metrics, "trial_status": metrics.pop("status")}

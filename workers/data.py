@@ -31,19 +31,28 @@ def _row_to_example(row: object, fmt: str, where: str) -> Example:
     if fmt == "instruction":
         for key in ("instruction", "output"):
             if not isinstance(row.get(key), str):
-                raise DataError(f"{where}: missing string field `{key}` (instruction format needs "
-                                "`instruction` and `output`, `input` optional)")
+                raise DataError(
+                    f"{where}: missing string field `{key}` (instruction format needs "
+                    "`instruction` and `output`, `input` optional)"
+                )
         user = row["instruction"] + (f"\n\n{row['input']}" if row.get("input") else "")
         return Example([{"role": "user", "content": user}], row["output"])
     messages = row.get("messages")
     if not isinstance(messages, list) or len(messages) < 2:
-        raise DataError(f"{where}: missing field `messages` (a list of at least a user and an "
-                        "assistant message); for instruction rows set data.format: instruction")
+        raise DataError(
+            f"{where}: missing field `messages` (a list of at least a user and an "
+            "assistant message); for instruction rows set data.format: instruction"
+        )
     for i, msg in enumerate(messages):
-        if not isinstance(msg, dict) or msg.get("role") not in _ROLES \
-                or not isinstance(msg.get("content"), str):
-            raise DataError(f"{where}: messages[{i}] needs `role` (system|user|assistant) and a "
-                            "string `content`")
+        if (
+            not isinstance(msg, dict)
+            or msg.get("role") not in _ROLES
+            or not isinstance(msg.get("content"), str)
+        ):
+            raise DataError(
+                f"{where}: messages[{i}] needs `role` (system|user|assistant) and a "
+                "string `content`"
+            )
     if messages[-1]["role"] != "assistant":
         raise DataError(f"{where}: the last message must have role `assistant` (the answer)")
     return Example([dict(m) for m in messages[:-1]], messages[-1]["content"])
@@ -52,8 +61,10 @@ def _row_to_example(row: object, fmt: str, where: str) -> Example:
 def read_examples(path: Path, fmt: str = "chat", field: str = "data.train") -> list[Example]:
     """Every row of a JSONL file, checked; raises :class:`DataError` naming the spec field."""
     if not Path(path).is_file():
-        raise DataError(f"{field}: file {path} not found; fix the path (relative paths are "
-                        "resolved against the spec's folder)")
+        raise DataError(
+            f"{field}: file {path} not found; fix the path (relative paths are "
+            "resolved against the spec's folder)"
+        )
     examples = []
     with open(path) as f:
         for lineno, line in enumerate(f, 1):

@@ -19,8 +19,22 @@ _SPLIT_SEEDS = {"train": 1, "validation": 2, "test": 3}
 SYSTEM_PROMPT = "Listing to JSON."  # short on purpose: every token is paid for in training
 
 CITIES = [
-    "Austin", "Denver", "Portland", "Boston", "Seattle", "Chicago", "Phoenix", "Atlanta",
-    "Madison", "Raleigh", "Tucson", "Omaha", "Boise", "Tampa", "Dallas", "Reno",
+    "Austin",
+    "Denver",
+    "Portland",
+    "Boston",
+    "Seattle",
+    "Chicago",
+    "Phoenix",
+    "Atlanta",
+    "Madison",
+    "Raleigh",
+    "Tucson",
+    "Omaha",
+    "Boise",
+    "Tampa",
+    "Dallas",
+    "Reno",
 ]
 PROPERTY_TYPES = {
     "house": ["house", "single-family home", "detached house", "family home"],
@@ -54,7 +68,9 @@ def _price_text(rng: random.Random, price: int) -> str:
 
 
 def _beds_text(rng: random.Random, beds: int) -> str:
-    return rng.choice([f"{beds} bed", f"{beds}BR", f"{_NUMBER_WORDS[beds]}-bedroom", f"{beds} bedrooms"])
+    return rng.choice(
+        [f"{beds} bed", f"{beds}BR", f"{_NUMBER_WORDS[beds]}-bedroom", f"{beds} bedrooms"]
+    )
 
 
 def _baths_text(rng: random.Random, baths: float) -> str:
@@ -63,15 +79,17 @@ def _baths_text(rng: random.Random, baths: float) -> str:
 
 
 def _distractor(rng: random.Random) -> str:
-    return rng.choice([
-        f"HOA ${rng.randrange(80, 600)}/month.",
-        f"Built in {rng.randrange(1925, 2024)}.",
-        f"{rng.randrange(1, 4)} parking spots.",
-        f"{rng.randrange(2, 15)} miles from downtown.",
-        f"Lot size {rng.randrange(2, 30) * 500:,} sqft.",
-        f"Taxes ${rng.randrange(2, 15) * 1000:,}/yr.",
-        f"Listed {rng.randrange(2, 60)} days ago.",
-    ])
+    return rng.choice(
+        [
+            f"HOA ${rng.randrange(80, 600)}/month.",
+            f"Built in {rng.randrange(1925, 2024)}.",
+            f"{rng.randrange(1, 4)} parking spots.",
+            f"{rng.randrange(2, 15)} miles from downtown.",
+            f"Lot size {rng.randrange(2, 30) * 500:,} sqft.",
+            f"Taxes ${rng.randrange(2, 15) * 1000:,}/yr.",
+            f"Listed {rng.randrange(2, 60)} days ago.",
+        ]
+    )
 
 
 def make_example(rng: random.Random) -> tuple[str, dict]:
@@ -87,24 +105,38 @@ def make_example(rng: random.Random) -> tuple[str, dict]:
     ptype_text = rng.choice(PROPERTY_TYPES[ptype])
     beds_text = "studio" if beds == 0 else _beds_text(rng, beds)
     parts = [
-        rng.choice([
-            f"{beds_text}, {_baths_text(rng, baths)} {ptype_text} in {city}.",
-            f"{city}: {ptype_text} with {beds_text} and {_baths_text(rng, baths)}.",
-            f"For sale in {city} - {beds_text} {ptype_text}, {_baths_text(rng, baths)}.",
-        ]),
+        rng.choice(
+            [
+                f"{beds_text}, {_baths_text(rng, baths)} {ptype_text} in {city}.",
+                f"{city}: {ptype_text} with {beds_text} and {_baths_text(rng, baths)}.",
+                f"For sale in {city} - {beds_text} {ptype_text}, {_baths_text(rng, baths)}.",
+            ]
+        ),
         rng.choice([f"{sqft:,} sq ft.", f"{sqft} sqft of living space.", f"Approx. {sqft:,} ft2."]),
-        rng.choice([f"Asking {_price_text(rng, price)}.", f"Price: {_price_text(rng, price)}.",
-                    f"Offered at {_price_text(rng, price)}."]),
+        rng.choice(
+            [
+                f"Asking {_price_text(rng, price)}.",
+                f"Price: {_price_text(rng, price)}.",
+                f"Offered at {_price_text(rng, price)}.",
+            ]
+        ),
     ]
     if feats:
         mentions = [rng.choice(FEATURES[f]) for f in feats]
         rng.shuffle(mentions)
-        parts.append(rng.choice(["Features ", "Comes with ", "Includes "]) + ", ".join(mentions) + ".")
+        parts.append(
+            rng.choice(["Features ", "Comes with ", "Includes "]) + ", ".join(mentions) + "."
+        )
     for _ in range(rng.randrange(1, 3)):
         parts.insert(rng.randrange(1, len(parts) + 1), _distractor(rng))
     record = {
-        "property_type": ptype, "city": city, "beds": beds, "baths": baths, "sqft": sqft,
-        "price_usd": price, "features": feats,
+        "property_type": ptype,
+        "city": city,
+        "beds": beds,
+        "baths": baths,
+        "sqft": sqft,
+        "price_usd": price,
+        "features": feats,
     }
     return " ".join(parts), record
 
@@ -115,11 +147,15 @@ def make_split(split: str) -> list[dict]:
     rows = []
     for _ in range(SPLIT_SIZES[split]):
         text, record = make_example(rng)
-        rows.append({"messages": [
-            {"role": "system", "content": SYSTEM_PROMPT},
-            {"role": "user", "content": text},
-            {"role": "assistant", "content": json.dumps(record, separators=(",", ":"))},
-        ]})
+        rows.append(
+            {
+                "messages": [
+                    {"role": "system", "content": SYSTEM_PROMPT},
+                    {"role": "user", "content": text},
+                    {"role": "assistant", "content": json.dumps(record, separators=(",", ":"))},
+                ]
+            }
+        )
     return rows
 
 

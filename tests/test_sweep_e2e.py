@@ -1,0 +1,122 @@
+"""End to end on a tiny random-init Llama: a whole sweep on local Ray with sqlite MLflow and sqlite
+Optuna, then promote and generate, checked through ``MlflowClient``.
+
+The tiny model replaces the embedded SmolLM2 only to keep CI fast; Ray, Optuna, MLflow and the
+training loop are the real ones.
+"""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+from rich.console import Console
+
+from orchestrator import leaderboard, registry
+from orchestrator.spec import parse_spec
+from orchestrator.sweep import run_sweep
+
+pytestmark = pytest.mark.slow
+
+
+def _spec(tmp_path, tiny_model, small_data, budget_usd: float, max_trials: int):
+    return parse_spec(
+        {
+            "name": "tiny",
+            "budget_usd": budget_usd,
+            "model": {"name_or_path": str(tiny_model)},
+            "data": {"source": "files", **{k: str(v) for k, v in small_data.items()}},
+            "search_space": {
+                "preset": "default",
+                "rank": {"choices": [2, 4]},
+                "learning_rate": {"low": 1e-3, "high": 1e-2, "log": True},
+            },
+            "trial": {
+                "max_steps": 6,
+                "eval_every": 2,
+                "batch_size": 4,
+                "max_seq_len": 160,
+                "eval_examples": 4,
+                "max_new_tokens": 8,
+            },
+            "resources": {"accelerator": "cpu", "cpus_per_trial": 1, "max_concurrent_trials": 2},
+            "max_trials": max_trials,
+            # a pricey "cpu" so that a few seconds of tiny-model training cost real money
+            "prices": {"overrides": {"cpu": 36.0}},
+            "storage": {"data_dir": str(tmp_path / "data")},
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def finished_sweep(tmp_path_factory, tiny_model, small_data, ray_local):
+    tmp = tmp_path_factory.mktemp("sweep")
+    spec = _spec(tmp, tiny_model, small_data, budget_usd=5.0, max_trials=4)
+    console = Console(file=io.StringIO(), width=200)
+    result = run_sweep(spec, console)
+    return spec, result, console.file.getvalue()
+
+
+def test_sweep_records_every_trial_in_mlflow(finished_sweep):
+    from mlflow.tracking import MlflowClient
+
+    spec, result, out = finished_sweep
+    assert (spec.storage.data_dir / "mlflow.db").is_file()
+    client = MlflowClient(result.tracking_uri)
+    parent = leaderboard.find_sweep(result.tracking_uri, result.sweep_id)
+    children = client.search_runs(
+        [parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'"
+    )
+    assert len(children) == len(result.rows) >= 2
+    for run in children:
+        assert {"learning_rate", "rank", "alpha", "target_modules"} <= set(run.data.params)
+        assert run.data.metrics["cost_usd"] > 0 and run.data.metrics["billed_s"] > 0
+        scored = client.get_metric_history(run.info.run_id, "score")
+        train_loss = client.get_metric_history(run.info.run_id, "train_loss")
+        assert scored and all(0 <= m.value <= 1 for m in scored)
+        assert [m.step for m in train_loss] == list(range(1, len(train_loss) + 1))
+        assert run.data.tags["lorasweep.status"] in {"completed", "pruned", "budget_stopped"}
+        files = {f.path for f in client.list_artifacts(run.info.run_id, "adapter")}
+        assert "adapter/adapter_model.safetensors" in files
+    parent_files = {f.path for f in client.list_artifacts(parent.info.run_id)}
+    assert {"spec.yaml", "leaderboard.csv", "score_vs_cost.png"} <= parent_files
+    assert client.get_metric_history(parent.info.run_id, "budget_spent_usd")
+    assert "base_score" in client.get_run(parent.info.run_id).data.metrics
+    assert "trial-001 started" in out
+
+
+def test_total_spend_stays_under_the_cap(finished_sweep):
+    spec, result, _ = finished_sweep
+    trial_costs = sum(r.cost_usd for r in result.rows)
+    assert 0 < trial_costs <= result.spent_usd <= spec.budget_usd
+
+
+def test_promote_registers_champion_and_generate_runs_it(finished_sweep):
+    from mlflow.tracking import MlflowClient
+
+    _, result, _ = finished_sweep
+    promotion = registry.promote(result.tracking_uri, result.sweep_id)
+    client = MlflowClient(result.tracking_uri)
+    version = client.get_model_version_by_alias(promotion.name, "champion")
+    assert version.version == promotion.version
+    assert version.tags["sweep"] == result.sweep_id
+    assert float(version.tags["cost_usd"]) == pytest.approx(result.best.cost_usd, rel=1e-3)
+    assert {"base_model", "score", "test_score"} <= set(version.tags)
+    text = registry.generate(
+        result.tracking_uri,
+        f"models:/{promotion.name}@champion",
+        "2 bed condo in Reno. 900 sq ft. Asking $200,000.",
+        max_new_tokens=8,
+    )
+    assert isinstance(text, str) and text.strip()
+
+
+def test_a_tight_budget_ends_the_sweep_without_overspending(
+    tmp_path, tiny_model, small_data, ray_local
+):
+    spec = _spec(tmp_path, tiny_model, small_data, budget_usd=0.6, max_trials=12)
+    result = run_sweep(spec, Console(file=io.StringIO()))
+    assert result.spent_usd <= spec.budget_usd
+    assert sum(r.cost_usd for r in result.rows) <= spec.budget_usd
+    assert result.end_reason.startswith("budget")
+    assert len(result.rows) < 12
