@@ -98,7 +98,7 @@ def test_promote_registers_champion_and_generate_runs_it(finished_sweep):
     promotion = registry.promote(result.tracking_uri, result.sweep_id)
     client = MlflowClient(result.tracking_uri)
     version = client.get_model_version_by_alias(promotion.name, "champion")
-    assert version.version == promotion.version
+    assert str(version.version) == promotion.version
     assert version.tags["sweep"] == result.sweep_id
     assert float(version.tags["cost_usd"]) == pytest.approx(result.best.cost_usd, rel=1e-3)
     assert {"base_model", "score", "test_score"} <= set(version.tags)
