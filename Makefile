@@ -22,7 +22,7 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml
 install: $(VENV)/.installed
 
 demo: install  ## run the embedded demo sweep end to end, then promote its best adapter
-	TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S=0 $(BIN)/lorasweep run examples/demo.yaml
+	$(BIN)/lorasweep run examples/demo.yaml
 	$(BIN)/lorasweep promote demo
 
 test: install  ## the whole suite (unit + local-Ray integration); gpu tests are deselected

@@ -21,7 +21,8 @@ app = typer.Typer(
     no_args_is_help=True,
     help="Budget-capped LoRA sweeps on Ray, driven by Optuna, tracked in MLflow.",
 )
-console = Console(highlight=False)
+# piped output (CI, `| tee`) gets a width that fits the leaderboard instead of rich's 80
+console = Console(highlight=False, width=None if os.isatty(1) else 132)
 DEFAULT_TRACKING_URI = "sqlite:///lorasweep-data/mlflow.db"
 
 TrackingOpt = Annotated[

@@ -39,6 +39,17 @@ def storage_urls(spec: SweepSpec) -> tuple[Path, str, str]:
     return data_dir, tracking, optuna_url
 
 
+def _quiet_libraries() -> None:
+    """Our own progress lines replace Tune's tables and Optuna's per-trial logs."""
+    import logging
+
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the legacy reporter honours verbose=0
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    logging.getLogger("optuna").setLevel(logging.WARNING)
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
+
+
 def _init_ray(spec: SweepSpec, address: str | None) -> None:
     import ray
 
@@ -226,6 +237,7 @@ def run_sweep(spec: SweepSpec, console, address: str | None = None) -> SweepResu
     from orchestrator.callbacks import SweepCallback
 
     t0 = time.time()
+    _quiet_libraries()
     console.print("[bold]checking[/] spec, data, model and prices ...")
     plan = make_plan(spec)
     data_dir, tracking_uri, optuna_url = storage_urls(spec)
