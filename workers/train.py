@@ -6,8 +6,8 @@ Callable without Ray: ``run_trial(cfg, report=print_report)``. Under Ray, the or
 Billing starts when this function starts (the trial holds its resources) and covers model load,
 training, eval and checkpointing. Budget safety: before each interval, and before every step, the
 trial checks that its spend so far + the next chunk of work + a closing eval and save fit under the
-ceiling the ledger granted it; if not, it asks for more, and when refused it closes (final eval and
-adapter save) inside the ceiling and stops.
+ceiling the ledger granted it; if not, it asks for more, and when refused it trains on only while
+a step and the closing still fit, then closes (final eval and adapter save) inside the ceiling.
 """
 
 from __future__ import annotations
@@ -186,9 +186,8 @@ def run_trial(
     while step < cfg.max_steps:
         interval = min(cfg.eval_every - step % cfg.eval_every, cfg.max_steps - step)
         need = clock.cost_usd(SAFETY * (interval * step_s + closing_s))
-        if need > budget.ceiling_usd and not budget.request(need):
-            status = "budget_stopped"
-            break
+        if need > budget.ceiling_usd:
+            budget.request(need)  # if refused, train on while the ceiling allows, then close
         start_step = step
         for _ in range(interval):
             if clock.cost_usd(SAFETY * (step_s + closing_s)) > budget.ceiling_usd:
