@@ -13,8 +13,18 @@ TARGET_MODULES: dict[str, list[str] | str] = {
 }
 
 
-def attach_lora(model, *, rank: int, alpha: float, target_modules: str, dropout: float):
-    """Wrap ``model`` with a freshly initialised LoRA adapter; only adapter weights train."""
+def attach_lora(
+    model,
+    *,
+    rank: int,
+    alpha: float,
+    target_modules: str,
+    dropout: float,
+    use_rslora: bool = False,
+    use_dora: bool = False,
+):
+    """Wrap ``model`` with a freshly initialised LoRA adapter; only adapter weights train.
+    rsLoRA scales by alpha/sqrt(r) (stable at high ranks); DoRA adds a learned magnitude."""
     from peft import LoraConfig, get_peft_model
 
     targets = TARGET_MODULES[target_modules]
@@ -33,5 +43,7 @@ def attach_lora(model, *, rank: int, alpha: float, target_modules: str, dropout:
         target_modules=targets,
         task_type="CAUSAL_LM",
         bias="none",
+        use_rslora=use_rslora,
+        use_dora=use_dora,
     )
     return get_peft_model(model, config)

@@ -23,8 +23,8 @@ from typing import Protocol
 
 from workers import evaluate
 from workers.data import encode_for_training, pad_batch, read_examples
-from workers.lora import attach_lora
-from workers.model import load_base_model, load_tokenizer
+from workers.methods import setup_model
+from workers.model import load_tokenizer
 
 SAFETY = 1.25  # headroom on time estimates when checking the budget ceiling
 
@@ -39,11 +39,18 @@ class TrialConfig:
     data_format: str = "chat"
     dtype: str = "auto"
     # hyperparameters
+    method: str = "lora"  # lora | qlora | full
     learning_rate: float = 1e-3
     rank: int = 16
     alpha: float = 32
     target_modules: str = "all_linear"
     dropout: float = 0.05
+    use_rslora: bool = False
+    use_dora: bool = False
+    loraplus_lr_ratio: float | None = None  # LoRA+: B matrices train this many times faster
+    # memory: set by the orchestrator's memory check when the plain config would not fit
+    gradient_checkpointing: bool = False
+    micro_batch: int | None = None  # < batch_size: gradient accumulation over micro-batches
     # limits
     max_steps: int = 30
     eval_every: int = 10
@@ -62,7 +69,17 @@ class TrialConfig:
     billing_start_unix: float | None = None  # when the trial acquired its resources; default now
 
     def hyperparameters(self) -> dict:
-        keys = ("learning_rate", "rank", "alpha", "target_modules", "dropout")
+        keys = (
+            "method",
+            "learning_rate",
+            "rank",
+            "alpha",
+            "target_modules",
+            "dropout",
+            "use_rslora",
+            "use_dora",
+            "loraplus_lr_ratio",
+        )
         return {k: getattr(self, k) for k in keys}
 
 
@@ -132,14 +149,7 @@ def _setup(cfg: TrialConfig, clock: _Clock):
         torch.set_num_threads(cfg.num_threads)
     t = time.monotonic()
     tokenizer = load_tokenizer(cfg.model)
-    model = load_base_model(cfg.model, cfg.dtype, cfg.device)
-    model = attach_lora(
-        model,
-        rank=cfg.rank,
-        alpha=cfg.alpha,
-        target_modules=cfg.target_modules,
-        dropout=cfg.dropout,
-    )
+    model, groups = setup_model(cfg)
     clock.phases_s["load"] += time.monotonic() - t
     t = time.monotonic()
     train = [
@@ -148,11 +158,34 @@ def _setup(cfg: TrialConfig, clock: _Clock):
     ]
     val = read_examples(Path(cfg.validation_path), cfg.data_format, "data.validation")
     clock.phases_s["data"] += time.monotonic() - t
-    params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
-        params, lr=cfg.learning_rate, weight_decay=0.0, fused=cfg.device == "cuda"
+        groups, lr=cfg.learning_rate, weight_decay=0.0, fused=cfg.device == "cuda"
     )
     return tokenizer, model, optimizer, train, val[: cfg.eval_examples]
+
+
+def _train_step(model, rows: list, pad_id: int, cfg: TrialConfig) -> tuple[float, int]:
+    """Forward and backward over one batch, in micro-batches when memory asks for it; returns
+    (mean loss, tokens processed)."""
+    micro = cfg.micro_batch or len(rows)
+    chunks = [rows[i : i + micro] for i in range(0, len(rows), micro)]
+    total_loss, n_tokens = 0.0, 0
+    for chunk in chunks:
+        batch = {k: v.to(cfg.device) for k, v in pad_batch(chunk, pad_id).items()}
+        loss = model(**batch).loss / len(chunks)
+        loss.backward()
+        total_loss += loss.detach().item()
+        n_tokens += int(batch["attention_mask"].sum())
+    return total_loss, n_tokens
+
+
+def _gpu_memory(device: str, static_gib: float | None) -> dict:
+    """Peak and after-setup GPU memory so far, GiB (empty on CPU)."""
+    if device != "cuda":
+        return {}
+    import torch
+
+    return {"peak_gib": torch.cuda.max_memory_allocated() / 2**30, "static_gib": static_gib}
 
 
 def _eval_and_save(model, tokenizer, val, cfg: TrialConfig, clock: _Clock, out_dir: Path) -> dict:
@@ -176,7 +209,10 @@ def run_trial(
 
     clock = _Clock(cfg.price_usd_per_hour, cfg.billing_start_unix or time.time())
     budget = budget or FixedBudget()
+    if cfg.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     tokenizer, model, optimizer, train, val = _setup(cfg, clock)
+    static_gib = torch.cuda.memory_allocated() / 2**30 if cfg.device == "cuda" else None
     model.train()
     batches = _batches(train, cfg.batch_size, cfg.seed)
     step_s, closing_s = cfg.prior_step_s, cfg.prior_closing_s
@@ -194,16 +230,13 @@ def run_trial(
                 status = "budget_stopped"  # close now, inside the ceiling
                 break
             t = time.monotonic()
-            batch = pad_batch(next(batches), tokenizer.pad_token_id)
-            batch = {k: v.to(cfg.device) for k, v in batch.items()}
             for group in optimizer.param_groups:
-                group["lr"] = _lr_at(step, cfg)
-            loss = model(**batch).loss
-            loss.backward()
+                group["lr"] = _lr_at(step, cfg) * group.get("lr_scale", 1.0)
+            loss, n_tokens = _train_step(model, next(batches), tokenizer.pad_token_id, cfg)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            losses.append((step + 1, loss.detach().item()))
-            tokens += int(batch["attention_mask"].sum())
+            losses.append((step + 1, loss))
+            tokens += n_tokens
             dt = time.monotonic() - t
             clock.phases_s["step"] += dt
             step_s = dt if step == 0 else 0.7 * step_s + 0.3 * dt
@@ -226,6 +259,7 @@ def run_trial(
                 status=status if done else "running",
                 phases_s={k: round(v, 3) for k, v in clock.phases_s.items()},
                 step_s=step_s,
+                **_gpu_memory(cfg.device, static_gib),
                 closing_s=closing_s,
             )
             t = time.monotonic()
