@@ -13,6 +13,7 @@ import pytest
 
 from workers import demo_task
 
+
 def _texts():
     for split in ("train", "validation"):
         for row in demo_task.make_split(split):

@@ -12,11 +12,23 @@ from workers.train import FixedBudget, TrialConfig, run_trial
 
 
 def _config(tiny_model, small_data, **kw) -> TrialConfig:
-    base = dict(model=str(tiny_model), train_path=str(small_data["train"]),
-                validation_path=str(small_data["validation"]), rank=4, alpha=8,
-                target_modules="all_linear", learning_rate=5e-3, max_steps=6, eval_every=2,
-                batch_size=4, max_seq_len=160, eval_examples=4, max_new_tokens=8,
-                prior_step_s=0.05, prior_closing_s=0.5)
+    base = dict(
+        model=str(tiny_model),
+        train_path=str(small_data["train"]),
+        validation_path=str(small_data["validation"]),
+        rank=4,
+        alpha=8,
+        target_modules="all_linear",
+        learning_rate=5e-3,
+        max_steps=6,
+        eval_every=2,
+        batch_size=4,
+        max_seq_len=160,
+        eval_examples=4,
+        max_new_tokens=8,
+        prior_step_s=0.05,
+        prior_closing_s=0.5,
+    )
     return TrialConfig(**{**base, **kw})
 
 
@@ -32,7 +44,7 @@ def test_trial_reports_every_interval_and_saves_the_adapter(tiny_model, small_da
     assert [r["status"] for r in reports] == ["running", "running", "completed"]
     assert last is reports[-1]
     # cumulative billing: monotone, and cost = price x billed hours
-    assert all(a["billed_s"] < b["billed_s"] for a, b in zip(reports, reports[1:]))
+    assert all(a["billed_s"] < b["billed_s"] for a, b in zip(reports, reports[1:], strict=False))
     assert last["cost_usd"] == pytest.approx(last["billed_s"] / 3600, rel=1e-3)
     assert [s for s, _ in last["train_loss_steps"]] == [5, 6]
     assert all(math.isfinite(r["eval_loss"]) and 0 <= r["score"] <= 1 for r in reports)

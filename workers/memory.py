@@ -8,9 +8,9 @@ Byte counts follow what ``workers/train.py`` actually runs:
   them), so adapter params + grads + 2 AdamW moments = 16 bytes per adapter parameter.
 - qlora: linear layers in NF4 with double quantisation (0.5 byte + ~0.127 bit of constants per
   weight); embeddings, norms and the output head stay bf16; adapters as in lora.
-- full: every weight bf16 with bf16 AdamW moments (4 bytes per parameter). Gradients (2 more) are
-  not counted: they appear during backward as activations are freed, and are dropped
-  (``set_to_none``) before the next forward, so they do not add to the peak.
+- full: every weight bf16 with bf16 AdamW moments (4 bytes per parameter). Gradients (2 more)
+  appear during backward as activations are freed and are dropped (``set_to_none``) before the
+  next forward, so they add to the peak only with gradient checkpointing (small activations).
 Activations are what autograd keeps per token per layer (SDPA attention: no s^2 score matrix):
 a base cost in multiples of (hidden, kv width, intermediate), plus, for lora/qlora, a cost per
 targeted module proportional to its input width (PEFT casts each adapter's input to fp32 and
@@ -146,7 +146,10 @@ def estimate(
     else:
         weights = shape.n_params * weight_bytes
     if method == "full":
-        state = shape.n_params * 2 * weight_bytes  # two AdamW moments in the weights' dtype
+        # two AdamW moments in the weights' dtype; with checkpointing the activations are small
+        # and the gradients, complete at the end of backward, are part of the peak
+        moments_and_grads = 3 if gradient_checkpointing else 2
+        state = shape.n_params * moments_and_grads * weight_bytes
     else:
         state = shape.n_lora(rank, targets) * 16
     tokens = batch * seq

@@ -16,12 +16,27 @@ CHAT_TEMPLATE = (
 
 # Llama-shape presets (bf16 weights: 0.5B ~ 0.9 GiB, 1.5B ~ 2.8 GiB)
 SHAPES = {
-    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                 num_attention_heads=4, num_key_value_heads=2),
-    "llama-0.5b": dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
-                       num_attention_heads=16, num_key_value_heads=8),
-    "llama-1.5b": dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28,
-                       num_attention_heads=16, num_key_value_heads=8),
+    "tiny": dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    ),
+    "llama-0.5b": dict(
+        hidden_size=1024,
+        intermediate_size=4096,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+    ),
+    "llama-1.5b": dict(
+        hidden_size=2048,
+        intermediate_size=6144,
+        num_hidden_layers=28,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+    ),
 }
 
 
@@ -33,26 +48,41 @@ def build_tokenizer(texts: Iterable[str], vocab_size: int = 512):
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size,
-                                  special_tokens=["<unk>", "<|im_start|>", "<|im_end|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<unk>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(texts, trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>",
-                                        pad_token="<|im_end|>", unk_token="<unk>")
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|im_end|>", unk_token="<unk>"
+    )
     tokenizer.chat_template = CHAT_TEMPLATE
     return tokenizer
 
 
-def build_random_llama(out: Path, tokenizer, shape: str = "tiny", vocab_size: int | None = None,
-                       dtype: str = "float32", seed: int = 0) -> Path:
+def build_random_llama(
+    out: Path,
+    tokenizer,
+    shape: str = "tiny",
+    vocab_size: int | None = None,
+    dtype: str = "float32",
+    seed: int = 0,
+) -> Path:
     """Save a random-init Llama of a preset ``shape`` with ``tokenizer`` as an HF folder."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=vocab_size or len(tokenizer), max_position_embeddings=4096,
-                         tie_word_embeddings=shape == "tiny", eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id, bos_token_id=None, **SHAPES[shape])
+    config = LlamaConfig(
+        vocab_size=vocab_size or len(tokenizer),
+        max_position_embeddings=4096,
+        tie_word_embeddings=shape == "tiny",
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=None,
+        **SHAPES[shape],
+    )
     with torch.device("meta"):
         LlamaForCausalLM(config)  # fail fast on a bad shape before allocating
     model = LlamaForCausalLM(config).to(getattr(torch, dtype))
