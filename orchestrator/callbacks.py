@@ -9,7 +9,7 @@ import ray
 from ray.tune import Callback
 
 from orchestrator.prices import cost_usd
-from orchestrator.search import HYPERPARAMETERS
+from orchestrator.spec import HYPERPARAMETERS
 
 
 @dataclass
@@ -19,6 +19,40 @@ class _Live:
     started_unix: float
     last_result: dict = field(default_factory=dict)
     last_result_unix: float | None = None
+
+
+def trial_params(config: dict) -> dict:
+    """What a trial runs with, as logged: hyperparameters (full FT's effective lr) and any
+    memory adjustment the admission made."""
+    params = {k: config.get(k) for k in HYPERPARAMETERS}
+    if params["method"] == "full":
+        params["learning_rate"] *= config.get("full_lr_scale", 1.0)
+        for k in (
+            "rank",
+            "alpha",
+            "target_modules",
+            "dropout",
+            "use_rslora",
+            "use_dora",
+            "loraplus_lr_ratio",
+        ):
+            params.pop(k)
+    for k in ("gradient_checkpointing", "micro_batch", "predicted_gib"):
+        if k in config:
+            params[k] = config[k]
+    return params
+
+
+def describe(p: dict) -> str:
+    if p["method"] == "full":
+        return f"full lr {p['learning_rate']:.2e}"
+    extras = [k for k in ("use_rslora", "use_dora") if p.get(k)]
+    if p.get("loraplus_lr_ratio"):
+        extras.append(f"lora+ x{p['loraplus_lr_ratio']:g}")
+    return (
+        f"{p['method']} r{p['rank']} alpha {p['alpha']:g} {p['target_modules']} "
+        f"lr {p['learning_rate']:.2e} {' '.join(extras)}"
+    ).rstrip()
 
 
 def _startup_s(result: dict) -> float | None:
@@ -69,16 +103,12 @@ class SweepCallback(Callback):
         now = time.time()
         ray.get(self.ledger.mark_started.remote(trial.trial_id, now))
         name = f"trial-{self._count:03d}"
-        params = {k: trial.config.get(k) for k in (*HYPERPARAMETERS, "method")}
+        params = trial_params(trial.config)
         run_id = self.tracker.start_trial(
             self.sweep_id, name, trial.trial_id, {**params, **self.fixed_params}
         )
         self.live[trial.trial_id] = _Live(run_id, name, now)
-        c = trial.config
-        self.console.print(
-            f"[bold]{name}[/] started  lora r{c['rank']} alpha {c['alpha']:g} "
-            f"{c['target_modules']} lr {c['learning_rate']:.2e}"
-        )
+        self.console.print(f"[bold]{name}[/] started  {describe(params)}")
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         live = self.live[trial.trial_id]

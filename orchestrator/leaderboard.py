@@ -125,22 +125,54 @@ def write_csv(rows: list[Row], path: Path) -> Path:
 
 
 def plot_score_vs_cost(rows: list[Row], path: Path, base_score: float | None = None) -> Path:
-    """Each trial's final score against what it cost, coloured by status."""
+    """Each trial's final score against its cost: marker by method, colour by status, and the
+    Pareto front (no other trial is both better and cheaper)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-    for status in sorted({r.status for r in rows}):
-        pts = [r for r in rows if r.status == status and r.score is not None]
-        ax.scatter([r.cost_usd for r in pts], [r.score for r in pts], label=status, alpha=0.8)
+    from orchestrator.report import pareto_front
+
+    markers = {"lora": "o", "qlora": "s", "full": "^"}
+    colors = {
+        "completed": "tab:green",
+        "pruned": "tab:orange",
+        "budget_stopped": "tab:red",
+        "failed": "black",
+        "running": "tab:blue",
+    }
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    for method in sorted({r.method for r in rows}):
+        for status in sorted({r.status for r in rows}):
+            pts = [
+                r for r in rows if r.method == method and r.status == status and r.score is not None
+            ]
+            if pts:
+                ax.scatter(
+                    [r.cost_usd for r in pts],
+                    [r.score for r in pts],
+                    alpha=0.8,
+                    marker=markers.get(method, "o"),
+                    color=colors.get(status, "grey"),
+                    label=f"{method} {status}",
+                )
+    front = pareto_front(rows)
+    if len(front) > 1:
+        ax.step(
+            [r.cost_usd for r in front],
+            [r.score for r in front],
+            where="post",
+            color="grey",
+            linewidth=1,
+            label="Pareto front",
+        )
     if base_score is not None:
         ax.axhline(base_score, color="grey", linestyle="--", label="base model")
     ax.set_xlabel("trial cost (USD)")
-    ax.set_ylabel("score (field accuracy)")
+    ax.set_ylabel("score")
     ax.set_title("score vs cost per trial")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

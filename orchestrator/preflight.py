@@ -7,8 +7,11 @@ from pathlib import Path
 
 from orchestrator.budget import CostModel
 from orchestrator.errors import BudgetError, LorasweepError
+from orchestrator.memory_check import MemoryFit
 from orchestrator.prices import load_catalog, trial_price_usd_per_hour
 from orchestrator.spec import SweepSpec
+
+METHOD_STEP_FACTOR = {"lora": 1.0, "qlora": 1.4, "full": 1.5}
 
 
 @dataclass(frozen=True)
@@ -24,10 +27,16 @@ class Plan:
     first_rung_steps: int
     first_rung_evals: int
     baseline_usd: float  # predicted cost of scoring the base model
+    memory_fit: MemoryFit | None = None  # GPU runs of Llama-family models only
 
-    def admission_usd(self, measured: dict[str, float]) -> float:
-        """Predicted cost of a new trial up to its first early-stopping rung."""
-        return self.cost_model.usd(self.first_rung_steps, self.first_rung_evals, measured)
+    def admission_usd(self, measured: dict[str, float], method: str = "lora") -> float:
+        """Predicted cost of a new trial of ``method`` up to its first early-stopping rung.
+        Timings are measured on LoRA trials; full FT does ~6N FLOPs per token against LoRA's ~4N,
+        and QLoRA dequantises every weight on each use."""
+        step_factor = METHOD_STEP_FACTOR.get(method, 1.0)
+        t = self.cost_model.timings(measured)
+        scaled = {**t, "step_s": t["step_s"] * step_factor}
+        return self.cost_model.usd(self.first_rung_steps, self.first_rung_evals, scaled)
 
     def full_trial_usd(self, max_steps: int, evals: int, measured: dict[str, float]) -> float:
         return self.cost_model.usd(max_steps, evals, measured)
@@ -76,6 +85,29 @@ def _tokens_per_example(model_ref: str, examples, max_seq_len: int) -> int:
     return max(lengths)  # padding makes every row as long as the longest
 
 
+def _memory_fit(spec: SweepSpec, model_ref: str, catalog) -> MemoryFit | None:
+    """The memory check for GPU trials, when the accelerator's memory and the model's shape are
+    known (Llama-family configs); None otherwise."""
+    from transformers import AutoConfig
+
+    from workers.memory import ModelShape
+
+    row = catalog.get(spec.resources.accelerator)
+    if spec.resources.accelerator == "cpu" or row is None or not row.memory_gib:
+        return None
+    try:
+        shape = ModelShape.from_config(AutoConfig.from_pretrained(model_ref))
+    except AttributeError:  # not a Llama-shape config: no estimate, no check
+        return None
+    return MemoryFit(
+        shape,
+        float(row.memory_gib),
+        spec.resources.accelerator,
+        spec.trial.batch_size,
+        spec.trial.max_seq_len,
+    )
+
+
 def make_plan(spec: SweepSpec) -> Plan:
     """Validate everything a sweep needs and predict costs; raises before any spend."""
     from workers.model import ModelNotFound, check_loadable
@@ -115,8 +147,11 @@ def make_plan(spec: SweepSpec) -> Plan:
         first_rung_steps=first_steps,
         first_rung_evals=first_evals,
         baseline_usd=cost_model.usd(0, 1, {}),
+        memory_fit=_memory_fit(spec, model_ref, catalog),
     )
-    need = plan.baseline_usd + plan.admission_usd({})
+    need = plan.baseline_usd + max(
+        plan.admission_usd({}, m) for m in spec.search_space.method.candidates()
+    )
     if need > spec.budget_usd:
         raise BudgetError(
             f"budget_usd: ${spec.budget_usd:g} cannot pay for the base-model eval and one trial "

@@ -18,6 +18,7 @@ class Price:
     price_usd_per_hour: float  # per GPU; per core for `cpu`
     source: str
     date: str
+    memory_gib: float | None = None  # per GPU; None for cpu
 
 
 def load_catalog(
@@ -33,11 +34,16 @@ def load_catalog(
         price = float(row.get("price_usd_per_hour", 0))
         if price <= 0:
             raise SpecError(f"prices.catalog ({path}): {name}", f"price must be > 0 (got {price})")
-        rows[name] = Price(name, price, str(row.get("source", "")), str(row.get("date", "")))
+        rows[name] = Price(
+            name, price, str(row.get("source", "")), str(row.get("date", "")), row.get("memory_gib")
+        )
     for name, price in (overrides or {}).items():
         if price <= 0:
             raise SpecError(f"prices.overrides.{name}", f"price must be > 0 (got {price})")
-        rows[name] = Price(name, float(price), "user override", "")
+        base = rows.get(name)
+        rows[name] = Price(
+            name, float(price), "user override", "", base.memory_gib if base else None
+        )
     return rows
 
 

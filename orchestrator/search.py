@@ -6,9 +6,9 @@ from collections.abc import Callable
 
 from ray.tune.search import Searcher
 
-from orchestrator.spec import Dim, SearchSpace
+from orchestrator.spec import HYPERPARAMETERS, Dim, SearchSpace
 
-HYPERPARAMETERS = ("learning_rate", "rank", "alpha", "target_modules", "dropout")
+MAX_CONSECUTIVE_SKIPS = 20
 
 
 def _suggest(trial, name: str, dim: Dim):
@@ -37,7 +37,7 @@ class DefineByRun:
             for name in HYPERPARAMETERS
             if getattr(self.space, name).value is not None
         }
-        return {**fixed, "method": self.space.method}
+        return {**fixed, "full_lr_scale": self.space.full_lr_scale}
 
 
 class BudgetedSearcher(Searcher):
@@ -49,12 +49,21 @@ class BudgetedSearcher(Searcher):
     not comparable with a finished one's, and calling it complete misleads TPE.
     """
 
-    def __init__(self, searcher: Searcher, ledger, predict_admission_usd: Callable[[], float]):
+    def __init__(
+        self,
+        searcher: Searcher,
+        ledger,
+        predict_admission_usd: Callable[[], float],
+        fit_memory: Callable[[dict], tuple[dict, str | None]] | None = None,
+    ) -> None:
         super().__init__(metric=searcher.metric, mode=searcher.mode)
         self.searcher = searcher
         self.ledger = ledger
         self.predict_admission_usd = predict_admission_usd
+        self.fit_memory = fit_memory
         self.exhausted_reason: str | None = None
+        self.skipped: list[str] = []  # configs never launched, with the reason
+        self._consecutive_skips = 0
 
     def set_search_properties(self, metric, mode, config, **spec) -> bool:
         return self.searcher.set_search_properties(metric, mode, config, **spec)
@@ -79,7 +88,21 @@ class BudgetedSearcher(Searcher):
         if config is None or config == Searcher.FINISHED:
             ray.get(self.ledger.settle.remote(trial_id, 0.0))
             return config
-        return config
+        updates, reason = self.fit_memory(config) if self.fit_memory else ({}, None)
+        if reason is None:
+            self._consecutive_skips = 0
+            return {**config, **updates}
+        # never launched, nothing spent: free the reservation, tell Optuna it failed, ask again
+        ray.get(self.ledger.settle.remote(trial_id, 0.0))
+        self.searcher.on_trial_complete(trial_id, result=None, error=True)
+        self.skipped.append(reason)
+        self._consecutive_skips += 1
+        if self._consecutive_skips >= MAX_CONSECUTIVE_SKIPS:
+            self.exhausted_reason = (
+                f"memory: {self._consecutive_skips} proposals in a row do not fit"
+            )
+            return Searcher.FINISHED
+        return None
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         self.searcher.on_trial_result(trial_id, result)
@@ -89,10 +112,11 @@ class BudgetedSearcher(Searcher):
         self.searcher.on_trial_complete(trial_id, result=result if full else None, error=error)
 
     def get_state(self) -> dict:
-        return {"exhausted_reason": self.exhausted_reason}
+        return {"exhausted_reason": self.exhausted_reason, "skipped": self.skipped}
 
     def set_state(self, state: dict) -> None:
         self.exhausted_reason = state.get("exhausted_reason")
+        self.skipped = state.get("skipped", [])
 
     def save(self, checkpoint_path: str) -> None:
         self.searcher.save(checkpoint_path)

@@ -17,6 +17,19 @@ from orchestrator.errors import SpecError
 
 EMBEDDED_MODEL = "embedded"
 TARGET_MODULE_SETS = ("qv", "attn", "mlp", "attn_mlp", "all_linear")
+METHODS = ("lora", "qlora", "full")
+# what a trial's config carries from the search space (all named choices: storage-safe in Optuna)
+HYPERPARAMETERS = (
+    "method",
+    "learning_rate",
+    "rank",
+    "alpha",
+    "target_modules",
+    "dropout",
+    "use_rslora",
+    "use_dora",
+    "loraplus_lr_ratio",
+)
 PRESETS_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
 EXAMPLE_SPEC = Path(__file__).resolve().parent.parent / "examples" / "demo.yaml"
 
@@ -34,6 +47,11 @@ class Dim(_Strict):
     low: float | None = None
     high: float | None = None
     log: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _scalar_is_value(cls, data: Any) -> Any:
+        return data if isinstance(data, dict) else {"value": data}  # `rank: 16` == {value: 16}
 
     @model_validator(mode="after")
     def _one_form(self) -> Dim:
@@ -67,15 +85,36 @@ class SearchSpace(_Strict):
     here override the preset's."""
 
     preset: str | None = Field(None, description="light | medium | heavy | default")
-    method: Literal["lora"] = "lora"
+    method: Dim = Field(Dim(value="lora"), description="lora | qlora | full, fixed or searched")
     learning_rate: Dim = Dim(low=1e-4, high=1e-2, log=True)
     rank: Dim = Dim(choices=[4, 8, 16, 32, 64])
     alpha: Dim = Dim(value=32)
     target_modules: Dim = Dim(choices=["attn", "attn_mlp", "all_linear"])
     dropout: Dim = Dim(value=0.05)
+    use_rslora: Dim = Field(
+        Dim(value=False), description="alpha/sqrt(r) scaling; stable high ranks"
+    )
+    use_dora: Dim = Field(Dim(value=False), description="weight-decomposed LoRA (slower steps)")
+    loraplus_lr_ratio: Dim = Field(Dim(value=0), description="LoRA+: B-matrix lr ratio; 0 = off")
+    full_lr_scale: float = Field(
+        0.1,
+        gt=0,
+        le=1,
+        description="full-FT lr = sampled lr x this (best full-FT lr is ~10x below LoRA's)",
+    )
 
     @model_validator(mode="after")
     def _check_values(self) -> SearchSpace:
+        bad = [m for m in self.method.candidates() if m not in METHODS]
+        if bad:
+            raise ValueError(f"method: unknown {bad}; use {list(METHODS)}")
+        for name in ("use_rslora", "use_dora"):
+            if any(not isinstance(v, bool) for v in getattr(self, name).candidates()):
+                raise ValueError(f"{name}: values must be true or false")
+        if any(
+            not isinstance(v, (int, float)) or v < 0 for v in self.loraplus_lr_ratio.candidates()
+        ):
+            raise ValueError("loraplus_lr_ratio: values must be >= 0 (0 = off; 16 is typical)")
         for name in ("learning_rate", "alpha"):
             if any(
                 not isinstance(v, (int, float)) or v <= 0 for v in getattr(self, name).candidates()
@@ -90,6 +129,29 @@ class SearchSpace(_Strict):
         bad = [v for v in self.target_modules.candidates() if v not in TARGET_MODULE_SETS]
         if bad:
             raise ValueError(f"target_modules: unknown set {bad}; use {list(TARGET_MODULE_SETS)}")
+        return self
+
+
+class FullSpec(_Strict):
+    """Optional full-parameter runs after the LoRA sweep (the decision gate users follow by hand):
+    base eval -> LoRA sweep -> full FT only if the gate calls for it and its predicted cost fits
+    the remaining budget."""
+
+    max_runs: int = Field(0, ge=0, description="0: never run full FT")
+    gate: Literal["below_target", "always"] = Field(
+        "below_target",
+        description="below_target: only if the best LoRA score < target_score; "
+        "always: compare LoRA with full FT on your data",
+    )
+    target_score: float | None = Field(None, description="the score LoRA must reach")
+    learning_rate: Dim = Field(
+        Dim(low=1e-5, high=1e-3, log=True), description="full-FT lr, ~10x below LoRA's"
+    )
+
+    @model_validator(mode="after")
+    def _target_given(self) -> FullSpec:
+        if self.max_runs and self.gate == "below_target" and self.target_score is None:
+            raise ValueError("gate: below_target needs target_score (or set gate: always)")
         return self
 
 
@@ -225,8 +287,19 @@ class SweepSpec(_Strict):
     resources: ResourcesSpec = ResourcesSpec()
     max_trials: int = Field(32, ge=1, description="upper bound; the budget usually ends it first")
     early_stopping: EarlyStoppingSpec = EarlyStoppingSpec()
+    full: FullSpec = FullSpec()
     prices: PricesSpec = PricesSpec()
     storage: StorageSpec = StorageSpec()
+
+    @model_validator(mode="after")
+    def _methods_fit_resources(self) -> SweepSpec:
+        if "qlora" in self.search_space.method.candidates() and self.resources.accelerator == "cpu":
+            raise SpecError(
+                "search_space.method",
+                "qlora needs a CUDA GPU (bitsandbytes 4-bit); use lora on CPU or set "
+                "resources.accelerator to a GPU type",
+            )
+        return self
 
     @field_validator("budget_usd")
     @classmethod

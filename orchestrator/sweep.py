@@ -14,7 +14,7 @@ from pathlib import Path
 
 from orchestrator import leaderboard
 from orchestrator.preflight import Plan, make_plan
-from orchestrator.spec import SweepSpec
+from orchestrator.spec import Dim, SearchSpace, SweepSpec
 from orchestrator.tracking import Tracker, default_tracking_uri
 
 
@@ -134,7 +134,17 @@ def _score_base(spec: SweepSpec, plan: Plan, ledger) -> dict | None:
     return out
 
 
-def _make_tuner(spec: SweepSpec, plan: Plan, sweep_id: str, ledger, callback, optuna_url: str):
+def _make_tuner(
+    spec: SweepSpec,
+    plan: Plan,
+    sweep_id: str,
+    ledger,
+    callback,
+    optuna_url: str,
+    space: SearchSpace,
+    phase: str,
+    num_samples: int,
+):
     import optuna
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
@@ -145,20 +155,22 @@ def _make_tuner(spec: SweepSpec, plan: Plan, sweep_id: str, ledger, callback, op
 
     metric, mode = spec.objective.metric, spec.objective.mode
     optuna_search = OptunaSearch(
-        space=DefineByRun(spec.search_space),
+        space=DefineByRun(space),
         metric=metric,
         mode=mode,
         sampler=optuna.samplers.TPESampler(seed=spec.trial.seed, n_startup_trials=4),
         storage=optuna.storages.RDBStorage(optuna_url),
-        study_name=sweep_id,
+        study_name=f"{sweep_id}-{phase}",
     )
+    methods = space.method.candidates()
 
-    def predict() -> float:
+    def predict() -> float:  # the dearest method the space may propose (conservative)
         import ray
 
-        return plan.admission_usd(ray.get(ledger.get_timings.remote()))
+        measured = ray.get(ledger.get_timings.remote())
+        return max(plan.admission_usd(measured, m) for m in methods)
 
-    searcher = BudgetedSearcher(optuna_search, ledger, predict)
+    searcher = BudgetedSearcher(optuna_search, ledger, predict, plan.memory_fit)
     if spec.early_stopping.enabled:
         scheduler = ASHAScheduler(
             time_attr="training_iteration",
@@ -181,11 +193,11 @@ def _make_tuner(spec: SweepSpec, plan: Plan, sweep_id: str, ledger, callback, op
         tune_config=tune.TuneConfig(
             search_alg=searcher,
             scheduler=scheduler,
-            num_samples=spec.max_trials,
+            num_samples=num_samples,
             max_concurrent_trials=res.max_concurrent_trials,
         ),
         run_config=tune.RunConfig(
-            name=sweep_id,
+            name=f"{sweep_id}-{phase}",
             storage_path=str(storage_path),
             verbose=0,
             callbacks=[callback],
@@ -203,7 +215,11 @@ def _summarize(
     base: dict | None,
     snap: dict,
     reason: str,
+    gate_reason: str = "",
+    skipped: list[str] | None = None,
 ) -> tuple[list, leaderboard.Row | None]:
+    from orchestrator.report import lora_vs_full, method_summary, render_markdown
+
     parent = leaderboard.find_sweep(tracking_uri, sweep_id)
     rows = leaderboard.trial_rows(tracking_uri, parent)
     best = leaderboard.best_row(rows)
@@ -217,7 +233,16 @@ def _summarize(
         "base_eval_loss": base["eval_loss"] if base else None,
         "baseline_cost_usd": base["cost_usd"] if base else None,
     }
+    summary = method_summary(rows)
+    for method, m in summary.items():
+        metrics[f"best_score_{method}"] = m["best_score"]
+        metrics[f"best_cost_usd_{method}"] = m["best_cost_usd"]
+    line = lora_vs_full(summary)
     with tempfile.TemporaryDirectory() as tmp:
+        report = Path(tmp) / "report.md"
+        report.write_text(render_markdown(summary, line, gate_reason, skipped or []))
+        if line:
+            tracker.client.set_tag(tracker.parent_id, "lorasweep.lora_vs_full", line)
         csv_path = leaderboard.write_csv(rows, Path(tmp) / "leaderboard.csv")
         png = leaderboard.plot_score_vs_cost(
             rows, Path(tmp) / "score_vs_cost.png", base["score"] if base else None
@@ -225,8 +250,36 @@ def _summarize(
         tracker.client.set_tag(tracker.parent_id, "lorasweep.end_reason", reason)
         if best:
             tracker.client.set_tag(tracker.parent_id, "lorasweep.best_run_id", best.run_id)
-        tracker.end_sweep("completed", metrics, [csv_path, png])
+        tracker.end_sweep("completed", metrics, [csv_path, png, report])
     return rows, best
+
+
+def _run_phase(spec, plan, sweep_id, ledger, callback, optuna_url, space, phase, num_samples):
+    tuner, searcher = _make_tuner(
+        spec, plan, sweep_id, ledger, callback, optuna_url, space, phase, num_samples
+    )
+    tuner.fit()
+    return searcher
+
+
+def _gate(spec: SweepSpec, plan: Plan, tracking_uri: str, sweep_id: str, ledger):
+    """The staged strategy's decision after the LoRA sweep: run full FT or not, and why."""
+    import ray
+
+    from orchestrator.report import ADAPTER_METHODS, full_ft_gate
+
+    rows = leaderboard.trial_rows(tracking_uri, leaderboard.find_sweep(tracking_uri, sweep_id))
+    scores = [r.score for r in rows if r.method in ADAPTER_METHODS and r.score is not None]
+    snap = ray.get(ledger.snapshot.remote())
+    measured = ray.get(ledger.get_timings.remote())
+    return full_ft_gate(
+        max_runs=spec.full.max_runs,
+        gate=spec.full.gate,
+        target_score=spec.full.target_score,
+        best_lora_score=max(scores) if scores else None,
+        predicted_usd=plan.admission_usd(measured, "full"),
+        remaining_usd=snap["remaining_usd"],
+    )
 
 
 def run_sweep(spec: SweepSpec, console, address: str | None = None) -> SweepResult:
@@ -293,15 +346,52 @@ def run_sweep(spec: SweepSpec, console, address: str | None = None) -> SweepResu
         console=console,
         base_score=base["score"] if base else None,
     )
-    tuner, searcher = _make_tuner(spec, plan, sweep_id, ledger, callback, optuna_url)
     try:
-        tuner.fit()
+        searcher = _run_phase(
+            spec,
+            plan,
+            sweep_id,
+            ledger,
+            callback,
+            optuna_url,
+            spec.search_space,
+            "lora",
+            spec.max_trials,
+        )
+        reason = searcher.exhausted_reason or f"max_trials ({spec.max_trials}) reached"
+        skipped = list(searcher.skipped)
+        run_full, gate_reason = _gate(spec, plan, tracking_uri, sweep_id, ledger)
+        console.print(
+            f"[bold]full fine-tuning[/] {'runs' if run_full else 'skipped'}: {gate_reason}"
+        )
+        if run_full:
+            full_space = spec.search_space.model_copy(
+                update={
+                    "method": Dim(value="full"),
+                    "learning_rate": spec.full.learning_rate,
+                    "full_lr_scale": 1.0,
+                }
+            )
+            full_searcher = _run_phase(
+                spec,
+                plan,
+                sweep_id,
+                ledger,
+                callback,
+                optuna_url,
+                full_space,
+                "full",
+                spec.full.max_runs,
+            )
+            reason = full_searcher.exhausted_reason or reason
+            skipped += full_searcher.skipped
     except BaseException:
         tracker.end_sweep("failed", ray.get(ledger.snapshot.remote()), [])
         raise
     snap = ray.get(ledger.snapshot.remote())
-    reason = searcher.exhausted_reason or f"max_trials ({spec.max_trials}) reached"
-    rows, best = _summarize(spec, tracker, tracking_uri, sweep_id, base, snap, reason)
+    rows, best = _summarize(
+        spec, tracker, tracking_uri, sweep_id, base, snap, reason, gate_reason, skipped
+    )
     return SweepResult(
         sweep_id,
         tracking_uri,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from orchestrator.spec import HYPERPARAMETERS
 from workers.train import TrialConfig, run_trial
 
 
@@ -33,11 +34,16 @@ def train_lorasweep(config: dict, *, base: dict, ledger) -> None:
     trial_id = tune.get_context().get_trial_id()
     timings = ray.get(ledger.get_timings.remote())
     scheduled_unix = ray.get(ledger.started.remote(trial_id))
-    hyper = {k: config[k] for k in ("learning_rate", "rank", "alpha", "target_modules", "dropout")}
+    hyper = {k: config[k] for k in HYPERPARAMETERS if k in config}
+    hyper["loraplus_lr_ratio"] = hyper.get("loraplus_lr_ratio") or None
+    if hyper.get("method") == "full":  # the search samples LoRA-scale lrs; full FT wants ~10x less
+        hyper["learning_rate"] *= config.get("full_lr_scale", 1.0)
+    memory = {k: config[k] for k in ("gradient_checkpointing", "micro_batch") if k in config}
     cfg = TrialConfig(
         **{
             **base,
             **hyper,
+            **memory,
             "prior_step_s": timings.get("step_s", base.get("prior_step_s", 5.0)),
             "prior_closing_s": timings.get("closing_s", base.get("prior_closing_s", 30.0)),
             "billing_start_unix": min(started_unix, scheduled_unix or started_unix),
