@@ -62,15 +62,21 @@ def lora_vs_full(summary: dict[str, dict]) -> str | None:
     adapters = [
         summary[m] for m in ADAPTER_METHODS if summary.get(m, {}).get("best_score") is not None
     ]
-    if not full or not full["best_score"] or not adapters:
+    if not full or full["best_score"] is None or not adapters:
         return None
     best = max(adapters, key=lambda m: (m["best_score"], -m["best_cost_usd"]))
-    score_pct = 100 * best["best_score"] / full["best_score"]
     cost_pct = 100 * best["best_cost_usd"] / full["best_cost_usd"] if full["best_cost_usd"] else 0.0
+    detail = (
+        f"(LoRA {best['best_score']:.3f} for ${best['best_cost_usd']:.5f}; full FT "
+        f"{full['best_score']:.3f} for ${full['best_cost_usd']:.5f})"
+    )
+    if full["best_score"] <= 0:  # no ratio to a zero score
+        return (f"best LoRA scores {best['best_score']:.3f} where full FT scores 0, at "
+                f"{cost_pct:.0f}% of its cost {detail}")
+    score_pct = 100 * best["best_score"] / full["best_score"]
     return (
         f"best LoRA reaches {score_pct:.0f}% of the best full-FT score at {cost_pct:.0f}% of "
-        f"its cost (LoRA {best['best_score']:.3f} for ${best['best_cost_usd']:.5f}; full FT "
-        f"{full['best_score']:.3f} for ${full['best_cost_usd']:.5f})"
+        f"its cost {detail}"
     )
 
 

@@ -388,6 +388,8 @@ def run_sweep(spec: SweepSpec, console, address: str | None = None) -> SweepResu
     except BaseException:
         tracker.end_sweep("failed", ray.get(ledger.snapshot.remote()), [])
         raise
+    for reason_skipped in skipped:
+        console.print(f"[yellow]not launched[/] (would not fit in memory): {reason_skipped}")
     snap = ray.get(ledger.snapshot.remote())
     rows, best = _summarize(
         spec, tracker, tracking_uri, sweep_id, base, snap, reason, gate_reason, skipped

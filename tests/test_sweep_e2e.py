@@ -120,3 +120,29 @@ def test_a_tight_budget_ends_the_sweep_without_overspending(
     assert sum(r.cost_usd for r in result.rows) <= spec.budget_usd
     assert result.end_reason.startswith("budget")
     assert len(result.rows) < 12
+
+
+def test_staged_sweep_runs_full_ft_after_lora_and_reports_the_comparison(
+    tmp_path, tiny_model, small_data, ray_local
+):
+    from mlflow.tracking import MlflowClient
+
+    raw = _spec(tmp_path, tiny_model, small_data, budget_usd=5.0, max_trials=2).model_dump(
+        mode="json"
+    )
+    raw["search_space"].pop("preset")
+    raw["full"] = {"max_runs": 1, "gate": "always", "learning_rate": {"value": 1e-4}}
+    spec = parse_spec(raw)
+    console = Console(file=io.StringIO(), width=200)
+    result = run_sweep(spec, console)
+    methods = [r.method for r in result.rows]
+    assert methods.count("full") == 1 and methods.count("lora") == 2
+    full = next(r for r in result.rows if r.method == "full")
+    assert full.rank is None and full.lr == pytest.approx(1e-4) and full.cost_usd > 0
+    assert result.spent_usd <= spec.budget_usd
+    client = MlflowClient(result.tracking_uri)
+    parent = leaderboard.find_sweep(result.tracking_uri, result.sweep_id)
+    assert "report.md" in {f.path for f in client.list_artifacts(parent.info.run_id)}
+    assert parent.data.tags["lorasweep.lora_vs_full"].startswith("best LoRA")
+    assert {"best_score_lora", "best_score_full"} <= set(parent.data.metrics)
+    assert "full fine-tuning runs: gate: always" in console.file.getvalue()
