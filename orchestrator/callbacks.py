@@ -27,15 +27,7 @@ def trial_params(config: dict) -> dict:
     params = {k: config.get(k) for k in HYPERPARAMETERS}
     if params["method"] == "full":
         params["learning_rate"] *= config.get("full_lr_scale", 1.0)
-        for k in (
-            "rank",
-            "alpha",
-            "target_modules",
-            "dropout",
-            "use_rslora",
-            "use_dora",
-            "loraplus_lr_ratio",
-        ):
+        for k in HYPERPARAMETERS[2:]:  # adapter options mean nothing for full FT
             params.pop(k)
     for k in ("gradient_checkpointing", "micro_batch", "predicted_gib"):
         if k in config:

@@ -71,8 +71,10 @@ def lora_vs_full(summary: dict[str, dict]) -> str | None:
         f"{full['best_score']:.3f} for ${full['best_cost_usd']:.5f})"
     )
     if full["best_score"] <= 0:  # no ratio to a zero score
-        return (f"best LoRA scores {best['best_score']:.3f} where full FT scores 0, at "
-                f"{cost_pct:.0f}% of its cost {detail}")
+        return (
+            f"best LoRA scores {best['best_score']:.3f} where full FT scores 0, at "
+            f"{cost_pct:.0f}% of its cost {detail}"
+        )
     score_pct = 100 * best["best_score"] / full["best_score"]
     return (
         f"best LoRA reaches {score_pct:.0f}% of the best full-FT score at {cost_pct:.0f}% of "

@@ -14,22 +14,11 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from orchestrator.errors import SpecError
+from workers.train import HYPERPARAMETERS  # noqa: F401 - re-exported for the control plane
 
 EMBEDDED_MODEL = "embedded"
 TARGET_MODULE_SETS = ("qv", "attn", "mlp", "attn_mlp", "all_linear")
 METHODS = ("lora", "qlora", "full")
-# what a trial's config carries from the search space (all named choices: storage-safe in Optuna)
-HYPERPARAMETERS = (
-    "method",
-    "learning_rate",
-    "rank",
-    "alpha",
-    "target_modules",
-    "dropout",
-    "use_rslora",
-    "use_dora",
-    "loraplus_lr_ratio",
-)
 PRESETS_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
 EXAMPLE_SPEC = Path(__file__).resolve().parent.parent / "examples" / "demo.yaml"
 

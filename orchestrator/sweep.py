@@ -5,6 +5,7 @@ Straight-line on purpose: every step below is one helper a reader can find in se
 
 from __future__ import annotations
 
+import functools
 import os
 import tempfile
 import time
@@ -347,17 +348,10 @@ def run_sweep(spec: SweepSpec, console, address: str | None = None) -> SweepResu
         base_score=base["score"] if base else None,
     )
     try:
-        searcher = _run_phase(
-            spec,
-            plan,
-            sweep_id,
-            ledger,
-            callback,
-            optuna_url,
-            spec.search_space,
-            "lora",
-            spec.max_trials,
+        run_phase = functools.partial(
+            _run_phase, spec, plan, sweep_id, ledger, callback, optuna_url
         )
+        searcher = run_phase(spec.search_space, "lora", spec.max_trials)
         reason = searcher.exhausted_reason or f"max_trials ({spec.max_trials}) reached"
         skipped = list(searcher.skipped)
         run_full, gate_reason = _gate(spec, plan, tracking_uri, sweep_id, ledger)
@@ -372,17 +366,7 @@ def run_sweep(spec: SweepSpec, console, address: str | None = None) -> SweepResu
                     "full_lr_scale": 1.0,
                 }
             )
-            full_searcher = _run_phase(
-                spec,
-                plan,
-                sweep_id,
-                ledger,
-                callback,
-                optuna_url,
-                full_space,
-                "full",
-                spec.full.max_runs,
-            )
+            full_searcher = run_phase(full_space, "full", spec.full.max_runs)
             reason = full_searcher.exhausted_reason or reason
             skipped += full_searcher.skipped
     except BaseException:

@@ -35,10 +35,7 @@ def _enable_checkpointing(model) -> None:
     model.enable_input_require_grads()  # frozen embeddings: let gradients reach layer inputs
 
 
-def setup_lora(cfg):
-    model = load_base_model(cfg.model, cfg.dtype, cfg.device)
-    if cfg.gradient_checkpointing:
-        _enable_checkpointing(model)
+def _with_adapter(model, cfg):
     model = attach_lora(
         model,
         rank=cfg.rank,
@@ -49,6 +46,13 @@ def setup_lora(cfg):
         use_dora=cfg.use_dora,
     )
     return model, _param_groups(model, cfg.loraplus_lr_ratio)
+
+
+def setup_lora(cfg):
+    model = load_base_model(cfg.model, cfg.dtype, cfg.device)
+    if cfg.gradient_checkpointing:
+        _enable_checkpointing(model)
+    return _with_adapter(model, cfg)
 
 
 def setup_qlora(cfg):
@@ -75,16 +79,7 @@ def setup_qlora(cfg):
     )
     if cfg.gradient_checkpointing:
         _enable_checkpointing(model)
-    model = attach_lora(
-        model,
-        rank=cfg.rank,
-        alpha=cfg.alpha,
-        target_modules=cfg.target_modules,
-        dropout=cfg.dropout,
-        use_rslora=cfg.use_rslora,
-        use_dora=cfg.use_dora,
-    )
-    return model, _param_groups(model, cfg.loraplus_lr_ratio)
+    return _with_adapter(model, cfg)
 
 
 def setup_full(cfg):

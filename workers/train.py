@@ -26,7 +26,19 @@ from workers.data import encode_for_training, pad_batch, read_examples
 from workers.methods import setup_model
 from workers.model import load_tokenizer
 
-SAFETY = 1.25  # headroom on time estimates when checking the budget ceiling
+SAFETY = 1.25
+# what a trial's config carries from the search space (all named choices: storage-safe in Optuna)
+HYPERPARAMETERS = (
+    "method",
+    "learning_rate",
+    "rank",
+    "alpha",
+    "target_modules",
+    "dropout",
+    "use_rslora",
+    "use_dora",
+    "loraplus_lr_ratio",
+)  # headroom on time estimates when checking the budget ceiling
 
 
 @dataclass
@@ -69,18 +81,7 @@ class TrialConfig:
     billing_start_unix: float | None = None  # when the trial acquired its resources; default now
 
     def hyperparameters(self) -> dict:
-        keys = (
-            "method",
-            "learning_rate",
-            "rank",
-            "alpha",
-            "target_modules",
-            "dropout",
-            "use_rslora",
-            "use_dora",
-            "loraplus_lr_ratio",
-        )
-        return {k: getattr(self, k) for k in keys}
+        return {k: getattr(self, k) for k in HYPERPARAMETERS}
 
 
 class Budget(Protocol):
