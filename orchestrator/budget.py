@@ -13,6 +13,8 @@ Worst case overshoot: a trial's closing eval + save taking more than ``SAFETY`` 
 measured duration, on the last interval before the cap. Tests and the demo measure zero.
 
 The class is plain Python (unit-testable); the sweep runs it as a Ray actor so workers reach it.
+With ``store_url`` every change is also written to SQL (``orchestrator/store.py``) as it happens,
+so a crash loses nothing that was spent or reserved.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ class TrialAccount:
     spent_usd: float = 0.0
     started_unix: float | None = None
     settled: bool = False
+    predicted_usd: float | None = None
 
     @property
     def committed_usd(self) -> float:
@@ -49,6 +52,37 @@ class Ledger:
     trials: dict[str, TrialAccount] = field(default_factory=dict)
     charges_usd: dict[str, float] = field(default_factory=dict)  # fixed spends (baseline eval)
     timings: dict[str, float] = field(default_factory=dict)  # calibrated step/closing/startup
+    sweep_id: str = ""
+    store_url: str | None = None
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        self._store = None
+        if self.store_url:
+            from orchestrator.store import Store
+
+            self._store = Store(self.store_url)
+            self._store.create_sweep(self.sweep_id, self.name or self.sweep_id, self.cap_usd)
+
+    def _persist(self, key: str, kind: str | None = None, predicted_usd: float | None = None):
+        if self._store is None:
+            return
+        if key in self.charges_usd:
+            usd = self.charges_usd[key]
+            self._store.save_account(
+                self.sweep_id, key, ceiling_usd=usd, spent_usd=usd, settled=True, spend_kind=kind
+            )
+            return
+        a = self.trials[key]
+        self._store.save_account(
+            self.sweep_id,
+            key,
+            ceiling_usd=a.ceiling_usd,
+            spent_usd=a.spent_usd,
+            settled=a.settled,
+            predicted_usd=predicted_usd,
+            spend_kind=kind,
+        )
 
     def _committed_usd(self, excluding: str | None = None) -> float:
         trials = sum(a.committed_usd for k, a in self.trials.items() if k != excluding)
@@ -60,13 +94,20 @@ class Ledger:
     def charge(self, key: str, usd: float) -> None:
         """Record spend that is not a trial's (e.g. the base-model eval)."""
         self.charges_usd[key] = self.charges_usd.get(key, 0.0) + usd
+        self._persist(key, "charge")
 
-    def reserve(self, trial_id: str, usd: float) -> bool:
-        """Admit a new trial with ceiling ``usd`` if it fits under the cap."""
+    def reserve(self, trial_id: str, usd: float, predicted_usd: float | None = None) -> bool:
+        """Admit a new trial with ceiling ``usd`` if it fits under the cap; ``predicted_usd`` is
+        its predicted full cost, kept to compare with what it spends."""
         if not self.fits(usd):
             return False
-        self.trials[trial_id] = TrialAccount(ceiling_usd=usd)
+        self.trials[trial_id] = TrialAccount(ceiling_usd=usd, predicted_usd=predicted_usd)
+        self._persist(trial_id, predicted_usd=predicted_usd)
         return True
+
+    def predicted(self, trial_id: str) -> float | None:
+        acct = self.trials.get(trial_id)
+        return acct.predicted_usd if acct else None
 
     def request(self, trial_id: str, total_usd: float) -> bool:
         """Raise a running trial's ceiling to ``total_usd`` if the cap allows."""
@@ -78,6 +119,7 @@ class Ledger:
         if self._committed_usd(excluding=trial_id) + total_usd > self.cap_usd:
             return False
         acct.ceiling_usd = total_usd
+        self._persist(trial_id)
         return True
 
     def ceiling(self, trial_id: str) -> float:
@@ -95,12 +137,14 @@ class Ledger:
     def update(self, trial_id: str, spent_usd: float) -> None:
         acct = self.trials[trial_id]
         acct.spent_usd = max(acct.spent_usd, spent_usd)
+        self._persist(trial_id, "report")
 
     def settle(self, trial_id: str, final_usd: float) -> None:
         """The trial released its resources; its commitment becomes what it spent."""
         acct = self.trials.setdefault(trial_id, TrialAccount(ceiling_usd=0.0))
         acct.spent_usd = max(acct.spent_usd, final_usd)
         acct.settled = True
+        self._persist(trial_id, "settle")
 
     def calibrate(self, **timings_s: float) -> None:
         """Keep the slowest measured timing of each kind (conservative predictions)."""

@@ -96,6 +96,9 @@ class SweepCallback(Callback):
         ray.get(self.ledger.mark_started.remote(trial.trial_id, now))
         name = f"trial-{self._count:03d}"
         params = trial_params(trial.config)
+        predicted = ray.get(self.ledger.predicted.remote(trial.trial_id))
+        if predicted is not None:
+            params["predicted_cost_usd"] = round(predicted, 6)
         run_id = self.tracker.start_trial(
             self.sweep_id, name, trial.trial_id, {**params, **self.fixed_params}
         )

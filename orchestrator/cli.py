@@ -25,6 +25,13 @@ app = typer.Typer(
 console = Console(highlight=False, width=None if os.isatty(1) else 132)
 DEFAULT_TRACKING_URI = "sqlite:///lorasweep-data/mlflow.db"
 
+DEFAULT_SERVICE_DB = "sqlite:///lorasweep-data/lorasweep.db"
+ServiceDbOpt = Annotated[
+    str,
+    typer.Option(
+        "--service-db", envvar="LORASWEEP_SERVICE_DB", help="SQLAlchemy URL of the budget ledger."
+    ),
+]
 TrackingOpt = Annotated[
     str,
     typer.Option(
@@ -111,7 +118,7 @@ def validate(spec: Annotated[Path, typer.Argument(help="Sweep YAML to check.")])
     )
     console.print(
         f"  predicted per trial: ${plan.admission_usd({}):.5f} to the first rung, "
-        f"${plan.full_trial_usd(sweep_spec.trial.max_steps, steps, {}):.5f} in full"
+        f"${plan.trial_usd({}, 'lora', sweep_spec.trial.max_steps, steps):.5f} in full"
     )
 
 
@@ -122,8 +129,10 @@ def status(
         str | None, typer.Argument(help="Sweep id or spec name; omit to list all.")
     ] = None,
     tracking_uri: TrackingOpt = DEFAULT_TRACKING_URI,
+    service_db: ServiceDbOpt = DEFAULT_SERVICE_DB,
 ) -> None:
-    """Sweeps and their spend, or one sweep's progress."""
+    """Sweeps and their spend, or one sweep's spent / reserved / remaining and its trials'
+    predicted vs actual cost."""
     from rich.table import Table
 
     from orchestrator import leaderboard
@@ -148,21 +157,66 @@ def status(
     parent = leaderboard.find_sweep(tracking_uri, sweep)
     rows = leaderboard.trial_rows(tracking_uri, parent)
     m, t = parent.data.metrics, parent.data.tags
-    spent = sum(r.cost_usd for r in rows) + m.get("baseline_cost_usd", 0.0)
-    counts = {}
+    counts: dict[str, int] = {}
     for r in rows:
         counts[r.status] = counts.get(r.status, 0) + 1
+    accounts = _ledger_status(service_db, parent.info.run_name)
+    if accounts is None:  # no ledger here (another machine's sweep): MLflow's numbers
+        spent = sum(r.cost_usd for r in rows) + m.get("baseline_cost_usd", 0.0)
+        money = (
+            f"spent ${max(spent, m.get('budget_spent_usd', 0.0)):.5f} of "
+            f"${float(parent.data.params.get('budget_usd', 'nan')):g}"
+        )
+    else:
+        totals, accounts = accounts
+        money = (
+            f"spent ${totals.spent_usd:.5f}, reserved ${totals.reserved_usd:.5f}, "
+            f"remaining ${totals.remaining_usd:.5f} of ${totals.cap_usd:g}"
+        )
     console.print(
-        f"[bold]{parent.info.run_name}[/] {t.get('lorasweep.status', '?')}: "
-        f"spent ${max(spent, m.get('budget_spent_usd', 0.0)):.5f} of "
-        f"${float(parent.data.params.get('budget_usd', 'nan')):g}; trials "
-        + ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+        f"[bold]{parent.info.run_name}[/] {t.get('lorasweep.status', '?')}: {money}; "
+        "trials " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
     )
     if "lorasweep.end_reason" in t:
         console.print(f"ended: {t['lorasweep.end_reason']}")
     best = leaderboard.best_row(rows)
     if best:
         console.print(f"best so far: {best.trial} score {best.score:.3f} (${best.cost_usd:.5f})")
+    if accounts:
+        console.print(_predicted_vs_actual(rows, accounts))
+
+
+def _ledger_status(service_db: str, sweep_id: str):
+    """(totals, accounts by key) from the SQL ledger, or None when it has no such sweep."""
+    from orchestrator.store import Store
+
+    if service_db.startswith("sqlite:///") and not Path(service_db[10:]).is_file():
+        return None
+    store = Store(service_db)
+    if sweep_id not in store.sweep_ids():
+        return None
+    return store.totals(sweep_id), {a.key: a for a in store.accounts(sweep_id)}
+
+
+def _predicted_vs_actual(rows, accounts: dict):
+    from rich.table import Table
+
+    table = Table(title="predicted vs actual cost per trial (USD)")
+    for col in ("trial", "status", "predicted", "actual", "actual/predicted"):
+        table.add_column(col, justify="left" if col in ("trial", "status") else "right")
+    for r in sorted(rows, key=lambda r: r.trial):
+        acct = accounts.get(r.trial_id)
+        predicted = acct.predicted_usd if acct else None
+        actual = acct.spent_usd if acct else r.cost_usd
+        ratio = f"{actual / predicted:.2f}" if predicted else "-"
+        table.add_row(
+            r.trial,
+            r.status,
+            "-" if predicted is None else f"{predicted:.5f}",
+            f"{actual:.5f}",
+            ratio,
+        )
+    return table
 
 
 @app.command(name="leaderboard")

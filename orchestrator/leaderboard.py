@@ -38,6 +38,7 @@ class Row:
     billed_s: float
     status: str
     run_id: str
+    trial_id: str = ""
 
 
 def _client(tracking_uri: str):
@@ -105,6 +106,7 @@ def trial_rows(tracking_uri: str, parent) -> list[Row]:
                 billed_s=m.get("billed_s", 0.0),
                 status=t.get(STATUS_TAG, "running"),
                 run_id=run.info.run_id,
+                trial_id=t.get("lorasweep.trial_id", ""),
             )
         )
     return sorted(rows, key=lambda r: (r.score is None, -(r.score or 0.0), r.cost_usd))
@@ -117,7 +119,7 @@ def best_row(rows: list[Row]) -> Row | None:
 
 def write_csv(rows: list[Row], path: Path) -> Path:
     with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=[*COLUMNS, "run_id"])
+        writer = csv.DictWriter(f, fieldnames=[*COLUMNS, "run_id", "trial_id"])
         writer.writeheader()
         for row in rows:
             writer.writerow(asdict(row))

@@ -33,13 +33,13 @@ class Plan:
         """Predicted cost of a new trial of ``method`` up to its first early-stopping rung.
         Timings are measured on LoRA trials; full FT does ~6N FLOPs per token against LoRA's ~4N,
         and QLoRA dequantises every weight on each use."""
-        step_factor = METHOD_STEP_FACTOR.get(method, 1.0)
-        t = self.cost_model.timings(measured)
-        scaled = {**t, "step_s": t["step_s"] * step_factor}
-        return self.cost_model.usd(self.first_rung_steps, self.first_rung_evals, scaled)
+        return self.trial_usd(measured, method, self.first_rung_steps, self.first_rung_evals)
 
-    def full_trial_usd(self, max_steps: int, evals: int, measured: dict[str, float]) -> float:
-        return self.cost_model.usd(max_steps, evals, measured)
+    def trial_usd(self, measured: dict[str, float], method: str, steps: int, evals: int) -> float:
+        """Predicted cost of ``steps`` training steps and ``evals`` evals of ``method``."""
+        t = self.cost_model.timings(measured)
+        scaled = {**t, "step_s": t["step_s"] * METHOD_STEP_FACTOR.get(method, 1.0)}
+        return self.cost_model.usd(steps, evals, scaled)
 
 
 def data_paths(spec: SweepSpec) -> tuple[Path, Path, Path | None]:

@@ -55,12 +55,14 @@ class BudgetedSearcher(Searcher):
         ledger,
         predict_admission_usd: Callable[[], float],
         fit_memory: Callable[[dict], tuple[dict, str | None]] | None = None,
+        predict_trial_usd: Callable[[], float] | None = None,
     ) -> None:
         super().__init__(metric=searcher.metric, mode=searcher.mode)
         self.searcher = searcher
         self.ledger = ledger
         self.predict_admission_usd = predict_admission_usd
         self.fit_memory = fit_memory
+        self.predict_trial_usd = predict_trial_usd  # full-trial prediction, kept in the ledger
         self.exhausted_reason: str | None = None
         self.skipped: list[str] = []  # configs never launched, with the reason
         self._consecutive_skips = 0
@@ -75,7 +77,8 @@ class BudgetedSearcher(Searcher):
         import ray
 
         need_usd = self.predict_admission_usd()
-        if not ray.get(self.ledger.reserve.remote(trial_id, need_usd)):
+        predicted = self.predict_trial_usd() if self.predict_trial_usd else None
+        if not ray.get(self.ledger.reserve.remote(trial_id, need_usd, predicted)):
             snap = ray.get(self.ledger.snapshot.remote())
             if snap["running"]:
                 return None  # ask again once a running trial has settled and freed its ceiling

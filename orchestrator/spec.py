@@ -239,6 +239,9 @@ class StorageSpec(_Strict):
         None, description="SQLAlchemy URL; default sqlite in data_dir"
     )
     ray_address: str | None = Field(None, description="Ray cluster address; default: local Ray")
+    service_db: str | None = Field(
+        None, description="SQLAlchemy URL of the budget ledger; default sqlite in data_dir"
+    )
 
 
 class EarlyStoppingSpec(_Strict):

@@ -32,12 +32,14 @@ class SweepResult:
     wall_s: float = 0.0
 
 
-def storage_urls(spec: SweepSpec) -> tuple[Path, str, str]:
-    """(data_dir, MLflow tracking URI, Optuna storage URL), defaults embedded under data_dir."""
+def storage_urls(spec: SweepSpec) -> tuple[Path, str, str, str]:
+    """(data_dir, MLflow tracking URI, Optuna storage URL, ledger URL), defaults embedded under
+    data_dir."""
     data_dir = spec.storage.data_dir
     tracking = spec.storage.mlflow_tracking_uri or default_tracking_uri(data_dir)
     optuna_url = spec.storage.optuna_storage or f"sqlite:///{data_dir / 'optuna.db'}"
-    return data_dir, tracking, optuna_url
+    service_db = spec.storage.service_db or f"sqlite:///{data_dir / 'lorasweep.db'}"
+    return data_dir, tracking, optuna_url, service_db
 
 
 def _quiet_libraries() -> None:
@@ -171,7 +173,15 @@ def _make_tuner(
         measured = ray.get(ledger.get_timings.remote())
         return max(plan.admission_usd(measured, m) for m in methods)
 
-    searcher = BudgetedSearcher(optuna_search, ledger, predict, plan.memory_fit)
+    def predict_full() -> float:
+        import ray
+
+        measured = ray.get(ledger.get_timings.remote())
+        return max(
+            plan.trial_usd(measured, m, spec.trial.max_steps, len(spec.eval_steps)) for m in methods
+        )
+
+    searcher = BudgetedSearcher(optuna_search, ledger, predict, plan.memory_fit, predict_full)
     if spec.early_stopping.enabled:
         scheduler = ASHAScheduler(
             time_attr="training_iteration",
@@ -294,7 +304,7 @@ def run_sweep(spec: SweepSpec, console, address: str | None = None) -> SweepResu
     _quiet_libraries()
     console.print("[bold]checking[/] spec, data, model and prices ...")
     plan = make_plan(spec)
-    data_dir, tracking_uri, optuna_url = storage_urls(spec)
+    data_dir, tracking_uri, optuna_url, service_db = storage_urls(spec)
     data_dir.mkdir(parents=True, exist_ok=True)
     sweep_id = f"{spec.name}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
     console.print(
@@ -303,7 +313,11 @@ def run_sweep(spec: SweepSpec, console, address: str | None = None) -> SweepResu
         f"${plan.admission_usd({}):.5f}"
     )
     _init_ray(spec, address)
-    ledger = ray.remote(Ledger).options(num_cpus=0).remote(spec.budget_usd)
+    ledger = (
+        ray.remote(Ledger)
+        .options(num_cpus=0)
+        .remote(spec.budget_usd, sweep_id=sweep_id, store_url=service_db, name=spec.name)
+    )
     tracker = Tracker(tracking_uri, spec.name, artifact_root=data_dir / "artifacts")
     tracker.start_sweep(
         sweep_id,

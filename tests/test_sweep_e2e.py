@@ -102,13 +102,14 @@ def test_promote_registers_champion_and_generate_runs_it(finished_sweep):
     assert version.tags["sweep"] == result.sweep_id
     assert float(version.tags["cost_usd"]) == pytest.approx(result.best.cost_usd, rel=1e-3)
     assert {"base_model", "score", "test_score"} <= set(version.tags)
-    text = registry.generate(
-        result.tracking_uri,
-        f"models:/{promotion.name}@champion",
-        "2 bed condo in Reno. 900 sq ft. Asking $200,000.",
-        max_new_tokens=8,
-    )
-    assert isinstance(text, str) and text.strip()
+    prompt = "2 bed condo in Reno. 900 sq ft. Asking $200,000."
+    uri = f"models:/{promotion.name}@champion"
+    text = registry.generate(result.tracking_uri, uri, prompt, max_new_tokens=128)
+    # the registered pyfunc loads the same base + adapter: same greedy completion
+    import mlflow
+
+    mlflow.set_tracking_uri(result.tracking_uri)
+    assert mlflow.pyfunc.load_model(uri).predict([prompt]) == [text]
 
 
 def test_a_tight_budget_ends_the_sweep_without_overspending(
@@ -146,3 +147,25 @@ def test_staged_sweep_runs_full_ft_after_lora_and_reports_the_comparison(
     assert parent.data.tags["lorasweep.lora_vs_full"].startswith("best LoRA")
     assert {"best_score_lora", "best_score_full"} <= set(parent.data.metrics)
     assert "full fine-tuning runs: gate: always" in console.file.getvalue()
+
+
+def test_ledger_in_sql_matches_and_status_shows_it(finished_sweep):
+    from typer.testing import CliRunner
+
+    from orchestrator.cli import app
+    from orchestrator.store import Store
+
+    spec, result, _ = finished_sweep
+    url = f"sqlite:///{spec.storage.data_dir / 'lorasweep.db'}"
+    totals = Store(url).totals(result.sweep_id)
+    assert totals.spent_usd == pytest.approx(result.spent_usd)
+    assert totals.reserved_usd == pytest.approx(0.0) and totals.remaining_usd >= 0
+    accounts = {a.key for a in Store(url).accounts(result.sweep_id)}
+    assert {r.trial_id for r in result.rows} <= accounts and "baseline" in accounts
+    out = CliRunner().invoke(
+        app,
+        ["status", result.sweep_id, "--tracking-uri", result.tracking_uri, "--service-db", url],
+        terminal_width=200,
+    )
+    assert out.exit_code == 0, out.output
+    assert "reserved $0.00000" in out.output and "predicted vs actual" in out.output
