@@ -22,13 +22,9 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-# Conservative throughput priors until a trial of this sweep has reported: effective FLOP/s per
-# unit (core for cpu, GPU otherwise). Measured: SmolLM2-135M LoRA on 2 cores ~60 tok/s/core
-# (=4.9e10 FLOP/s at 6N FLOPs/token); H100 0.5B LoRA 41k tok/s (1.2e14). Priors are half that.
-PRIOR_FLOPS_PER_S = {"cpu": 2.5e10, "H100": 6e13, "H200": 6e13}
-PRIOR_GPU_FLOPS_PER_S = 2e13
-PRIOR_STARTUP_S = {"cpu": 15.0}  # actor start, imports, model load
-PRIOR_GPU_STARTUP_S = 60.0
+# measured timings that carry over to later sweeps of the same model and accelerator (closing
+# time depends on the sweep's eval settings, so it does not)
+PORTABLE_TIMINGS = ("flops_per_s:", "startup_s")
 
 
 @dataclass
@@ -55,6 +51,7 @@ class Ledger:
     sweep_id: str = ""
     store_url: str | None = None
     name: str = ""
+    calibration_key: tuple[str, str] | None = None  # (model, accelerator) to load and keep
 
     def __post_init__(self) -> None:
         self._store = None
@@ -63,6 +60,8 @@ class Ledger:
 
             self._store = Store(self.store_url)
             self._store.create_sweep(self.sweep_id, self.name or self.sweep_id, self.cap_usd)
+            if self.calibration_key:
+                self.timings.update(self._store.calibration(*self.calibration_key))
 
     def _persist(self, key: str, kind: str | None = None, predicted_usd: float | None = None):
         if self._store is None:
@@ -109,6 +108,18 @@ class Ledger:
         acct = self.trials.get(trial_id)
         return acct.predicted_usd if acct else None
 
+    def resize(self, trial_id: str, usd: float, predicted_usd: float | None = None) -> bool:
+        """Set an admitted trial's ceiling to ``usd`` (down always; up only if the cap allows)
+        once its config, and so its own prediction, is known."""
+        acct = self.trials[trial_id]
+        if usd > acct.ceiling_usd and self._committed_usd(excluding=trial_id) + usd > self.cap_usd:
+            return False
+        acct.ceiling_usd = usd
+        if predicted_usd is not None:
+            acct.predicted_usd = predicted_usd
+        self._persist(trial_id, predicted_usd=predicted_usd)
+        return True
+
     def request(self, trial_id: str, total_usd: float) -> bool:
         """Raise a running trial's ceiling to ``total_usd`` if the cap allows."""
         acct = self.trials[trial_id]
@@ -146,11 +157,21 @@ class Ledger:
         acct.settled = True
         self._persist(trial_id, "settle")
 
-    def calibrate(self, **timings_s: float) -> None:
-        """Keep the slowest measured timing of each kind (conservative predictions)."""
-        for name, value in timings_s.items():
-            if value and value > 0:
-                self.timings[name] = max(self.timings.get(name, 0.0), float(value))
+    def calibrate(self, **timings: float) -> None:
+        """Keep the most conservative measurement of each kind: the slowest FLOP/s
+        (``flops_per_s:<method>``) and the longest durations (``*_s``)."""
+        changed = {}
+        for name, value in timings.items():
+            if not value or value <= 0:
+                continue
+            old = self.timings.get(name)
+            slowest = min if name.startswith("flops_per_s:") else max
+            new = float(value) if old is None else slowest(old, float(value))
+            if new != old:
+                self.timings[name] = changed[name] = new
+        portable = {k: v for k, v in changed.items() if k.startswith(PORTABLE_TIMINGS)}
+        if self._store is not None and self.calibration_key and portable:
+            self._store.save_calibration(*self.calibration_key, portable)
 
     def get_timings(self) -> dict[str, float]:
         return dict(self.timings)
@@ -165,38 +186,3 @@ class Ledger:
             "remaining_usd": self.cap_usd - committed,
             "running": sum(not a.settled for a in self.trials.values()),
         }
-
-
-@dataclass(frozen=True)
-class CostModel:
-    """Predicts a trial's seconds and dollars from its size and the sweep's measurements."""
-
-    price_usd_per_hour: float
-    accelerator: str
-    units: int  # cores on cpu, GPUs otherwise
-    n_params: int  # base model parameters
-    tokens_per_step: int  # batch_size x padded sequence length
-    eval_batches: int  # eval_examples / batch_size, rounded up
-
-    def _prior_step_s(self) -> float:
-        # LoRA trains ~4N FLOPs per token (forward + input gradients; no weight gradients)
-        per_unit = PRIOR_FLOPS_PER_S.get(self.accelerator, PRIOR_GPU_FLOPS_PER_S)
-        return 4 * self.n_params * self.tokens_per_step / (per_unit * self.units)
-
-    def timings(self, measured: dict[str, float]) -> dict[str, float]:
-        step = measured.get("step_s") or self._prior_step_s()
-        # eval = loss pass + greedy generation; measured on CPU at ~1.5 train steps per batch
-        closing = measured.get("closing_s") or 1.5 * step * self.eval_batches
-        startup = measured.get("startup_s") or PRIOR_STARTUP_S.get(
-            self.accelerator, PRIOR_GPU_STARTUP_S
-        )
-        return {"step_s": step, "closing_s": closing, "startup_s": startup}
-
-    def seconds(self, steps: int, evals: int, measured: dict[str, float]) -> float:
-        t = self.timings(measured)
-        return t["startup_s"] + steps * t["step_s"] + evals * t["closing_s"]
-
-    def usd(
-        self, steps: int, evals: int, measured: dict[str, float], safety: float = 1.25
-    ) -> float:
-        return self.price_usd_per_hour * safety * self.seconds(steps, evals, measured) / 3600.0

@@ -72,12 +72,14 @@ class SweepCallback(Callback):
         tracker,
         ledger,
         price_usd_per_hour: float,
+        cost_model,
         fixed_params: dict,
         console,
         base_score: float | None,
     ) -> None:
         self.sweep_id, self.tracker, self.ledger = sweep_id, tracker, ledger
         self.price_usd_per_hour = price_usd_per_hour
+        self.cost_model = cost_model  # turns a measured step time into the method's FLOP/s
         self.fixed_params, self.console, self.base_score = fixed_params, console, base_score
         self.live: dict[str, _Live] = {}
         self.finished: list[dict] = []
@@ -111,7 +113,7 @@ class SweepCallback(Callback):
         ray.get(self.ledger.update.remote(trial.trial_id, float(result["cost_usd"])))
         ray.get(
             self.ledger.calibrate.remote(
-                step_s=result.get("step_s"),
+                **self.cost_model.calibration(trial.config, result.get("step_s")),
                 closing_s=result.get("closing_s"),
                 startup_s=_startup_s(result),
             )

@@ -44,7 +44,7 @@ class MemoryFit:
                 gradient_checkpointing=True,
             ).total_gib
             return {}, (
-                f"{method} r{rank} {config['target_modules']}: needs {need:.1f} GiB even at "
+                f"memory: {method} r{rank} {config['target_modules']} needs {need:.1f} GiB even at "
                 f"micro-batch 1 with gradient checkpointing; {self.accelerator} has "
                 f"{self.memory_gib:g} GiB"
             )

@@ -5,13 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from orchestrator.budget import CostModel
+from orchestrator.costmodel import CostModel, ModelDims
 from orchestrator.errors import BudgetError, LorasweepError
 from orchestrator.memory_check import MemoryFit
 from orchestrator.prices import load_catalog, trial_price_usd_per_hour
-from orchestrator.spec import SweepSpec
-
-METHOD_STEP_FACTOR = {"lora": 1.0, "qlora": 1.4, "full": 1.5}
+from orchestrator.spec import SearchSpace, SweepSpec
 
 
 @dataclass(frozen=True)
@@ -29,17 +27,25 @@ class Plan:
     baseline_usd: float  # predicted cost of scoring the base model
     memory_fit: MemoryFit | None = None  # GPU runs of Llama-family models only
 
-    def admission_usd(self, measured: dict[str, float], method: str = "lora") -> float:
-        """Predicted cost of a new trial of ``method`` up to its first early-stopping rung.
-        Timings are measured on LoRA trials; full FT does ~6N FLOPs per token against LoRA's ~4N,
-        and QLoRA dequantises every weight on each use."""
-        return self.trial_usd(measured, method, self.first_rung_steps, self.first_rung_evals)
+    def admission_usd(self, measured: dict[str, float], hp: dict) -> float:
+        """Predicted cost of a trial with hyperparameters ``hp`` up to its first early-stopping
+        rung (what admission reserves)."""
+        return self.cost_model.usd(hp, self.first_rung_steps, self.first_rung_evals, measured)
 
-    def trial_usd(self, measured: dict[str, float], method: str, steps: int, evals: int) -> float:
-        """Predicted cost of ``steps`` training steps and ``evals`` evals of ``method``."""
-        t = self.cost_model.timings(measured)
-        scaled = {**t, "step_s": t["step_s"] * METHOD_STEP_FACTOR.get(method, 1.0)}
-        return self.cost_model.usd(steps, evals, scaled)
+    def trial_usd(self, measured: dict[str, float], hp: dict, steps: int, evals: int) -> float:
+        """Predicted cost of ``steps`` training steps and ``evals`` evals of config ``hp``."""
+        return self.cost_model.usd(hp, steps, evals, measured)
+
+    def extremes(self, space: SearchSpace) -> tuple[dict, dict]:
+        """The cheapest and the dearest config the space can propose (by FLOPs per step)."""
+        configs = [
+            {"method": m, "rank": r, "target_modules": t}
+            for m in space.method.candidates()
+            for r in space.rank.candidates()
+            for t in space.target_modules.candidates()
+        ]
+        configs.sort(key=self.cost_model.flops_per_step)
+        return configs[0], configs[-1]
 
 
 def data_paths(spec: SweepSpec) -> tuple[Path, Path, Path | None]:
@@ -64,15 +70,15 @@ def _check_data(spec: SweepSpec, paths: tuple[Path, Path, Path | None]):
     return out[0]
 
 
-def _model_size(model_ref: str) -> int:
-    """Parameter count from the config alone (model built on the meta device)."""
+def _model_dims(model_ref: str) -> ModelDims:
+    """Sizes for the FLOPs count, from the config alone (model built on the meta device)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(model_ref)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
-    return sum(p.numel() for p in model.parameters())
+    return ModelDims.from_config(config, sum(p.numel() for p in model.parameters()))
 
 
 def _tokens_per_example(model_ref: str, examples, max_seq_len: int) -> int:
@@ -118,7 +124,7 @@ def make_plan(spec: SweepSpec) -> Plan:
         model_ref = check_loadable(spec.model.name_or_path)
     except ModelNotFound as exc:
         raise LorasweepError(str(exc)) from None
-    catalog = load_catalog(spec.prices.catalog, spec.prices.overrides)
+    catalog = load_catalog(spec.prices.catalog, spec.prices.overrides, spec.prices.market)
     res = spec.resources
     price = trial_price_usd_per_hour(
         catalog, res.accelerator, res.gpus_per_trial, res.cpus_per_trial
@@ -129,8 +135,9 @@ def make_plan(spec: SweepSpec) -> Plan:
         price_usd_per_hour=price,
         accelerator=res.accelerator,
         units=res.cpus_per_trial if res.accelerator == "cpu" else res.gpus_per_trial,
-        n_params=_model_size(model_ref),
-        tokens_per_step=tokens * t.batch_size,
+        dims=_model_dims(model_ref),
+        seq_len=tokens,
+        batch_size=t.batch_size,
         eval_batches=-(-t.eval_examples // t.batch_size),
     )
     evals = spec.eval_steps
@@ -146,16 +153,17 @@ def make_plan(spec: SweepSpec) -> Plan:
         cost_model=cost_model,
         first_rung_steps=first_steps,
         first_rung_evals=first_evals,
-        baseline_usd=cost_model.usd(0, 1, {}),
+        baseline_usd=cost_model.usd({}, 0, 1, {}),
         memory_fit=_memory_fit(spec, model_ref, catalog),
     )
-    need = plan.baseline_usd + max(
-        plan.admission_usd({}, m) for m in spec.search_space.method.candidates()
-    )
-    if need > spec.budget_usd:
+    cheapest, _ = plan.extremes(spec.search_space)
+    trial = plan.admission_usd({}, cheapest)
+    if plan.baseline_usd + trial > spec.budget_usd:
         raise BudgetError(
-            f"budget_usd: ${spec.budget_usd:g} cannot pay for the base-model eval and one trial "
-            f"up to its first rung (predicted ${need:.4f} at ${price:.4f}/h). Raise budget_usd "
-            "or shrink trial.max_steps / trial.batch_size."
+            f"budget_usd: ${spec.budget_usd:g} cannot pay for the base-model eval "
+            f"(predicted ${plan.baseline_usd:.4f}) and the cheapest trial up to its first rung "
+            f"(predicted ${trial:.4f}: {cheapest['method']} rank {cheapest['rank']} "
+            f"{cheapest['target_modules']}, at ${price:.4f}/h). Raise budget_usd to at least "
+            f"${plan.baseline_usd + trial:.4f} or shrink trial.max_steps / trial.batch_size."
         )
     return plan

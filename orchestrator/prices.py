@@ -1,4 +1,5 @@
-"""The price catalog: $/hour per accelerator as data, with source and date per row."""
+"""The price catalog: $/hour per accelerator as data, on-demand and spot, with source and date per
+row. A sweep bills at one market's rates (``prices.market`` in the spec)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import yaml
 from orchestrator.errors import SpecError
 
 DEFAULT_CATALOG = Path(__file__).with_name("prices.yaml")
+MARKETS = ("on_demand", "spot")
 
 
 @dataclass(frozen=True)
@@ -21,29 +23,51 @@ class Price:
     memory_gib: float | None = None  # per GPU; None for cpu
 
 
+def _positive_price(where: str, value) -> float:
+    try:
+        price = float(value)
+    except (TypeError, ValueError):
+        raise SpecError(where, f"price must be a number of USD per hour (got {value!r})") from None
+    if price <= 0:
+        raise SpecError(where, f"price must be > 0 (got {price})")
+    return price
+
+
+def _row(name: str, row: dict, market: str, where: str) -> Price | None:
+    if market == "spot":
+        if "spot_usd_per_hour" not in row:
+            return None  # no spot market for it: only an override can price it
+        price = _positive_price(f"{where}.spot_usd_per_hour", row["spot_usd_per_hour"])
+        source, date = row.get("spot_source", ""), row.get("spot_date", "")
+    else:
+        price = _positive_price(f"{where}.price_usd_per_hour", row.get("price_usd_per_hour", 0))
+        source, date = row.get("source", ""), row.get("date", "")
+    return Price(name, price, str(source), str(date), row.get("memory_gib"))
+
+
 def load_catalog(
-    path: Path | None = None, overrides: dict[str, float] | None = None
+    path: Path | None = None,
+    overrides: dict[str, float] | None = None,
+    market: str = "on_demand",
 ) -> dict[str, Price]:
-    """Catalog rows by accelerator name, with ``overrides`` ($/hour) applied on top."""
+    """Catalog rows by accelerator name at ``market`` rates (``on_demand`` or ``spot``), with
+    ``overrides`` ($/hour) applied on top. Every price must be > 0."""
+    if market not in MARKETS:
+        raise SpecError("prices.market", f"unknown market {market!r}; use one of {MARKETS}")
     path = path or DEFAULT_CATALOG
     if not Path(path).is_file():
         raise SpecError("prices.catalog", f"file {path} not found; fix the path or remove the key")
     raw = yaml.safe_load(Path(path).read_text()) or {}
     rows = {}
+    memory = {}
     for name, row in (raw.get("accelerators") or {}).items():
-        price = float(row.get("price_usd_per_hour", 0))
-        if price <= 0:
-            raise SpecError(f"prices.catalog ({path}): {name}", f"price must be > 0 (got {price})")
-        rows[name] = Price(
-            name, price, str(row.get("source", "")), str(row.get("date", "")), row.get("memory_gib")
-        )
-    for name, price in (overrides or {}).items():
-        if price <= 0:
-            raise SpecError(f"prices.overrides.{name}", f"price must be > 0 (got {price})")
-        base = rows.get(name)
-        rows[name] = Price(
-            name, float(price), "user override", "", base.memory_gib if base else None
-        )
+        memory[name] = row.get("memory_gib")
+        price = _row(name, row, market, f"prices.catalog ({path}): {name}")
+        if price is not None:
+            rows[name] = price
+    for name, value in (overrides or {}).items():
+        price = _positive_price(f"prices.overrides.{name}", value)
+        rows[name] = Price(name, price, "user override", "", memory.get(name))
     return rows
 
 

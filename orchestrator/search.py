@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from ray.tune.search import Searcher
 
@@ -21,6 +22,12 @@ def _suggest(trial, name: str, dim: Dim):
     return trial.suggest_float(name, dim.low, dim.high, log=dim.log)
 
 
+def _describe(config: dict) -> str:
+    if config.get("method") == "full":
+        return "full FT"
+    return f"{config.get('method')} r{config.get('rank')} {config.get('target_modules')}"
+
+
 class DefineByRun:
     """An Optuna define-by-run space: searched dims are suggested (OptunaSearch captures them),
     fixed ones are returned as constants that Ray merges into the trial config. A class rather
@@ -32,17 +39,29 @@ class DefineByRun:
     def __call__(self, trial) -> dict:
         for name in HYPERPARAMETERS:
             _suggest(trial, name, getattr(self.space, name))
-        fixed = {
-            name: getattr(self.space, name).value
-            for name in HYPERPARAMETERS
-            if getattr(self.space, name).value is not None
-        }
-        return {**fixed, "full_lr_scale": self.space.full_lr_scale}
+        return {**self.space.fixed_values(), "full_lr_scale": self.space.full_lr_scale}
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """What a config is predicted to cost and take, before it launches."""
+
+    admission_usd: float  # up to its first early-stopping rung (what admission reserves)
+    trial_usd: float  # all its steps and evals (kept to compare with what it spends)
+    step_s: float
+    closing_s: float
 
 
 class BudgetedSearcher(Searcher):
-    """Wraps a searcher (OptunaSearch): a suggestion is made only when the trial's predicted cost
-    up to its first rung fits under the cap; it is then reserved in the ledger.
+    """Wraps a searcher (OptunaSearch) with budget admission, in two steps:
+
+    1. before asking the search, reserve what the space's cheapest config needs up to its first
+       rung; if even that does not fit, the sweep ends (or waits for a running trial to settle);
+    2. once the search proposed a config, resize the reservation to that config's own prediction;
+       if that does not fit, the config is never launched (recorded as skipped, reported to
+       Optuna as failed) and the search is asked again.
+
+    So a trial starts only if spent + reserved + its prediction <= cap.
 
     Also reports early-stopped trials (ASHA or budget) to the inner searcher without a final
     value, which OptunaSearch records as PRUNED rather than COMPLETE: a cut trial's last score is
@@ -53,16 +72,16 @@ class BudgetedSearcher(Searcher):
         self,
         searcher: Searcher,
         ledger,
-        predict_admission_usd: Callable[[], float],
+        predict: Callable[[dict], Prediction],
+        cheapest: dict,
         fit_memory: Callable[[dict], tuple[dict, str | None]] | None = None,
-        predict_trial_usd: Callable[[], float] | None = None,
     ) -> None:
         super().__init__(metric=searcher.metric, mode=searcher.mode)
         self.searcher = searcher
         self.ledger = ledger
-        self.predict_admission_usd = predict_admission_usd
+        self.predict = predict
+        self.cheapest = cheapest  # hyperparameters of the space's cheapest config
         self.fit_memory = fit_memory
-        self.predict_trial_usd = predict_trial_usd  # full-trial prediction, kept in the ledger
         self.exhausted_reason: str | None = None
         self.skipped: list[str] = []  # configs never launched, with the reason
         self._consecutive_skips = 0
@@ -76,15 +95,14 @@ class BudgetedSearcher(Searcher):
     def suggest(self, trial_id: str):
         import ray
 
-        need_usd = self.predict_admission_usd()
-        predicted = self.predict_trial_usd() if self.predict_trial_usd else None
-        if not ray.get(self.ledger.reserve.remote(trial_id, need_usd, predicted)):
+        floor = self.predict(self.cheapest).admission_usd
+        if not ray.get(self.ledger.reserve.remote(trial_id, floor)):
             snap = ray.get(self.ledger.snapshot.remote())
             if snap["running"]:
                 return None  # ask again once a running trial has settled and freed its ceiling
             self.exhausted_reason = (
-                f"budget: the next trial needs ${need_usd:.4f} to reach its first rung, "
-                f"${snap['remaining_usd']:.4f} is left"
+                f"budget: the cheapest next trial needs ${floor:.4f} to reach its first rung, "
+                f"${snap['remaining_usd']:.4f} is left unspent"
             )
             return Searcher.FINISHED
         config = self.searcher.suggest(trial_id)
@@ -93,16 +111,28 @@ class BudgetedSearcher(Searcher):
             return config
         updates, reason = self.fit_memory(config) if self.fit_memory else ({}, None)
         if reason is None:
-            self._consecutive_skips = 0
-            return {**config, **updates}
-        # never launched, nothing spent: free the reservation, tell Optuna it failed, ask again
+            config = {**config, **updates}
+            p = self.predict(config)
+            if ray.get(self.ledger.resize.remote(trial_id, p.admission_usd, p.trial_usd)):
+                self._consecutive_skips = 0
+                return {**config, "predicted_step_s": p.step_s, "predicted_closing_s": p.closing_s}
+            reason = (
+                f"budget: {_describe(config)} needs ${p.admission_usd:.4f} to its first rung, "
+                "more than is left now"
+            )
+        return self._skip(trial_id, reason)
+
+    def _skip(self, trial_id: str, reason: str):
+        """Never launched, nothing spent: free the reservation, tell Optuna it failed."""
+        import ray
+
         ray.get(self.ledger.settle.remote(trial_id, 0.0))
         self.searcher.on_trial_complete(trial_id, result=None, error=True)
         self.skipped.append(reason)
         self._consecutive_skips += 1
         if self._consecutive_skips >= MAX_CONSECUTIVE_SKIPS:
             self.exhausted_reason = (
-                f"memory: {self._consecutive_skips} proposals in a row do not fit"
+                f"{reason.split(':')[0]}: {self._consecutive_skips} proposals in a row do not fit"
             )
             return Searcher.FINISHED
         return None

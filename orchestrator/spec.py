@@ -92,6 +92,14 @@ class SearchSpace(_Strict):
         description="full-FT lr = sampled lr x this (best full-FT lr is ~10x below LoRA's)",
     )
 
+    def fixed_values(self) -> dict:
+        """The hyperparameters this space fixes (not searched), by name."""
+        return {
+            name: getattr(self, name).value
+            for name in HYPERPARAMETERS
+            if getattr(self, name).value is not None
+        }
+
     @model_validator(mode="after")
     def _check_values(self) -> SearchSpace:
         bad = [m for m in self.method.candidates() if m not in METHODS]
@@ -217,6 +225,9 @@ class PricesSpec(_Strict):
     """Price catalog (``$/GPU-hour``; ``cpu`` is ``$/core-hour``) and your own overrides."""
 
     catalog: Path | None = Field(None, description="YAML catalog; default: the bundled one")
+    market: Literal["on_demand", "spot"] = Field(
+        "on_demand", description="bill at on-demand or spot rates (spot trials can be preempted)"
+    )
     overrides: dict[str, float] = Field(default_factory=dict)
 
     @field_validator("overrides")

@@ -57,6 +57,18 @@ class SpendRow(Base):
     kind: Mapped[str] = mapped_column(String(20))  # report | settle | charge
 
 
+class CalibrationRow(Base):
+    """A measured timing of one (model, accelerator): FLOP/s per method, startup seconds. Kept
+    across sweeps so the next sweep of the same model on the same hardware starts calibrated."""
+
+    __tablename__ = "lorasweep_calibration"
+    model: Mapped[str] = mapped_column(String(500), primary_key=True)
+    accelerator: Mapped[str] = mapped_column(String(100), primary_key=True)
+    name: Mapped[str] = mapped_column(String(100), primary_key=True)  # flops_per_s:lora, ...
+    value: Mapped[float] = mapped_column(Float)
+    updated_unix: Mapped[float] = mapped_column(Float)
+
+
 @dataclass(frozen=True)
 class Totals:
     cap_usd: float
@@ -136,7 +148,30 @@ class Store:
                     )
                 )
 
+    def save_calibration(self, model: str, accelerator: str, timings: dict[str, float]) -> None:
+        now = time.time()
+        with self.session() as s:
+            for name, value in timings.items():
+                s.merge(
+                    CalibrationRow(
+                        model=model,
+                        accelerator=accelerator,
+                        name=name,
+                        value=float(value),
+                        updated_unix=now,
+                    )
+                )
+
     # --- reads -----------------------------------------------------------------------------
+    def calibration(self, model: str, accelerator: str) -> dict[str, float]:
+        with self.session() as s:
+            rows = s.scalars(
+                select(CalibrationRow).where(
+                    CalibrationRow.model == model, CalibrationRow.accelerator == accelerator
+                )
+            ).all()
+        return {r.name: r.value for r in rows}
+
     def totals(self, sweep_id: str) -> Totals:
         with self.session() as s:
             sweep = s.get(SweepRow, sweep_id)

@@ -42,6 +42,13 @@ def storage_urls(spec: SweepSpec) -> tuple[Path, str, str, str]:
     return data_dir, tracking, optuna_url, service_db
 
 
+def calibration_key(spec: SweepSpec) -> tuple[str, str]:
+    """Measured speeds carry over between sweeps of the same model on the same trial resources."""
+    res = spec.resources
+    units = res.cpus_per_trial if res.accelerator == "cpu" else res.gpus_per_trial
+    return spec.model.name_or_path, f"{res.accelerator}x{units}"
+
+
 def _quiet_libraries() -> None:
     """Our own progress lines replace Tune's tables and Optuna's per-trial logs."""
     import logging
@@ -153,35 +160,42 @@ def _make_tuner(
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search.optuna import OptunaSearch
 
-    from orchestrator.search import BudgetedSearcher, DefineByRun
+    from orchestrator.acquisition import CostAwareTPESampler
+    from orchestrator.search import BudgetedSearcher, DefineByRun, Prediction
     from orchestrator.trainable import train_lorasweep
 
     metric, mode = spec.objective.metric, spec.objective.mode
+    n_evals = len(spec.eval_steps)
     optuna_search = OptunaSearch(
         space=DefineByRun(space),
         metric=metric,
         mode=mode,
-        sampler=optuna.samplers.TPESampler(seed=spec.trial.seed, n_startup_trials=4),
+        sampler=CostAwareTPESampler(
+            cost_of=functools.partial(
+                plan.cost_model.seconds, steps=spec.trial.max_steps, evals=n_evals, measured={}
+            ),
+            fixed=space.fixed_values(),
+            seed=spec.trial.seed,
+            n_startup_trials=4,
+        ),
         storage=optuna.storages.RDBStorage(optuna_url),
         study_name=f"{sweep_id}-{phase}",
     )
-    methods = space.method.candidates()
 
-    def predict() -> float:  # the dearest method the space may propose (conservative)
+    def predict(hp: dict) -> Prediction:
         import ray
 
         measured = ray.get(ledger.get_timings.remote())
-        return max(plan.admission_usd(measured, m) for m in methods)
-
-    def predict_full() -> float:
-        import ray
-
-        measured = ray.get(ledger.get_timings.remote())
-        return max(
-            plan.trial_usd(measured, m, spec.trial.max_steps, len(spec.eval_steps)) for m in methods
+        t = plan.cost_model.timings(hp, measured)
+        return Prediction(
+            admission_usd=plan.admission_usd(measured, hp),
+            trial_usd=plan.trial_usd(measured, hp, spec.trial.max_steps, n_evals),
+            step_s=t["step_s"],
+            closing_s=t["closing_s"],
         )
 
-    searcher = BudgetedSearcher(optuna_search, ledger, predict, plan.memory_fit, predict_full)
+    cheapest, _ = plan.extremes(space)
+    searcher = BudgetedSearcher(optuna_search, ledger, predict, cheapest, plan.memory_fit)
     if spec.early_stopping.enabled:
         scheduler = ASHAScheduler(
             time_attr="training_iteration",
@@ -288,7 +302,7 @@ def _gate(spec: SweepSpec, plan: Plan, tracking_uri: str, sweep_id: str, ledger)
         gate=spec.full.gate,
         target_score=spec.full.target_score,
         best_lora_score=max(scores) if scores else None,
-        predicted_usd=plan.admission_usd(measured, "full"),
+        predicted_usd=plan.admission_usd(measured, {"method": "full"}),
         remaining_usd=snap["remaining_usd"],
     )
 
@@ -310,13 +324,19 @@ def run_sweep(spec: SweepSpec, console, address: str | None = None) -> SweepResu
     console.print(
         f"[bold]sweep[/] {sweep_id}: budget ${spec.budget_usd:g}, trial resources "
         f"${plan.price_usd_per_hour:.4f}/h, first rung predicted "
-        f"${plan.admission_usd({}):.5f}"
+        f"${plan.admission_usd({}, plan.extremes(spec.search_space)[0]):.5f}"
     )
     _init_ray(spec, address)
     ledger = (
         ray.remote(Ledger)
         .options(num_cpus=0)
-        .remote(spec.budget_usd, sweep_id=sweep_id, store_url=service_db, name=spec.name)
+        .remote(
+            spec.budget_usd,
+            sweep_id=sweep_id,
+            store_url=service_db,
+            name=spec.name,
+            calibration_key=calibration_key(spec),
+        )
     )
     tracker = Tracker(tracking_uri, spec.name, artifact_root=data_dir / "artifacts")
     tracker.start_sweep(
@@ -357,6 +377,7 @@ def run_sweep(spec: SweepSpec, console, address: str | None = None) -> SweepResu
         tracker=tracker,
         ledger=ledger,
         price_usd_per_hour=plan.price_usd_per_hour,
+        cost_model=plan.cost_model,
         fixed_params={**fixed, "base_model": spec.model.name_or_path},
         console=console,
         base_score=base["score"] if base else None,

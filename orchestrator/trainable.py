@@ -44,8 +44,11 @@ def train_lorasweep(config: dict, *, base: dict, ledger) -> None:
             **base,
             **hyper,
             **memory,
-            "prior_step_s": timings.get("step_s", base.get("prior_step_s", 5.0)),
-            "prior_closing_s": timings.get("closing_s", base.get("prior_closing_s", 30.0)),
+            # the admission's predictions for this config, until the trial measures its own
+            "prior_step_s": config.get("predicted_step_s", base.get("prior_step_s", 5.0)),
+            "prior_closing_s": timings.get(
+                "closing_s", config.get("predicted_closing_s", base.get("prior_closing_s", 30.0))
+            ),
             "billing_start_unix": min(started_unix, scheduled_unix or started_unix),
         }
     )

@@ -6,9 +6,11 @@ import random
 
 import pytest
 
-from orchestrator.budget import CostModel, Ledger
+from orchestrator.budget import Ledger
+from orchestrator.costmodel import METHOD_RATE, CostModel, ModelDims, flops_per_token
 from orchestrator.errors import SpecError
 from orchestrator.prices import cost_usd, load_catalog, trial_price_usd_per_hour
+from workers.memory import ModelShape
 
 
 def test_catalog_rows_have_price_source_and_date():
@@ -84,26 +86,120 @@ def test_ledger_invariant_holds_under_random_traffic():
     assert ledger.snapshot()["spent_usd"] <= 10.0
 
 
-def test_calibration_keeps_the_slowest_measurement():
+def test_spot_market_prices_and_sources():
+    spot, on_demand = load_catalog(market="spot"), load_catalog()
+    assert spot["H100"].price_usd_per_hour == pytest.approx(3.44)
+    for name, row in spot.items():
+        assert 0 < row.price_usd_per_hour < on_demand[name].price_usd_per_hour
+        assert row.source and row.date
+    assert load_catalog(market="spot", overrides={"H100": 2.0})["H100"].price_usd_per_hour == 2.0
+    with pytest.raises(SpecError, match="unknown market") as err:
+        load_catalog(market="reserved")
+    assert err.value.field == "prices.market"
+
+
+def test_calibration_keeps_the_most_conservative_measurement():
     ledger = Ledger(cap_usd=1)
-    ledger.calibrate(step_s=2.0, closing_s=None)
-    ledger.calibrate(step_s=1.5, closing_s=10.0)
-    assert ledger.get_timings() == {"step_s": 2.0, "closing_s": 10.0}
+    ledger.calibrate(**{"flops_per_s:lora": 2e12, "closing_s": None})
+    ledger.calibrate(**{"flops_per_s:lora": 3e12, "closing_s": 10.0})
+    ledger.calibrate(**{"flops_per_s:lora": 1e12, "closing_s": 8.0})
+    assert ledger.get_timings() == {"flops_per_s:lora": 1e12, "closing_s": 10.0}
 
 
-def test_cost_model_prior_and_calibrated_predictions():
-    # 100M params, 1024 tokens/step on 2 cores at 2.5e10 FLOP/s each: 4*1e8*1024/5e10 = 8.192 s
-    model = CostModel(
-        price_usd_per_hour=3600.0,
-        accelerator="cpu",
-        units=2,
-        n_params=100_000_000,
-        tokens_per_step=1024,
+def test_calibration_persists_per_model_and_accelerator(tmp_path):
+    url = f"sqlite:///{tmp_path / 'service.db'}"
+    key = ("embedded", "cpux1")
+    first = Ledger(cap_usd=1, sweep_id="s1", store_url=url, calibration_key=key)
+    first.calibrate(**{"flops_per_s:lora": 5e10, "startup_s": 12.0, "closing_s": 30.0})
+    later = Ledger(cap_usd=1, sweep_id="s2", store_url=url, calibration_key=key)
+    # speeds carry over; closing time depends on each sweep's eval settings, so it does not
+    assert later.get_timings() == {"flops_per_s:lora": 5e10, "startup_s": 12.0}
+    other = Ledger(cap_usd=1, sweep_id="s3", store_url=url, calibration_key=("embedded", "H100x1"))
+    assert other.get_timings() == {}
+
+
+def test_resize_lowers_freely_and_raises_only_within_the_cap():
+    ledger = Ledger(cap_usd=1.0)
+    assert ledger.reserve("a", 0.3) and ledger.reserve("b", 0.3)
+    assert ledger.resize("a", 0.1, predicted_usd=0.5)
+    assert ledger.predicted("a") == 0.5
+    assert not ledger.resize("b", 0.95)  # 0.1 + 0.95 > 1
+    assert ledger.resize("b", 0.9)
+    assert ledger.snapshot()["remaining_usd"] == pytest.approx(0.0)
+
+
+# a Llama shape small enough to count by hand: d=8, 2 layers, kv width 4, mlp 16, vocab 10
+TINY = ModelShape(vocab=10, hidden=8, layers=2, intermediate=16, heads=2, kv_heads=1)
+
+
+def test_flops_per_token_follows_the_formula():
+    dims = ModelDims.from_config(_config(TINY), n_params=TINY.n_params)
+    # per layer: q 8x8 + k 8x4 + v 8x4 + o 8x8 + gate/up 8x16 x2 + down 16x8 = 576; head 10x8
+    assert dims.n_matmul == 2 * 576 + 80
+    seq = 32
+    attention = 12 * 2 * 8 * seq
+    assert flops_per_token(dims, "full", seq) == 6 * 1232 + attention
+    # LoRA r2 on attn: per layer 2 x ((8+8) + (8+4) + (8+4) + (8+8)) = 112 adapter weights
+    assert dims.n_lora(2, "attn") == 2 * 112
+    assert flops_per_token(dims, "lora", seq, 2, "attn") == 4 * 1232 + 6 * 224 + attention
+    assert flops_per_token(dims, "qlora", seq, 2, "attn") == flops_per_token(
+        dims, "lora", seq, 2, "attn"
+    )
+
+
+def _config(shape: ModelShape):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=shape.vocab,
+        hidden_size=shape.hidden,
+        num_hidden_layers=shape.layers,
+        intermediate_size=shape.intermediate,
+        num_attention_heads=shape.heads,
+        num_key_value_heads=shape.kv_heads,
+    )
+
+
+def _cost_model(accelerator="cpu", units=2) -> CostModel:
+    dims = ModelDims(n_matmul=100_000_000, layers=10, d_model=512)
+    return CostModel(
+        price_usd_per_hour=3600.0,  # $1 per second: dollars read as seconds
+        accelerator=accelerator,
+        units=units,
+        dims=dims,
+        seq_len=128,
+        batch_size=8,
         eval_batches=2,
     )
-    t = model.timings({})
-    assert t["step_s"] == pytest.approx(8.192)
-    assert t["closing_s"] == pytest.approx(1.5 * 8.192 * 2)
-    # $1/s: 10 steps + 1 eval + 15 s startup, x1.25 safety
-    measured = {"step_s": 1.0, "closing_s": 5.0, "startup_s": 15.0}
-    assert model.usd(10, 1, measured) == pytest.approx(1.25 * (15 + 10 + 5))
+
+
+def test_cost_model_prior_then_calibrated_per_method():
+    model = _cost_model()
+    full = {"method": "full"}
+    per_step = (6 * 100_000_000 + 12 * 10 * 512 * 128) * 128 * 8
+    # prior: 2 cores at 2.5e10 FLOP/s each
+    t = model.timings(full, {})
+    assert t["step_s"] == pytest.approx(per_step / 5e10)
+    assert t["closing_s"] == pytest.approx(1.5 * t["step_s"] * 2)
+    assert t["startup_s"] == 15.0
+    # a full-FT trial measured 2 s per step: its FLOP/s is calibrated for full FT
+    measured = {**model.calibration(full, 2.0), "closing_s": 5.0, "startup_s": 20.0}
+    assert measured["flops_per_s:full"] == pytest.approx(per_step / 2.0)
+    assert model.timings(full, measured)["step_s"] == pytest.approx(2.0)
+    # 10 steps + 1 eval + startup, x1.25 safety, at $1/s
+    assert model.usd(full, 10, 1, measured) == pytest.approx(1.25 * (20 + 10 * 2.0 + 5))
+    # QLoRA has no measurement yet: derived from full FT's FLOP/s, slower by its method rate
+    qlora = {"method": "qlora", "rank": 8, "target_modules": "all_linear"}
+    derived = measured["flops_per_s:full"] * METHOD_RATE["qlora"]
+    assert model.flops_per_s("qlora", measured) == pytest.approx(derived)
+
+
+def test_predictions_are_per_config():
+    model = _cost_model("H100", 1)
+    small = {"method": "lora", "rank": 4, "target_modules": "attn"}
+    big = {"method": "lora", "rank": 64, "target_modules": "all_linear"}
+    assert (
+        model.usd(small, 10, 1, {})
+        < model.usd(big, 10, 1, {})
+        < model.usd({"method": "full"}, 10, 1, {})
+    )

@@ -201,6 +201,15 @@ def _eval_and_save(model, tokenizer, val, cfg: TrialConfig, clock: _Clock, out_d
     return {"eval_loss": loss, "score": evaluate.score(generations, [e.answer for e in val])}
 
 
+def _room_after_closing(clock: _Clock, budget: Budget, step_s, closing_s, next_steps) -> bool:
+    """Whether, after the coming eval and save, at least one more step and its own closing fit
+    under the ceiling (asking for a whole further interval first)."""
+    interval = clock.cost_usd(SAFETY * (closing_s + next_steps * step_s + closing_s))
+    if interval > budget.ceiling_usd:
+        budget.request(interval)
+    return clock.cost_usd(SAFETY * (closing_s + step_s + closing_s)) <= budget.ceiling_usd
+
+
 def run_trial(
     cfg: TrialConfig, report: Callable[[dict, Path], None], budget: Budget | None = None
 ) -> dict:
@@ -243,7 +252,13 @@ def run_trial(
             step_s = dt if step == 0 else 0.7 * step_s + 0.3 * dt
             step += 1
         if step == start_step and metrics:
-            break  # stopped right after an eval: the last report already holds the adapter
+            # stopped right after an eval (its closing ran long): that report holds the adapter
+            metrics = {**metrics, "status": status}
+            break
+        if status != "budget_stopped" and step < cfg.max_steps:
+            next_interval = min(cfg.eval_every, cfg.max_steps - step)
+            if not _room_after_closing(clock, budget, step_s, closing_s, next_interval):
+                status = "budget_stopped"  # this eval is the last: say so in its report
         with tempfile.TemporaryDirectory(prefix="adapter-") as tmp:
             t = time.monotonic()
             metrics = _eval_and_save(model, tokenizer, val, cfg, clock, Path(tmp))
