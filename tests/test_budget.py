@@ -192,6 +192,9 @@ def test_cost_model_prior_then_calibrated_per_method():
     qlora = {"method": "qlora", "rank": 8, "target_modules": "all_linear"}
     derived = measured["flops_per_s:full"] * METHOD_RATE["qlora"]
     assert model.flops_per_s("qlora", measured) == pytest.approx(derived)
+    assert model.timings(qlora, measured)["step_s"] == pytest.approx(
+        model.flops_per_step(qlora) / derived
+    )
 
 
 def test_predictions_are_per_config():
