@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 # measured timings that carry over to later sweeps of the same model and accelerator (closing
 # time depends on the sweep's eval settings, so it does not)
 PORTABLE_TIMINGS = ("flops_per_s:", "startup_s")
+RECENT = 3  # calibration looks at the last few measurements of each kind
 
 
 @dataclass
@@ -54,6 +55,7 @@ class Ledger:
     calibration_key: tuple[str, str] | None = None  # (model, accelerator) to load and keep
 
     def __post_init__(self) -> None:
+        self._recent: dict[str, list[float]] = {k: [v] for k, v in self.timings.items()}
         self._store = None
         if self.store_url:
             from orchestrator.store import Store
@@ -61,7 +63,9 @@ class Ledger:
             self._store = Store(self.store_url)
             self._store.create_sweep(self.sweep_id, self.name or self.sweep_id, self.cap_usd)
             if self.calibration_key:
-                self.timings.update(self._store.calibration(*self.calibration_key))
+                stored = self._store.calibration(*self.calibration_key)
+                self.timings.update(stored)
+                self._recent.update({k: [v] for k, v in stored.items()})
 
     def _persist(self, key: str, kind: str | None = None, predicted_usd: float | None = None):
         if self._store is None:
@@ -158,16 +162,20 @@ class Ledger:
         self._persist(trial_id, "settle")
 
     def calibrate(self, **timings: float) -> None:
-        """Keep the most conservative measurement of each kind: the slowest FLOP/s
-        (``flops_per_s:<method>``) and the longest durations (``*_s``)."""
+        """Keep a conservative view of recent measurements of each kind: the slowest FLOP/s
+        (``flops_per_s:<method>``) and the longest durations (``*_s``) among the last
+        ``RECENT`` measurements, so a one-off cold start ages out instead of pricing every later
+        trial. (Admission predictions only decide what starts; the cap itself is held by the
+        ceilings, whatever the predictions.)"""
         changed = {}
         for name, value in timings.items():
             if not value or value <= 0:
                 continue
-            old = self.timings.get(name)
-            slowest = min if name.startswith("flops_per_s:") else max
-            new = float(value) if old is None else slowest(old, float(value))
-            if new != old:
+            recent = self._recent.setdefault(name, [])
+            recent[:] = [*recent, float(value)][-RECENT:]
+            pick = min if name.startswith("flops_per_s:") else max
+            new = pick(recent)
+            if new != self.timings.get(name):
                 self.timings[name] = changed[name] = new
         portable = {k: v for k, v in changed.items() if k.startswith(PORTABLE_TIMINGS)}
         if self._store is not None and self.calibration_key and portable:

@@ -116,10 +116,16 @@ def validate(spec: Annotated[Path, typer.Argument(help="Sweep YAML to check.")])
         f"[green]ok[/] {spec}: model {plan.model_ref}, trial resources "
         f"${plan.price_usd_per_hour:.4f}/h"
     )
-    console.print(
-        f"  predicted per trial: ${plan.admission_usd({}):.5f} to the first rung, "
-        f"${plan.trial_usd({}, 'lora', sweep_spec.trial.max_steps, steps):.5f} in full"
-    )
+    for label, hp in zip(("cheapest", "dearest"), plan.extremes(sweep_spec.search_space)):
+        what = (
+            "full FT"
+            if hp["method"] == "full"
+            else (f"{hp['method']} r{hp['rank']} {hp['target_modules']}")
+        )
+        console.print(
+            f"  {label} trial ({what}): predicted ${plan.admission_usd({}, hp):.5f} to the first "
+            f"rung, ${plan.trial_usd({}, hp, sweep_spec.trial.max_steps, steps):.5f} in full"
+        )
 
 
 @app.command()

@@ -107,7 +107,11 @@ def _base_trial_config(spec: SweepSpec, plan: Plan) -> dict:
         "price_usd_per_hour": plan.price_usd_per_hour,
         "device": "cuda" if res.gpus_per_trial else "cpu",
         "num_threads": res.cpus_per_trial,
-        **{f"prior_{k}": v for k, v in plan.cost_model.timings({}).items() if k != "startup_s"},
+        **{
+            f"prior_{k}": v
+            for k, v in plan.cost_model.timings(plan.extremes(spec.search_space)[1], {}).items()
+            if k != "startup_s"
+        },
     }
 
 

@@ -98,12 +98,18 @@ def test_spot_market_prices_and_sources():
     assert err.value.field == "prices.market"
 
 
-def test_calibration_keeps_the_most_conservative_measurement():
+def test_calibration_keeps_the_most_conservative_recent_measurement():
     ledger = Ledger(cap_usd=1)
     ledger.calibrate(**{"flops_per_s:lora": 2e12, "closing_s": None})
     ledger.calibrate(**{"flops_per_s:lora": 3e12, "closing_s": 10.0})
     ledger.calibrate(**{"flops_per_s:lora": 1e12, "closing_s": 8.0})
     assert ledger.get_timings() == {"flops_per_s:lora": 1e12, "closing_s": 10.0}
+    # a cold start (30 s) prices the next trials until three newer measurements replace it
+    for startup_s in (30.0, 5.0, 6.0):
+        ledger.calibrate(startup_s=startup_s)
+    assert ledger.get_timings()["startup_s"] == 30.0
+    ledger.calibrate(startup_s=4.0)
+    assert ledger.get_timings()["startup_s"] == 6.0
 
 
 def test_calibration_persists_per_model_and_accelerator(tmp_path):
