@@ -107,7 +107,7 @@ def run(
 def validate(spec: Annotated[Path, typer.Argument(help="Sweep YAML to check.")]) -> None:
     """Check a spec, its data, model and prices, and predict costs; spends nothing."""
     from orchestrator.preflight import make_plan
-    from orchestrator.spec import load_spec
+    from orchestrator.spec import config_label, load_spec
 
     sweep_spec = load_spec(spec)
     plan = make_plan(sweep_spec)
@@ -116,12 +116,9 @@ def validate(spec: Annotated[Path, typer.Argument(help="Sweep YAML to check.")])
         f"[green]ok[/] {spec}: model {plan.model_ref}, trial resources "
         f"${plan.price_usd_per_hour:.4f}/h"
     )
-    for label, hp in zip(("cheapest", "dearest"), plan.extremes(sweep_spec.search_space)):
-        what = (
-            "full FT"
-            if hp["method"] == "full"
-            else (f"{hp['method']} r{hp['rank']} {hp['target_modules']}")
-        )
+    extremes = plan.extremes(sweep_spec.search_space)
+    for label, hp in zip(("cheapest", "dearest"), extremes, strict=True):
+        what = config_label(hp)
         console.print(
             f"  {label} trial ({what}): predicted ${plan.admission_usd({}, hp):.5f} to the first "
             f"rung, ${plan.trial_usd({}, hp, sweep_spec.trial.max_steps, steps):.5f} in full"

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from ray.tune.search import Searcher
 
-from orchestrator.spec import HYPERPARAMETERS, Dim, SearchSpace
+from orchestrator.spec import HYPERPARAMETERS, Dim, SearchSpace, config_label
 
 MAX_CONSECUTIVE_SKIPS = 20
 
@@ -20,12 +20,6 @@ def _suggest(trial, name: str, dim: Dim):
     if all(isinstance(v, int) for v in (dim.low, dim.high)) and name == "rank":
         return trial.suggest_int(name, int(dim.low), int(dim.high), log=dim.log)
     return trial.suggest_float(name, dim.low, dim.high, log=dim.log)
-
-
-def _describe(config: dict) -> str:
-    if config.get("method") == "full":
-        return "full FT"
-    return f"{config.get('method')} r{config.get('rank')} {config.get('target_modules')}"
 
 
 class DefineByRun:
@@ -117,7 +111,7 @@ class BudgetedSearcher(Searcher):
                 self._consecutive_skips = 0
                 return {**config, "predicted_step_s": p.step_s, "predicted_closing_s": p.closing_s}
             reason = (
-                f"budget: {_describe(config)} needs ${p.admission_usd:.4f} to its first rung, "
+                f"budget: {config_label(config)} needs ${p.admission_usd:.4f} to its first rung, "
                 "more than is left now"
             )
         return self._skip(trial_id, reason)

@@ -69,6 +69,13 @@ class Dim(_Strict):
         return [self.low, self.high]
 
 
+def config_label(hp: dict) -> str:
+    """A short name for a config's cost-relevant choices: ``lora r16 all_linear``, ``full FT``."""
+    if hp.get("method") == "full":
+        return "full FT"
+    return f"{hp.get('method', 'lora')} r{hp.get('rank')} {hp.get('target_modules')}"
+
+
 class SearchSpace(_Strict):
     """What Optuna searches. Start from a ``preset`` (a file in ``search_spaces/``); keys given
     here override the preset's."""
