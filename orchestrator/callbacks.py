@@ -157,6 +157,12 @@ class SweepCallback(Callback):
         final = {"cost_usd": final_usd, "billed_s": billed_s, "step": last.get("step", 0)}
         if "tokens" in last:
             final["tokens"] = last["tokens"]
+        # where the billed seconds went (goodput = phase_step_s / billed_s); idle = what the
+        # worker's phases do not explain: actor start, imports, the wait to be released
+        phases = last.get("phases_s", {})
+        final.update({f"phase_{k}_s": v for k, v in phases.items()})
+        if phases:
+            final["phase_idle_s"] = max(billed_s - sum(phases.values()), 0.0)
         self.tracker.end_trial(
             live.run_id, status, dict(final), checkpoint.path if checkpoint is not None else None
         )

@@ -201,6 +201,11 @@ class TrialSpec(_Strict):
     max_new_tokens: int = Field(96, ge=1, description="generation length when scoring")
     warmup_fraction: float = Field(0.1, ge=0, lt=1)
     seed: int = 0
+    compile: bool = Field(
+        False,
+        description="torch.compile decoder layers on GPU: ~1.8-2.3x LoRA steps, ~30-70 s to "
+        "compile once per worker process; worth it for trials of hundreds of steps",
+    )
 
     @model_validator(mode="after")
     def _eval_fits(self) -> TrialSpec:

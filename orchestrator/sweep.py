@@ -104,6 +104,7 @@ def _base_trial_config(spec: SweepSpec, plan: Plan) -> dict:
         "max_new_tokens": t.max_new_tokens,
         "warmup_fraction": t.warmup_fraction,
         "seed": t.seed,
+        "compile": t.compile,
         "price_usd_per_hour": plan.price_usd_per_hour,
         "device": "cuda" if res.gpus_per_trial else "cpu",
         "num_threads": res.cpus_per_trial,
@@ -224,6 +225,8 @@ def _make_tuner(
             scheduler=scheduler,
             num_samples=num_samples,
             max_concurrent_trials=res.max_concurrent_trials,
+            # the next trial runs in the same worker process: it reuses the loaded base model
+            reuse_actors=True,
         ),
         run_config=tune.RunConfig(
             name=f"{sweep_id}-{phase}",

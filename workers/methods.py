@@ -11,6 +11,7 @@ the scheduled learning rate (LoRA+ trains the B matrices ``loraplus_lr_ratio`` t
 
 from __future__ import annotations
 
+from workers import model_cache
 from workers.lora import attach_lora
 from workers.model import load_base_model
 
@@ -36,6 +37,9 @@ def _enable_checkpointing(model) -> None:
 
 
 def _with_adapter(model, cfg):
+    import torch
+
+    torch.manual_seed(cfg.seed)  # same adapter init whether the base was loaded or reused
     model = attach_lora(
         model,
         rank=cfg.rank,
@@ -48,8 +52,17 @@ def _with_adapter(model, cfg):
     return model, _param_groups(model, cfg.loraplus_lr_ratio)
 
 
+def cache_key(cfg) -> tuple | None:
+    """What identifies a reusable base model (None: this method never reuses one)."""
+    if cfg.method == "full":
+        return None
+    return (cfg.method, cfg.model, cfg.dtype, cfg.device)
+
+
 def setup_lora(cfg):
-    model = load_base_model(cfg.model, cfg.dtype, cfg.device)
+    model = model_cache.acquire(
+        cache_key(cfg), lambda: load_base_model(cfg.model, cfg.dtype, cfg.device)
+    )
     if cfg.gradient_checkpointing:
         _enable_checkpointing(model)
     return _with_adapter(model, cfg)
@@ -70,12 +83,15 @@ def setup_qlora(cfg):
         bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=torch.bfloat16,
     )
-    model = AutoModelForCausalLM.from_pretrained(
-        cfg.model,
-        quantization_config=quant,
-        dtype=torch.bfloat16,
-        device_map={"": 0},
-        attn_implementation="sdpa",
+    model = model_cache.acquire(
+        cache_key(cfg),
+        lambda: AutoModelForCausalLM.from_pretrained(
+            cfg.model,
+            quantization_config=quant,
+            dtype=torch.bfloat16,
+            device_map={"": 0},
+            attn_implementation="sdpa",
+        ),
     )
     if cfg.gradient_checkpointing:
         _enable_checkpointing(model)
@@ -83,6 +99,7 @@ def setup_qlora(cfg):
 
 
 def setup_full(cfg):
+    model_cache.clear()  # full FT changes every weight: it never reuses, and needs the memory
     model = load_base_model(cfg.model, cfg.dtype, cfg.device)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

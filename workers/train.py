@@ -21,9 +21,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from workers import evaluate
+from workers import evaluate, fast, model_cache
 from workers.data import encode_for_training, pad_batch, read_examples
-from workers.methods import setup_model
+from workers.methods import cache_key, setup_model
 from workers.model import load_tokenizer
 
 SAFETY = 1.25
@@ -63,6 +63,8 @@ class TrialConfig:
     # memory: set by the orchestrator's memory check when the plain config would not fit
     gradient_checkpointing: bool = False
     micro_batch: int | None = None  # < batch_size: gradient accumulation over micro-batches
+    compile: bool = False  # torch.compile the decoder layers (GPU; pays ~30-70 s once per process)
+    reuse_base_model: bool = True  # keep the base model in this process for the next trial
     # limits
     max_steps: int = 30
     eval_every: int = 10
@@ -151,6 +153,8 @@ def _setup(cfg: TrialConfig, clock: _Clock):
     t = time.monotonic()
     tokenizer = load_tokenizer(cfg.model)
     model, groups = setup_model(cfg)
+    if cfg.compile and cfg.device == "cuda" and fast.supported(model):
+        fast.compile_layers(model)
     clock.phases_s["load"] += time.monotonic() - t
     t = time.monotonic()
     train = [
@@ -169,11 +173,12 @@ def _train_step(model, rows: list, pad_id: int, cfg: TrialConfig) -> tuple[float
     """Forward and backward over one batch, in micro-batches when memory asks for it; returns
     (mean loss, tokens processed)."""
     micro = cfg.micro_batch or len(rows)
+    use_fast = fast.supported(model)
     chunks = [rows[i : i + micro] for i in range(0, len(rows), micro)]
     total_loss, n_tokens = 0.0, 0
     for chunk in chunks:
         batch = {k: v.to(cfg.device) for k, v in pad_batch(chunk, pad_id).items()}
-        loss = model(**batch).loss / len(chunks)
+        loss = (fast.loss(model, batch) if use_fast else model(**batch).loss) / len(chunks)
         loss.backward()
         total_loss += loss.detach().item()
         n_tokens += int(batch["attention_mask"].sum())
@@ -291,7 +296,11 @@ def run_trial(
             "billed_s": clock.billed_s,
             "cost_usd": clock.cost_usd(),
         }
-    del model, optimizer
+    del optimizer
+    key = cache_key(cfg)
+    if key is not None and cfg.reuse_base_model:
+        model_cache.release(key, model)
+    del model
     if cfg.device == "cuda":
         torch.cuda.empty_cache()
     return metrics

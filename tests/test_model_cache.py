@@ -1,0 +1,84 @@
+"""Base-model reuse between trials in one worker process, and the fast loss (CPU, no Ray)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from workers import fast, model_cache
+from workers.train import TrialConfig, run_trial
+
+
+def _config(tiny_model, small_data, **kw) -> TrialConfig:
+    base = dict(
+        model=str(tiny_model),
+        train_path=str(small_data["train"]),
+        validation_path=str(small_data["validation"]),
+        rank=4,
+        alpha=8,
+        target_modules="all_linear",
+        learning_rate=5e-3,
+        max_steps=4,
+        eval_every=2,
+        batch_size=4,
+        max_seq_len=160,
+        eval_examples=4,
+        max_new_tokens=8,
+        prior_step_s=0.05,
+        prior_closing_s=0.5,
+    )
+    return TrialConfig(**{**base, **kw})
+
+
+def _run(cfg: TrialConfig) -> list[dict]:
+    reports: list[dict] = []
+    run_trial(cfg, lambda m, d: reports.append(m))
+    return [
+        {k: r[k] for k in ("step", "eval_loss", "score", "train_loss_steps", "tokens")}
+        for r in reports
+    ]
+
+
+def test_reused_base_gives_the_results_of_a_fresh_load(tiny_model, small_data):
+    first = _config(tiny_model, small_data, rank=8, target_modules="attn", use_dora=True)
+    second = _config(tiny_model, small_data, learning_rate=1e-3, gradient_checkpointing=True)
+    model_cache.clear()
+    _run(first)  # leaves its base model in the cache
+    loads, reuses = model_cache.stats["loads"], model_cache.stats["reuses"]
+    reused = _run(second)
+    assert model_cache.stats["reuses"] == reuses + 1 and model_cache.stats["loads"] == loads
+    model_cache.clear()
+    fresh = _run(second)
+    assert model_cache.stats["loads"] == loads + 1
+    assert reused == fresh  # same losses, scores and tokens, step by step
+
+
+def test_full_ft_never_reuses_and_clears_the_cache(tiny_model, small_data):
+    model_cache.clear()
+    _run(_config(tiny_model, small_data))
+    reuses = model_cache.stats["reuses"]
+    _run(_config(tiny_model, small_data, method="full", learning_rate=1e-4))
+    assert model_cache.stats["reuses"] == reuses
+    assert model_cache._cache == {}
+
+
+def test_fast_loss_equals_the_models_own_loss(tiny_model):
+    from transformers import AutoModelForCausalLM
+
+    from workers.lora import attach_lora
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    model = attach_lora(model, rank=4, alpha=8, target_modules="all_linear", dropout=0.0)
+    torch.manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (3, 20))
+    labels = ids.clone()
+    labels[:, :5] = -100  # prompt
+    labels[2, 15:] = -100  # padding
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    assert fast.supported(model)
+    expected = model(**batch).loss
+    got = fast.loss(model, batch, chunk_tokens=7)  # several chunks, one ragged
+    assert float(got) == pytest.approx(float(expected), rel=1e-5)
+    got.backward()
+    grads = [p.grad for n, p in model.named_parameters() if "lora_B" in n]
+    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)

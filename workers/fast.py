@@ -1,0 +1,69 @@
+"""The fast training step on GPU: compiled decoder layers and a chunked loss over answer tokens.
+
+- Each decoder layer is compiled with ``torch.compile`` (regional compilation: one graph serves
+  every layer, so compiling costs seconds, not minutes); LoRA's dropout, scaling and add fuse
+  into the layer's kernels instead of each making a copy of the activations.
+- The loss is computed only where there are labels (answer tokens; prompt and padding positions
+  never reach the output head), in chunks, each recomputed in backward: the [tokens x vocab]
+  logits are never held whole, so large vocabularies cost neither memory nor a float32 copy.
+- Adapter weights stay float32 (the optimizer's master copy) but the forward runs under bf16
+  autocast, so PEFT's adapters multiply bf16 activations instead of float32 copies of them.
+- The optimizer is AdamW's fused CUDA kernel (set in ``workers/train.py``).
+
+``loss(model, batch)`` returns the same mean cross-entropy as ``model(**batch).loss`` (a test
+checks it on CPU).
+"""
+
+from __future__ import annotations
+
+CHUNK_TOKENS = 4096  # rows of logits computed at once in the loss
+# decoders whose logits are plainly lm_head(last hidden state) (no soft-capping or scaling)
+SUPPORTED = {"llama", "mistral", "qwen2", "qwen3"}
+
+
+def _causal_lm(model):
+    """The ``...ForCausalLM`` inside a PEFT wrapper, or the model itself."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def supported(model) -> bool:
+    return getattr(_causal_lm(model).config, "model_type", None) in SUPPORTED
+
+
+def compile_layers(model) -> None:
+    """Compile every decoder layer in place (dynamic sequence lengths)."""
+    for layer in _causal_lm(model).get_decoder().layers:
+        layer.compile(dynamic=True)
+
+
+def _chunk_loss(lm_head, hidden, targets):
+    import torch.nn.functional as F
+
+    return F.cross_entropy(lm_head(hidden).float(), targets, reduction="sum")
+
+
+def loss(model, batch: dict, chunk_tokens: int = CHUNK_TOKENS):
+    """Mean next-token cross-entropy over labelled positions, computed in checkpointed chunks."""
+    import torch
+    from torch.utils.checkpoint import checkpoint
+
+    lm = _causal_lm(model)
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=batch["input_ids"].is_cuda):
+        hidden = lm.get_decoder()(
+            input_ids=batch["input_ids"],
+            attention_mask=batch.get("attention_mask"),
+            use_cache=False,
+        ).last_hidden_state
+    labels = batch["labels"][:, 1:]
+    keep = labels != -100
+    hidden, targets = hidden[:, :-1][keep], labels[keep]
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for i in range(0, targets.numel(), chunk_tokens):
+        total = total + checkpoint(
+            _chunk_loss,
+            lm.get_output_embeddings(),
+            hidden[i : i + chunk_tokens],
+            targets[i : i + chunk_tokens],
+            use_reentrant=False,
+        )
+    return total / max(targets.numel(), 1)

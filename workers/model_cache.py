@@ -1,0 +1,50 @@
+"""Base-model reuse: a worker process keeps its loaded base model between trials.
+
+Under Ray Tune a function trainable's actor is reused for the next trial with the same resources
+(``reuse_actors``, on by default for function trainables), so the process that ran one trial runs
+the next. LoRA and QLoRA trials leave the base weights untouched: at the end of a trial the adapter
+is removed (PEFT ``unload``, no merge), training hooks are taken off, and the base stays here for
+the next trial of the same model, dtype and device; only the adapter and the optimizer are new.
+Compiled decoder layers stay compiled. Full FT changes every weight, so it never uses the cache and
+clears it (its memory is needed). One model is kept at a time.
+
+A reused base gives the same results as a fresh load (``tests/test_model_cache.py``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+_cache: dict[tuple, object] = {}
+stats = {"loads": 0, "reuses": 0}
+
+
+def acquire(key: tuple, load: Callable[[], object]):
+    """The cached base model for ``key``, or a fresh one from ``load()`` (evicting any other)."""
+    if key in _cache:
+        stats["reuses"] += 1
+        return _cache.pop(key)
+    clear()
+    stats["loads"] += 1
+    return load()
+
+
+def release(key: tuple, model) -> None:
+    """Strip a trained adapter from ``model`` and keep its base for the next trial."""
+    base = model.unload() if hasattr(model, "unload") else model
+    if getattr(base, "is_gradient_checkpointing", False):
+        base.gradient_checkpointing_disable()
+    if hasattr(base, "disable_input_require_grads"):
+        try:
+            base.disable_input_require_grads()
+        except AttributeError:  # never enabled: no hook to remove
+            pass
+    for p in base.parameters():
+        p.grad = None
+    base.eval()
+    _cache.clear()
+    _cache[key] = base
+
+
+def clear() -> None:
+    _cache.clear()
