@@ -155,8 +155,9 @@ class SweepCallback(Callback):
         ray.get(self.ledger.settle.remote(trial.trial_id, final_usd))
         checkpoint = trial.checkpoint
         final = {"cost_usd": final_usd, "billed_s": billed_s, "step": last.get("step", 0)}
-        if "tokens" in last:
-            final["tokens"] = last["tokens"]
+        for key in ("tokens", "base_model_reused"):
+            if key in last:
+                final[key] = last[key]
         # where the billed seconds went (goodput = phase_step_s / billed_s); idle = what the
         # worker's phases do not explain: actor start, imports, the wait to be released
         phases = last.get("phases_s", {})

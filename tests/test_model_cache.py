@@ -82,3 +82,22 @@ def test_fast_loss_equals_the_models_own_loss(tiny_model):
     got.backward()
     grads = [p.grad for n, p in model.named_parameters() if "lora_B" in n]
     assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+class _Stopped(Exception):
+    """What Tune does to a trial it stops: its report call never returns."""
+
+
+def test_a_stopped_trials_base_is_reused_by_the_next_trial(tiny_model, small_data):
+    def stop_at_first_report(metrics, adapter_dir):
+        raise _Stopped
+
+    model_cache.clear()
+    with pytest.raises(_Stopped):
+        run_trial(_config(tiny_model, small_data, use_dora=True), stop_at_first_report)
+    loads, reuses = model_cache.stats["loads"], model_cache.stats["reuses"]
+    second = _config(tiny_model, small_data, learning_rate=1e-3)
+    reused = _run(second)
+    assert model_cache.stats["reuses"] == reuses + 1 and model_cache.stats["loads"] == loads
+    model_cache.clear()
+    assert reused == _run(second)  # the stopped trial's adapter is gone from the base

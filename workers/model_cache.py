@@ -16,11 +16,23 @@ from __future__ import annotations
 from collections.abc import Callable
 
 _cache: dict[tuple, object] = {}
+_held: dict[tuple, object] = {}  # the model of the trial running in this process
 stats = {"loads": 0, "reuses": 0}
+
+
+def hold(key: tuple, model) -> None:
+    """Register the running trial's model. Tune stops a trial inside ``tune.report`` (early
+    stopping, or the scheduler's last rung), so a trial's code may never reach its own release;
+    the next trial in this process then strips the adapter from the held model and reuses it."""
+    _held.clear()
+    _held[key] = model
 
 
 def acquire(key: tuple, load: Callable[[], object]):
     """The cached base model for ``key``, or a fresh one from ``load()`` (evicting any other)."""
+    for held_key, model in list(_held.items()):
+        _held.clear()
+        release(held_key, model)  # left by a trial that was stopped: take its base back
     if key in _cache:
         stats["reuses"] += 1
         return _cache.pop(key)
@@ -31,6 +43,7 @@ def acquire(key: tuple, load: Callable[[], object]):
 
 def release(key: tuple, model) -> None:
     """Strip a trained adapter from ``model`` and keep its base for the next trial."""
+    _held.pop(key, None)
     base = model.unload() if hasattr(model, "unload") else model
     if getattr(base, "is_gradient_checkpointing", False):
         base.gradient_checkpointing_disable()
@@ -48,3 +61,4 @@ def release(key: tuple, model) -> None:
 
 def clear() -> None:
     _cache.clear()
+    _held.clear()

@@ -226,7 +226,12 @@ def run_trial(
     budget = budget or FixedBudget()
     if cfg.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
+    reuses = model_cache.stats["reuses"]
     tokenizer, model, optimizer, train, val = _setup(cfg, clock)
+    reused = int(model_cache.stats["reuses"] > reuses)  # base model kept from an earlier trial
+    key = cache_key(cfg) if cfg.reuse_base_model else None
+    if key is not None:
+        model_cache.hold(key, model)
     static_gib = torch.cuda.memory_allocated() / 2**30 if cfg.device == "cuda" else None
     model.train()
     batches = _batches(train, cfg.batch_size, cfg.seed)
@@ -279,6 +284,7 @@ def run_trial(
                 cost_usd=clock.cost_usd(),
                 status=status if done else "running",
                 phases_s={k: round(v, 3) for k, v in clock.phases_s.items()},
+                base_model_reused=reused,
                 step_s=step_s,
                 **_gpu_memory(cfg.device, static_gib),
                 closing_s=closing_s,
@@ -297,8 +303,7 @@ def run_trial(
             "cost_usd": clock.cost_usd(),
         }
     del optimizer
-    key = cache_key(cfg)
-    if key is not None and cfg.reuse_base_model:
+    if key is not None:
         model_cache.release(key, model)
     del model
     if cfg.device == "cuda":
