@@ -161,9 +161,7 @@ def _engine_cost_model(table: Table):
     from orchestrator.costmodel import CostModel, ModelDims
     from workers.memory import ModelShape
 
-    shape = ModelShape(**table.raw["model_shape"])
-    head = shape.vocab * shape.hidden
-    dims = ModelDims(shape.n_linear + head, shape.layers, shape.hidden, shape)
+    dims = ModelDims.from_shape(ModelShape(**table.raw["model_shape"]))
     return CostModel(
         price_usd_per_hour=table.raw["price_usd_per_hour"],
         accelerator=table.raw["accelerator"],

@@ -56,6 +56,11 @@ class ModelDims:
             d = getattr(config, "hidden_size", 0) or getattr(config, "n_embd", 0)
             layers = getattr(config, "num_hidden_layers", 0) or getattr(config, "n_layer", 0)
             return cls(n_matmul=n_params, layers=int(layers), d_model=int(d))
+        return cls.from_shape(shape)
+
+    @classmethod
+    def from_shape(cls, shape) -> ModelDims:
+        """From a ``workers.memory.ModelShape`` (Llama family)."""
         head = shape.vocab * shape.hidden  # the output head is a matmul even when tied
         return cls(shape.n_linear + head, shape.layers, shape.hidden, shape)
 

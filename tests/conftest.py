@@ -46,6 +46,32 @@ def small_data(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
+def trial_config(tiny_model, small_data):
+    """``trial_config(**overrides)``: a short LoRA trial of the tiny model on the small data,
+    for the worker's own loop (no Ray)."""
+    from workers.train import TrialConfig
+
+    base = dict(
+        model=str(tiny_model),
+        train_path=str(small_data["train"]),
+        validation_path=str(small_data["validation"]),
+        rank=4,
+        alpha=8,
+        target_modules="all_linear",
+        learning_rate=5e-3,
+        max_steps=6,
+        eval_every=2,
+        batch_size=4,
+        max_seq_len=160,
+        eval_examples=4,
+        max_new_tokens=8,
+        prior_step_s=0.05,
+        prior_closing_s=0.5,
+    )
+    return lambda **kw: TrialConfig(**{**base, **kw})
+
+
+@pytest.fixture(scope="session")
 def ray_local():
     """One local Ray for the whole session (2 CPUs, like CI)."""
     import ray

@@ -177,26 +177,13 @@ def test_qlora_without_cuda_is_refused_by_the_worker(tiny_model, small_data):
         {"gradient_checkpointing": True, "micro_batch": 2},
     ],
 )
-def test_worker_runs_each_method_and_option(tiny_model, small_data, options):
-    from workers.train import TrialConfig, run_trial
+def test_worker_runs_each_method_and_option(trial_config, options):
+    from workers.train import run_trial
 
-    base = dict(
-        model=str(tiny_model),
-        train_path=str(small_data["train"]),
-        validation_path=str(small_data["validation"]),
-        rank=4,
-        alpha=8,
-        learning_rate=5e-3,
-        max_steps=2,
-        eval_every=2,
-        batch_size=4,
-        max_seq_len=128,
-        eval_examples=2,
-        max_new_tokens=4,
-    )
+    base = dict(max_steps=2, max_seq_len=128, eval_examples=2, max_new_tokens=4)
     saved = []
     last = run_trial(
-        TrialConfig(**{**base, **options}),
+        trial_config(**{**base, **options}),
         lambda m, d: saved.append(sorted(p.name for p in d.iterdir())),
     )
     assert last["status"] == "completed" and last["step"] == 2 and last["train_loss"] > 0

@@ -9,25 +9,10 @@ from workers import fast, model_cache
 from workers.train import TrialConfig, run_trial
 
 
-def _config(tiny_model, small_data, **kw) -> TrialConfig:
-    base = dict(
-        model=str(tiny_model),
-        train_path=str(small_data["train"]),
-        validation_path=str(small_data["validation"]),
-        rank=4,
-        alpha=8,
-        target_modules="all_linear",
-        learning_rate=5e-3,
-        max_steps=4,
-        eval_every=2,
-        batch_size=4,
-        max_seq_len=160,
-        eval_examples=4,
-        max_new_tokens=8,
-        prior_step_s=0.05,
-        prior_closing_s=0.5,
-    )
-    return TrialConfig(**{**base, **kw})
+@pytest.fixture
+def short(trial_config):
+    """Trials of 4 steps with an eval every 2."""
+    return lambda **kw: trial_config(**{"max_steps": 4, **kw})
 
 
 def _run(cfg: TrialConfig) -> list[dict]:
@@ -39,9 +24,9 @@ def _run(cfg: TrialConfig) -> list[dict]:
     ]
 
 
-def test_reused_base_gives_the_results_of_a_fresh_load(tiny_model, small_data):
-    first = _config(tiny_model, small_data, rank=8, target_modules="attn", use_dora=True)
-    second = _config(tiny_model, small_data, learning_rate=1e-3, gradient_checkpointing=True)
+def test_reused_base_gives_the_results_of_a_fresh_load(short):
+    first = short(rank=8, target_modules="attn", use_dora=True)
+    second = short(learning_rate=1e-3, gradient_checkpointing=True)
     model_cache.clear()
     _run(first)  # leaves its base model in the cache
     loads, reuses = model_cache.stats["loads"], model_cache.stats["reuses"]
@@ -53,11 +38,11 @@ def test_reused_base_gives_the_results_of_a_fresh_load(tiny_model, small_data):
     assert reused == fresh  # same losses, scores and tokens, step by step
 
 
-def test_full_ft_never_reuses_and_clears_the_cache(tiny_model, small_data):
+def test_full_ft_never_reuses_and_clears_the_cache(short):
     model_cache.clear()
-    _run(_config(tiny_model, small_data))
+    _run(short())
     reuses = model_cache.stats["reuses"]
-    _run(_config(tiny_model, small_data, method="full", learning_rate=1e-4))
+    _run(short(method="full", learning_rate=1e-4))
     assert model_cache.stats["reuses"] == reuses
     assert model_cache._cache == {}
 
@@ -88,15 +73,15 @@ class _Stopped(Exception):
     """What Tune does to a trial it stops: its report call never returns."""
 
 
-def test_a_stopped_trials_base_is_reused_by_the_next_trial(tiny_model, small_data):
+def test_a_stopped_trials_base_is_reused_by_the_next_trial(short):
     def stop_at_first_report(metrics, adapter_dir):
         raise _Stopped
 
     model_cache.clear()
     with pytest.raises(_Stopped):
-        run_trial(_config(tiny_model, small_data, use_dora=True), stop_at_first_report)
+        run_trial(short(use_dora=True), stop_at_first_report)
     loads, reuses = model_cache.stats["loads"], model_cache.stats["reuses"]
-    second = _config(tiny_model, small_data, learning_rate=1e-3)
+    second = short(learning_rate=1e-3)
     reused = _run(second)
     assert model_cache.stats["reuses"] == reuses + 1 and model_cache.stats["loads"] == loads
     model_cache.clear()

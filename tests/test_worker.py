@@ -8,38 +8,17 @@ from pathlib import Path
 
 import pytest
 
-from workers.train import FixedBudget, TrialConfig, run_trial
+from workers.train import FixedBudget, run_trial
 
 
-def _config(tiny_model, small_data, **kw) -> TrialConfig:
-    base = dict(
-        model=str(tiny_model),
-        train_path=str(small_data["train"]),
-        validation_path=str(small_data["validation"]),
-        rank=4,
-        alpha=8,
-        target_modules="all_linear",
-        learning_rate=5e-3,
-        max_steps=6,
-        eval_every=2,
-        batch_size=4,
-        max_seq_len=160,
-        eval_examples=4,
-        max_new_tokens=8,
-        prior_step_s=0.05,
-        prior_closing_s=0.5,
-    )
-    return TrialConfig(**{**base, **kw})
-
-
-def test_trial_reports_every_interval_and_saves_the_adapter(tiny_model, small_data):
+def test_trial_reports_every_interval_and_saves_the_adapter(trial_config):
     reports = []
 
     def report(metrics: dict, adapter_dir: Path) -> None:
         assert (adapter_dir / "adapter_model.safetensors").is_file()
         reports.append(metrics)
 
-    last = run_trial(_config(tiny_model, small_data, price_usd_per_hour=1.0), report)
+    last = run_trial(trial_config(price_usd_per_hour=1.0), report)
     assert [r["step"] for r in reports] == [2, 4, 6]
     assert [r["status"] for r in reports] == ["running", "running", "completed"]
     assert last is reports[-1]
@@ -51,12 +30,12 @@ def test_trial_reports_every_interval_and_saves_the_adapter(tiny_model, small_da
     assert last["tokens"] > 0
 
 
-def test_trial_stops_inside_its_ceiling(tiny_model, small_data):
+def test_trial_stops_inside_its_ceiling(trial_config):
     """At $36/h (1 cent per second) and a 6-cent ceiling the trial cannot finish 400 steps: it
     closes with a final eval and save, and what it reports never exceeds the ceiling."""
     reports = []
     budget = FixedBudget(ceiling_usd=0.06)
-    cfg = _config(tiny_model, small_data, price_usd_per_hour=36.0, max_steps=400, eval_every=100)
+    cfg = trial_config(price_usd_per_hour=36.0, max_steps=400, eval_every=100)
     last = run_trial(cfg, lambda m, d: reports.append(m), budget)
     assert last["status"] == "budget_stopped"
     assert 0 < last["step"] < 400

@@ -30,9 +30,8 @@ def hold(key: tuple, model) -> None:
 
 def acquire(key: tuple, load: Callable[[], object]):
     """The cached base model for ``key``, or a fresh one from ``load()`` (evicting any other)."""
-    for held_key, model in list(_held.items()):
-        _held.clear()
-        release(held_key, model)  # left by a trial that was stopped: take its base back
+    if _held:
+        release(*_held.popitem())  # left by a trial that was stopped: take its base back
     if key in _cache:
         stats["reuses"] += 1
         return _cache.pop(key)
