@@ -153,6 +153,8 @@ class SweepCallback(Callback):
         billed_s = max(last.get("billed_s", 0.0) + tail_s, now - live.started_unix)
         final_usd = cost_usd(self.price_usd_per_hour, billed_s)
         ray.get(self.ledger.settle.remote(trial.trial_id, final_usd))
+        if "billed_s" in last:  # what was billed after the last report: later trials keep room
+            ray.get(self.ledger.calibrate.remote(release_s=billed_s - last["billed_s"]))
         checkpoint = trial.checkpoint
         final = {"cost_usd": final_usd, "billed_s": billed_s, "step": last.get("step", 0)}
         for key in ("tokens", "base_model_reused"):

@@ -49,6 +49,7 @@ def train_lorasweep(config: dict, *, base: dict, ledger) -> None:
             "prior_closing_s": timings.get(
                 "closing_s", config.get("predicted_closing_s", base.get("prior_closing_s", 30.0))
             ),
+            "release_s": timings.get("release_s", base.get("release_s", 2.0)),
             "billing_start_unix": min(started_unix, scheduled_unix or started_unix),
         }
     )

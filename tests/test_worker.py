@@ -41,3 +41,13 @@ def test_trial_stops_inside_its_ceiling(trial_config):
     assert 0 < last["step"] < 400
     assert reports and reports[-1] is last
     assert last["cost_usd"] <= budget.ceiling_usd
+
+
+def test_trial_keeps_room_for_its_release_inside_the_ceiling(trial_config):
+    """What is billed after the last report (the sweep releasing the trial) must fit as well:
+    at 1 cent per second, 2 s of release leave 2 cents of the 6-cent ceiling unspent."""
+    budget = FixedBudget(ceiling_usd=0.06)
+    cfg = trial_config(price_usd_per_hour=36.0, max_steps=400, eval_every=100, release_s=2.0)
+    last = run_trial(cfg, lambda m, d: None, budget)
+    assert last["status"] == "budget_stopped"
+    assert last["cost_usd"] + 2.0 * 0.01 <= budget.ceiling_usd

@@ -80,6 +80,9 @@ class TrialConfig:
     num_threads: int = 1
     prior_step_s: float = 5.0  # time estimates until this trial has measured its own
     prior_closing_s: float = 30.0
+    # billed after the last report until the sweep releases the trial's resources (measured by
+    # the sweep); kept inside the ceiling like the closing eval and save
+    release_s: float = 2.0
     billing_start_unix: float | None = None  # when the trial acquired its resources; default now
 
     def hyperparameters(self) -> dict:
@@ -206,13 +209,16 @@ def _eval_and_save(model, tokenizer, val, cfg: TrialConfig, clock: _Clock, out_d
     return {"eval_loss": loss, "score": evaluate.score(generations, [e.answer for e in val])}
 
 
-def _room_after_closing(clock: _Clock, budget: Budget, step_s, closing_s, next_steps) -> bool:
+def _room_after_closing(
+    clock: _Clock, budget: Budget, step_s, closing_s, next_steps, release_s
+) -> bool:
     """Whether, after the coming eval and save, at least one more step and its own closing fit
     under the ceiling (asking for a whole further interval first)."""
-    interval = clock.cost_usd(SAFETY * (closing_s + next_steps * step_s + closing_s))
+    interval = clock.cost_usd(SAFETY * (closing_s + next_steps * step_s + closing_s + release_s))
     if interval > budget.ceiling_usd:
         budget.request(interval)
-    return clock.cost_usd(SAFETY * (closing_s + step_s + closing_s)) <= budget.ceiling_usd
+    last_step = SAFETY * (closing_s + step_s + closing_s + release_s)
+    return clock.cost_usd(last_step) <= budget.ceiling_usd
 
 
 def run_trial(
@@ -241,12 +247,12 @@ def run_trial(
     step = 0
     while step < cfg.max_steps:
         interval = min(cfg.eval_every - step % cfg.eval_every, cfg.max_steps - step)
-        need = clock.cost_usd(SAFETY * (interval * step_s + closing_s))
+        need = clock.cost_usd(SAFETY * (interval * step_s + closing_s + cfg.release_s))
         if need > budget.ceiling_usd:
             budget.request(need)  # if refused, train on while the ceiling allows, then close
         start_step = step
         for _ in range(interval):
-            if clock.cost_usd(SAFETY * (step_s + closing_s)) > budget.ceiling_usd:
+            if clock.cost_usd(SAFETY * (step_s + closing_s + cfg.release_s)) > budget.ceiling_usd:
                 status = "budget_stopped"  # close now, inside the ceiling
                 break
             t = time.monotonic()
@@ -267,7 +273,9 @@ def run_trial(
             break
         if status != "budget_stopped" and step < cfg.max_steps:
             next_interval = min(cfg.eval_every, cfg.max_steps - step)
-            if not _room_after_closing(clock, budget, step_s, closing_s, next_interval):
+            if not _room_after_closing(
+                clock, budget, step_s, closing_s, next_interval, cfg.release_s
+            ):
                 status = "budget_stopped"  # this eval is the last: say so in its report
         with tempfile.TemporaryDirectory(prefix="adapter-") as tmp:
             t = time.monotonic()
