@@ -9,7 +9,8 @@ length, no padding), it times optimizer steps of:
 - ``lorasweep``: the worker's step (``workers/fast.py``) with ``trial.compile: true``: the same
   PEFT adapter under bf16 autocast, compiled decoder layers, chunked loss over labelled tokens,
   fused AdamW;
-and full FT both ways. Prints a table; writes rows {"model", "method", "impl", "tokens_per_s",
+and full FT both ways, each ``--repeats`` times in alternation (tokens/s is the median of the runs).
+Prints a table; writes rows {"model", "method", "impl", "tokens_per_s",
 "mfu", "peak_gib", "device"}. LoRA-MFU counts 4*N_matmul + 6*N_lora + 12*layers*d_model*seq
 FLOPs per token (full FT: 6*N_matmul + the same attention term) over 989 TFLOP/s (H100 bf16 dense).
 """
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import tempfile
 import time
@@ -43,7 +45,7 @@ def _model(model_dir: Path):
 def _setup(model_dir: Path, method: str, impl: str):
     import torch
 
-    from workers import fast
+    from workers import fast, packing
     from workers.lora import attach_lora
 
     model = _model(model_dir)
@@ -51,6 +53,7 @@ def _setup(model_dir: Path, method: str, impl: str):
         model = attach_lora(model, rank=16, alpha=32, target_modules="all_linear", dropout=0.0)
     params = [p for p in model.parameters() if p.requires_grad]
     if impl == "lorasweep":
+        packing.enable(fast.causal_lm(model))  # the worker packs rows (here: no padding to drop)
         fast.compile_layers(model)
         opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
         step_loss = fast.loss
@@ -67,10 +70,15 @@ def _setup(model_dir: Path, method: str, impl: str):
 def measure(model_dir: Path, method: str, impl: str, vocab: int) -> dict:
     import torch
 
+    from workers import packing
+
     torch.manual_seed(0)
     ids = torch.randint(0, vocab, (BATCH, SEQ), device="cuda")
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
     model, opt, step_loss = _setup(model_dir, method, impl)
+    if impl == "lorasweep":  # the worker's packed batch: the same rows end to end
+        rows = [(r, r) for r in ids.tolist()]
+        batch = {k: v.cuda() if hasattr(v, "cuda") else v for k, v in packing.pack(rows).items()}
     torch.cuda.reset_peak_memory_stats()
     first_loss = None
     for i in range(WARMUP + STEPS):
@@ -115,6 +123,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "bench/results/throughput.json"))
     ap.add_argument("--models", nargs="*", default=["llama-0.5b", "llama-1.5b"])
     ap.add_argument("--impls", nargs="*", default=["peft_eager", "lorasweep"])
+    ap.add_argument("--repeats", type=int, default=2, help="alternating runs of each row")
     args = ap.parse_args()
     device = torch.cuda.get_device_name(0)
     rows = []
@@ -124,31 +133,39 @@ def main() -> None:
             model_dir = build_random_llama(
                 Path(tmp) / shape, tok, shape, vocab_size=32000, dtype="bfloat16"
             )
-            for method in ("lora", "full"):
-                for impl in args.impls:
-                    t = time.time()
-                    m = measure(model_dir, method, impl, 32000)
-                    mfu = m["tokens_per_s"] * flops_per_token(model_dir, method) / PEAK_FLOPS
-                    row = {
+            runs: dict[tuple, list] = {}
+            for _ in range(args.repeats):  # alternating, so drift hits every row alike
+                for method in ("lora", "full"):
+                    for impl in args.impls:
+                        t = time.time()
+                        m = measure(model_dir, method, impl, 32000)
+                        runs.setdefault((method, impl), []).append(m)
+                        print(
+                            json.dumps(
+                                {
+                                    "model": shape,
+                                    "method": method,
+                                    "impl": impl,
+                                    "tokens_per_s": round(m["tokens_per_s"]),
+                                    "first_loss": round(m["first_loss"], 4),
+                                    "wall_s": round(time.time() - t, 1),
+                                }
+                            ),
+                            flush=True,
+                        )
+            for (method, impl), ms in runs.items():
+                tps = statistics.median(m["tokens_per_s"] for m in ms)
+                rows.append(
+                    {
                         "model": shape,
                         "method": method,
                         "impl": impl,
-                        "tokens_per_s": round(m["tokens_per_s"]),
-                        "mfu": round(mfu, 4),
-                        "peak_gib": round(m["peak_gib"], 2),
+                        "tokens_per_s": round(tps),
+                        "mfu": round(tps * flops_per_token(model_dir, method) / PEAK_FLOPS, 4),
+                        "peak_gib": round(max(m["peak_gib"] for m in ms), 2),
                         "device": device,
                     }
-                    rows.append(row)
-                    print(
-                        json.dumps(
-                            {
-                                **row,
-                                "first_loss": round(m["first_loss"], 4),
-                                "wall_s": round(time.time() - t, 1),
-                            }
-                        ),
-                        flush=True,
-                    )
+                )
     Path(args.out).write_text(json.dumps(rows, indent=1) + "\n")
     print("| model | method | impl | tokens/s | MFU | peak GiB |")
     print("|---|---|---|---|---|---|")

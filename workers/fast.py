@@ -1,5 +1,7 @@
-"""The fast training step on GPU: compiled decoder layers and a chunked loss over answer tokens.
+"""The fast training step: packed rows, compiled decoder layers, a chunked loss over answer tokens.
 
+- A batch's rows are packed end to end without padding (``workers/packing.py``); attention stays
+  inside each row (varlen flash attention on CUDA).
 - Each decoder layer is compiled with ``torch.compile`` (regional compilation: one graph serves
   every layer, so compiling costs seconds, not minutes); LoRA's dropout, scaling and add fuse
   into the layer's kernels instead of each making a copy of the activations.
@@ -19,20 +21,21 @@ from __future__ import annotations
 CHUNK_TOKENS = 4096  # rows of logits computed at once in the loss
 # decoders whose logits are plainly lm_head(last hidden state) (no soft-capping or scaling)
 SUPPORTED = {"llama", "mistral", "qwen2", "qwen3"}
+PACKED_KEYS = ("position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
 
 
-def _causal_lm(model):
+def causal_lm(model):
     """The ``...ForCausalLM`` inside a PEFT wrapper, or the model itself."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def supported(model) -> bool:
-    return getattr(_causal_lm(model).config, "model_type", None) in SUPPORTED
+    return getattr(causal_lm(model).config, "model_type", None) in SUPPORTED
 
 
 def compile_layers(model) -> None:
     """Compile every decoder layer in place (dynamic sequence lengths)."""
-    for layer in _causal_lm(model).get_decoder().layers:
+    for layer in causal_lm(model).get_decoder().layers:
         layer.compile(dynamic=True)
 
 
@@ -47,12 +50,14 @@ def loss(model, batch: dict, chunk_tokens: int = CHUNK_TOKENS):
     import torch
     from torch.utils.checkpoint import checkpoint
 
-    lm = _causal_lm(model)
+    lm = causal_lm(model)
+    extra = {k: batch[k] for k in PACKED_KEYS if k in batch}  # a packed batch (no padding mask)
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=batch["input_ids"].is_cuda):
         hidden = lm.get_decoder()(
             input_ids=batch["input_ids"],
             attention_mask=batch.get("attention_mask"),
             use_cache=False,
+            **extra,
         ).last_hidden_state
     labels = batch["labels"][:, 1:]
     keep = labels != -100

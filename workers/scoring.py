@@ -49,11 +49,10 @@ def score_split(
         torch.set_num_threads(num_threads)
     examples = read_examples(Path(data_path), data_format, field)[:limit]
     tokenizer, model = load_with_adapter(model_ref, adapter_dir, dtype, device)
-    loss = evaluate.eval_loss(model, tokenizer, examples, max_seq_len, batch_size)
-    generations = evaluate.generate(model, tokenizer, examples, max_new_tokens)
+    result = evaluate.evaluate(model, tokenizer, examples, max_seq_len, max_new_tokens, batch_size)
     return {
-        "score": evaluate.score(generations, [e.answer for e in examples]),
-        "eval_loss": loss,
+        "score": evaluate.score(result["generations"], [e.answer for e in examples]),
+        "eval_loss": result["eval_loss"],
         "examples": len(examples),
         "seconds": time.time() - t0,
     }

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from workers import evaluate, fast, model_cache
+from workers import evaluate, fast, model_cache, packing
 from workers.data import encode_for_training, pad_batch, read_examples
 from workers.methods import cache_key, setup_model
 from workers.model import load_tokenizer
@@ -64,6 +64,7 @@ class TrialConfig:
     gradient_checkpointing: bool = False
     micro_batch: int | None = None  # < batch_size: gradient accumulation over micro-batches
     compile: bool = False  # torch.compile the decoder layers (GPU; pays ~30-70 s once per process)
+    packing: bool = True  # rows packed end to end, no padding (supported decoders)
     reuse_base_model: bool = True  # keep the base model in this process for the next trial
     # limits
     max_steps: int = 30
@@ -147,6 +148,22 @@ def _batches(encoded: list, batch_size: int, seed: int):
         del order[:batch_size]
 
 
+_encoded: dict[tuple, list] = {}  # this process's tokenised training sets (reused by later trials)
+
+
+def _encoded_train_rows(tokenizer, cfg: TrialConfig) -> list:
+    """The training rows tokenised; a later trial in this process on the same file, tokenizer and
+    length limit reuses them (the file's size and modification time are part of the key)."""
+    stat = Path(cfg.train_path).stat() if Path(cfg.train_path).is_file() else None
+    key = (cfg.model, cfg.train_path, cfg.data_format, cfg.max_seq_len)
+    key += (stat.st_size, stat.st_mtime_ns) if stat else ()
+    if key not in _encoded:
+        rows = read_examples(Path(cfg.train_path), cfg.data_format)
+        _encoded.clear()
+        _encoded[key] = [encode_for_training(tokenizer, ex, cfg.max_seq_len) for ex in rows]
+    return _encoded[key]
+
+
 def _setup(cfg: TrialConfig, clock: _Clock):
     import torch
 
@@ -156,14 +173,13 @@ def _setup(cfg: TrialConfig, clock: _Clock):
     t = time.monotonic()
     tokenizer = load_tokenizer(cfg.model)
     model, groups = setup_model(cfg)
+    if cfg.packing and fast.supported(model):
+        packing.enable(fast.causal_lm(model))
     if cfg.compile and cfg.device == "cuda" and fast.supported(model):
         fast.compile_layers(model)
     clock.phases_s["load"] += time.monotonic() - t
     t = time.monotonic()
-    train = [
-        encode_for_training(tokenizer, ex, cfg.max_seq_len)
-        for ex in read_examples(Path(cfg.train_path), cfg.data_format)
-    ]
+    train = _encoded_train_rows(tokenizer, cfg)
     val = read_examples(Path(cfg.validation_path), cfg.data_format, "data.validation")
     clock.phases_s["data"] += time.monotonic() - t
     optimizer = torch.optim.AdamW(
@@ -177,14 +193,16 @@ def _train_step(model, rows: list, pad_id: int, cfg: TrialConfig) -> tuple[float
     (mean loss, tokens processed)."""
     micro = cfg.micro_batch or len(rows)
     use_fast = fast.supported(model)
+    packed = use_fast and fast.causal_lm(model).config._attn_implementation == packing.ATTENTION
     chunks = [rows[i : i + micro] for i in range(0, len(rows), micro)]
     total_loss, n_tokens = 0.0, 0
     for chunk in chunks:
-        batch = {k: v.to(cfg.device) for k, v in pad_batch(chunk, pad_id).items()}
+        batch = packing.pack(chunk) if packed else pad_batch(chunk, pad_id)
+        batch = {k: v.to(cfg.device) if hasattr(v, "to") else v for k, v in batch.items()}
         loss = (fast.loss(model, batch) if use_fast else model(**batch).loss) / len(chunks)
         loss.backward()
         total_loss += loss.detach().item()
-        n_tokens += int(batch["attention_mask"].sum())
+        n_tokens += sum(len(ids) for ids, _ in chunk)
     return total_loss, n_tokens
 
 
@@ -199,14 +217,19 @@ def _gpu_memory(device: str, static_gib: float | None) -> dict:
 
 def _eval_and_save(model, tokenizer, val, cfg: TrialConfig, clock: _Clock, out_dir: Path) -> dict:
     t = time.monotonic()
-    loss = evaluate.eval_loss(model, tokenizer, val, cfg.max_seq_len, cfg.batch_size)
-    generations = evaluate.generate(model, tokenizer, val, cfg.max_new_tokens)
+    result = evaluate.evaluate(
+        model, tokenizer, val, cfg.max_seq_len, cfg.max_new_tokens, cfg.batch_size
+    )
     clock.phases_s["eval"] += time.monotonic() - t
     t = time.monotonic()
     model.save_pretrained(out_dir, safe_serialization=True)
     clock.phases_s["checkpoint"] += time.monotonic() - t
     model.train()
-    return {"eval_loss": loss, "score": evaluate.score(generations, [e.answer for e in val])}
+    return {
+        "eval_loss": result["eval_loss"],
+        "score": evaluate.score(result["generations"], [e.answer for e in val]),
+        "eval_tokens_generated": result["tokens_generated"],
+    }
 
 
 def _room_after_closing(

@@ -1,0 +1,102 @@
+"""Padding-free packing and the shortcut evaluation give what the plain paths give (CPU, no Ray).
+
+The tiny random model stands in for a real one; on CUDA the packed attention runs torch's varlen
+flash kernel instead of the per-row SDPA calls checked here (the H100 benchmark exercises it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from workers import evaluate, fast, packing
+from workers.data import encode_for_training, encode_prompt, pad_batch, read_examples
+from workers.lora import attach_lora
+from workers.model import load_tokenizer
+
+
+def _lora_model(tiny_model, attn="sdpa"):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation=attn)
+    torch.manual_seed(1)
+    return attach_lora(model, rank=4, alpha=8, target_modules="all_linear", dropout=0.0)
+
+
+def _rows(vocab: int) -> list[tuple[list[int], list[int]]]:
+    torch.manual_seed(0)
+    rows = []
+    for length, prompt in [(20, 6), (9, 3), (33, 10), (1, 0)]:
+        ids = torch.randint(0, vocab, (length,)).tolist()
+        rows.append((ids, [-100] * prompt + ids[prompt:]))
+    return rows
+
+
+def test_pack_lays_rows_end_to_end():
+    batch = packing.pack([([5, 6, 7], [-100, 6, 7]), ([8, 9], [8, 9])])
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1]]
+    assert batch["labels"].tolist() == [[-100, 6, 7, -100, 9]]  # no row predicts the next row
+    assert batch["cu_seq_lens_q"].tolist() == [0, 3, 5]
+    assert batch["max_length_q"] == 3
+
+
+def test_packed_step_equals_padded_step(tiny_model):
+    padded, packed = _lora_model(tiny_model), _lora_model(tiny_model)
+    assert packing.enable(fast.causal_lm(packed))
+    rows = _rows(padded.config.vocab_size)
+    expected = fast.loss(padded, pad_batch(rows, 0))
+    got = fast.loss(packed, packing.pack(rows))
+    assert float(got) == pytest.approx(float(expected), rel=1e-5)
+    expected.backward()
+    got.backward()
+    grads = {n: p.grad for n, p in padded.named_parameters() if p.grad is not None}
+    assert grads
+    for n, p in packed.named_parameters():
+        if n in grads:
+            torch.testing.assert_close(p.grad, grads[n], rtol=1e-4, atol=1e-6)
+    # padded input (evaluation) still takes the SDPA path, with its mask
+    batch = pad_batch(rows, 0)
+    assert float(packed(**batch).loss) == pytest.approx(float(padded(**batch).loss), rel=1e-5)
+
+
+def test_evaluate_generates_what_greedy_decoding_generates(tiny_model, small_data):
+    """Three cases in one batch: a reference the model reproduces (no decoding needed), one it
+    leaves halfway (decoded from there), and the demo's own references (decoded from the start)."""
+    model = _lora_model(tiny_model).eval()
+    tokenizer = load_tokenizer(str(tiny_model))
+    examples = read_examples(small_data["validation"], "chat", "data.validation")[:3]
+    own = evaluate.generate(model, tokenizer, examples, 12)
+    halfway = own[1][: len(own[1]) // 2] + " changed"
+    cases = [
+        dataclasses.replace(examples[0], answer=own[0]),
+        dataclasses.replace(examples[1], answer=halfway),
+        examples[2],
+    ]
+    expected = evaluate.generate(model, tokenizer, cases, 12)
+    got = evaluate.evaluate(model, tokenizer, cases, 256, 12, batch_size=2)
+    assert got["generations"] == expected
+    assert got["tokens_generated"] < 12 * len(cases)  # the reproduced prefixes were not decoded
+    assert got["rows_generated"] in (2, 3)  # 3 only if own[0] re-tokenises differently
+
+
+def test_evaluate_loss_is_the_answer_cross_entropy(tiny_model, small_data):
+    model = _lora_model(tiny_model).eval()
+    tokenizer = load_tokenizer(str(tiny_model))
+    examples = read_examples(small_data["validation"], "chat", "data.validation")[:3]
+    longest_prompt = max(len(encode_prompt(tokenizer, ex)) for ex in examples)
+    max_seq_len = longest_prompt + 6  # some answers cut short, as training cuts them
+    rows = [encode_for_training(tokenizer, ex, max_seq_len) for ex in examples]
+    with torch.no_grad():
+        expected = float(model(**pad_batch(rows, tokenizer.pad_token_id)).loss)
+    got = evaluate.evaluate(model, tokenizer, examples, max_seq_len, 4, batch_size=3)["eval_loss"]
+    assert got == pytest.approx(expected, rel=1e-4)
+
+
+def test_a_decoding_penalty_takes_the_plain_path(tiny_model):
+    model = _lora_model(tiny_model)
+    assert evaluate._plain_greedy(model)
+    model.generation_config.repetition_penalty = 1.3
+    assert not evaluate._plain_greedy(model)
