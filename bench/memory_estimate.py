@@ -52,15 +52,16 @@ def _words(rng: random.Random, n: int) -> str:
 
 
 def _prepare(work: Path, shape: str) -> tuple[Path, Path]:
-    """A random-init model folder and a JSONL file whose rows exceed 1024 tokens."""
+    """A random-init model folder and a JSONL file whose rows exceed 4096 tokens, nearly all of
+    them answer (trained on, so the loss computes their logits)."""
     from workers.synthetic import build_random_llama, build_tokenizer
 
     rng = random.Random(0)
     rows = [
         {
             "messages": [
-                {"role": "user", "content": _words(rng, 1800)},
-                {"role": "assistant", "content": _words(rng, 1200)},
+                {"role": "user", "content": _words(rng, 150)},
+                {"role": "assistant", "content": _words(rng, 4500)},
             ]
         }
         for _ in range(16)

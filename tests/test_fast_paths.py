@@ -100,3 +100,13 @@ def test_a_decoding_penalty_takes_the_plain_path(tiny_model):
     assert evaluate._plain_greedy(model)
     model.generation_config.repetition_penalty = 1.3
     assert not evaluate._plain_greedy(model)
+
+
+def test_a_batch_without_answer_tokens_still_steps(tiny_model):
+    """Rows cut short inside their prompt leave nothing to learn: the loss is 0, and backward
+    works (the step is a no-op for the adapter)."""
+    model = _lora_model(tiny_model)
+    rows = [([1, 2, 3, 4], [-100] * 4), ([5, 6], [-100, -100])]
+    loss = fast.loss(model, packing.pack(rows))
+    loss.backward()
+    assert float(loss) == 0.0

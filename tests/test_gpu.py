@@ -72,10 +72,14 @@ def test_packed_step_on_cuda_matches_the_padded_step(tiny_model, compiled):
     assert float(b) == pytest.approx(float(a), rel=2e-2)
     a.backward()
     b.backward()
-    ga = {n: p.grad.float() for n, p in padded.named_parameters() if p.grad is not None}
+    # lora_B starts at zero, so only the B matrices have gradients after the first backward
+    ga = {n: p.grad.float() for n, p in padded.named_parameters() if "lora_B" in n}
+    compared = 0
     for n, p in packed.named_parameters():
         if n in ga:
             cos = torch.nn.functional.cosine_similarity(
                 p.grad.float().flatten(), ga[n].flatten(), 0
             )
             assert cos > 0.99, n
+            compared += 1
+    assert compared == len(ga) > 0

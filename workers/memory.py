@@ -13,10 +13,11 @@ Byte counts follow what ``workers/train.py`` actually runs:
   next forward, so they add to the peak only with gradient checkpointing (small activations).
 Activations are what autograd keeps per token per layer (SDPA attention: no s^2 score matrix):
 a base cost in multiples of (hidden, kv width, intermediate), plus, for lora/qlora, a cost per
-targeted module proportional to its input width (PEFT casts each adapter's input to fp32 and
-keeps its dropout output). Coefficients were fitted to H100 measurements of the worker's own
-loop (bench/memory_estimate.py; 0.5B and 1.5B Llama shapes) and checked on configs not used for
-the fit (bench/RESULTS.md). With gradient checkpointing each layer keeps only its bf16 input,
+targeted module proportional to its input width (the bf16 copy of the adapter's input that
+autocast keeps, and the dropout mask). The loss computes logits only for answer tokens, at most
+``LOSS_CHUNK_TOKENS`` at a time (``workers/fast.py``). Coefficients were fitted to H100
+measurements of the worker's own loop (bench/memory_estimate.py; 0.5B and 1.5B Llama shapes)
+and checked on configs not used for the fit (bench/RESULTS.md). With gradient checkpointing each layer keeps only its bf16 input,
 plus part of one layer's activations during recomputation.
 """
 
@@ -30,10 +31,13 @@ WORKSPACE_BYTES = 0.25 * GIB  # cuBLAS workspaces, allocator rounding
 # bytes kept per token per layer, as multiples of (hidden, kv width, intermediate)
 FULL_ACT_COEFFS = (22.0, 4.0, 8.0)  # every linear keeps its input for its weight gradient
 LORA_ACT_COEFFS = (13.1, 4.0, 6.0)  # frozen base: untargeted linears keep less
-LORA_ACT_BYTES_PER_INPUT = 5.0  # per targeted module, times its input width
+# per targeted module, times its input width: the bf16 copy autocast makes of the adapter's input
+# (PEFT first casts it to the fp32 adapter dtype; that copy is transient) + the dropout mask
+LORA_ACT_BYTES_PER_INPUT = 3.0
 CKPT_RECOMPUTE_SHARE = 0.25  # share of one layer's activations alive while recomputing
 METHODS = ("lora", "qlora", "full")
 LOGIT_BYTES = 10  # per token per vocab entry: bf16 logits + fp32 upcast + fp32 softmax for the loss
+LOSS_CHUNK_TOKENS = 4096  # the fast loss computes logits this many (answer) tokens at a time
 
 
 @dataclass(frozen=True)
@@ -162,7 +166,7 @@ def estimate(
         activations = shape.layers * tokens * shape.hidden * 2 + CKPT_RECOMPUTE_SHARE * per_layer
     else:
         activations = shape.layers * per_layer
-    logits = tokens * shape.vocab * LOGIT_BYTES
+    logits = min(tokens, LOSS_CHUNK_TOKENS) * shape.vocab * LOGIT_BYTES
     return MemoryEstimate(
         weights / GIB, state / GIB, activations / GIB, logits / GIB, WORKSPACE_BYTES / GIB
     )
