@@ -17,8 +17,8 @@ targeted module proportional to its input width (the bf16 copy of the adapter's 
 autocast keeps, and the dropout mask). The loss computes logits only for answer tokens, at most
 ``LOSS_CHUNK_TOKENS`` at a time (``workers/fast.py``). Coefficients were fitted to H100
 measurements of the worker's own loop (bench/memory_estimate.py; 0.5B and 1.5B Llama shapes)
-and checked on configs not used for the fit (bench/RESULTS.md). With gradient checkpointing each layer keeps only its bf16 input,
-plus part of one layer's activations during recomputation.
+and checked on configs not used for the fit (bench/RESULTS.md). With gradient checkpointing each
+layer keeps only its bf16 input, plus part of one layer's activations during recomputation.
 """
 
 from __future__ import annotations
