@@ -7,7 +7,8 @@ length, no padding), it times optimizer steps of:
 - ``peft_eager``: PEFT LoRA r16 alpha 32 on all linear layers, dropout 0 (PEFT's default), the
   model's own loss (``model(**batch).loss``), ``torch.optim.AdamW`` with its defaults;
 - ``lorasweep``: the worker's step (``workers/fast.py``) with ``trial.compile: true``: the same
-  PEFT adapter under bf16 autocast, compiled decoder layers, chunked loss over labelled tokens,
+  PEFT adapter under bf16 autocast, rows packed end to end (varlen flash attention), decoder
+  layers compiled and replayed as CUDA graphs, chunked loss over labelled tokens,
   fused AdamW;
 and full FT both ways, each ``--repeats`` times in alternation (tokens/s is the median of the runs).
 Prints a table; writes rows {"model", "method", "impl", "tokens_per_s",
@@ -54,12 +55,13 @@ def _setup(model_dir: Path, method: str, impl: str):
     params = [p for p in model.parameters() if p.requires_grad]
     if impl == "lorasweep":
         packing.enable(fast.causal_lm(model))  # the worker packs rows (here: no padding to drop)
-        fast.compile_layers(model)
+        fast.compile_layers(model, cuda_graphs=True)
         opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
-        step_loss = fast.loss
-    elif impl == "autocast_eager":  # exploration: the autocast alone, no compile
-        opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
-        step_loss = fast.loss
+
+        def step_loss(m, b):
+            fast.step_begin()
+            return fast.loss(m, b)
+
     else:
         opt = torch.optim.AdamW(params, lr=1e-4)
         step_loss = lambda m, b: m(**b).loss  # noqa: E731 - the plain path, as users write it
@@ -70,7 +72,7 @@ def _setup(model_dir: Path, method: str, impl: str):
 def measure(model_dir: Path, method: str, impl: str, vocab: int) -> dict:
     import torch
 
-    from workers import packing
+    from workers import packing, train
 
     torch.manual_seed(0)
     ids = torch.randint(0, vocab, (BATCH, SEQ), device="cuda")
@@ -78,7 +80,8 @@ def measure(model_dir: Path, method: str, impl: str, vocab: int) -> dict:
     model, opt, step_loss = _setup(model_dir, method, impl)
     if impl == "lorasweep":  # the worker's packed batch: the same rows end to end
         rows = [(r, r) for r in ids.tolist()]
-        batch = {k: v.cuda() if hasattr(v, "cuda") else v for k, v in packing.pack(rows).items()}
+        packed = packing.pack(rows, train.GRAPH_BUCKET_TOKENS, SEQ)
+        batch = {k: v.cuda() if hasattr(v, "cuda") else v for k, v in packed.items()}
     torch.cuda.reset_peak_memory_stats()
     first_loss = None
     for i in range(WARMUP + STEPS):

@@ -83,3 +83,28 @@ def test_packed_step_on_cuda_matches_the_padded_step(tiny_model, compiled):
             assert cos > 0.99, n
             compared += 1
     assert compared == len(ga) > 0
+
+
+def test_compiled_trials_replay_cuda_graphs_like_the_plain_step(trial_config):
+    """``trial.compile`` on CUDA (compiled layers replayed as CUDA graphs, bucketed packed rows,
+    uncompiled evaluation): the losses of the plain step, and a second trial in the same process
+    reuses the compiled base."""
+    from workers import model_cache
+    from workers.train import run_trial
+
+    def losses(**kw):
+        reports = []
+        cfg = trial_config(device="cuda", max_steps=8, eval_every=4, **kw)
+        run_trial(cfg, lambda m, d: reports.append(m))
+        assert [r["step"] for r in reports] == [4, 8]
+        assert all(0.0 <= r["score"] <= 1.0 for r in reports)
+        return [v for r in reports for _, v in r["train_loss_steps"]], reports
+
+    model_cache.clear()
+    plain, _ = losses(compile=False)
+    model_cache.clear()
+    graphed, _ = losses(compile=True)
+    again, reports = losses(compile=True)
+    assert reports[-1]["base_model_reused"] == 1
+    assert graphed == pytest.approx(plain, rel=3e-2)
+    assert again == pytest.approx(graphed, rel=3e-2)

@@ -4,7 +4,8 @@
   inside each row (varlen flash attention on CUDA).
 - Each decoder layer is compiled with ``torch.compile`` (regional compilation: one graph serves
   every layer, so compiling costs seconds, not minutes); LoRA's dropout, scaling and add fuse
-  into the layer's kernels instead of each making a copy of the activations.
+  into the layer's kernels instead of each making a copy of the activations. On CUDA the layers
+  replay as CUDA graphs: a small model's LoRA step is bound by kernel launches, not by the GPU.
 - The loss is computed only where there are labels (answer tokens; prompt and padding positions
   never reach the output head), in chunks, each recomputed in backward: the [tokens x vocab]
   logits are never held whole, so large vocabularies cost neither memory nor a float32 copy.
@@ -33,10 +34,31 @@ def supported(model) -> bool:
     return getattr(causal_lm(model).config, "model_type", None) in SUPPORTED
 
 
-def compile_layers(model) -> None:
-    """Compile every decoder layer in place (dynamic sequence lengths)."""
+def compile_layers(model, cuda_graphs: bool = False) -> None:
+    """Compile every decoder layer in place (dynamic sequence lengths). With ``cuda_graphs`` each
+    layer's forward and backward replay as CUDA graphs (``mode="reduce-overhead"``): one launch
+    instead of hundreds, which is what a small model's step is bound by. A graph is recorded per
+    distinct input shape, so callers keep the shapes few (``packing.pack(bucket_tokens=...)``),
+    mark each step (``step_begin``) and run anything else uncompiled (``eager``)."""
+    mode = "reduce-overhead" if cuda_graphs else None
     for layer in causal_lm(model).get_decoder().layers:
-        layer.compile(dynamic=True)
+        layer.compile(dynamic=True, mode=mode)
+
+
+def step_begin() -> None:
+    """Tell CUDA-graph replays that a new training iteration starts (outputs of the last one
+    are no longer needed)."""
+    import torch
+
+    torch.compiler.cudagraph_mark_step_begin()
+
+
+def eager():
+    """A context in which compiled layers run their plain Python (evaluation and generation:
+    shapes that change every token would each record a CUDA graph)."""
+    import torch
+
+    return torch.compiler.set_stance("force_eager")
 
 
 def _chunk_loss(lm_head, hidden, targets):

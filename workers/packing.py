@@ -22,9 +22,18 @@ ATTENTION = "lorasweep_packed"
 _registered = False
 
 
-def pack(rows: list[tuple[list[int], list[int]]]) -> dict:
+def pack(
+    rows: list[tuple[list[int], list[int]]],
+    bucket_tokens: int | None = None,
+    max_length: int | None = None,
+) -> dict:
     """One packed row: ``input_ids``, ``labels``, ``position_ids`` of shape [1, tokens], and the
-    row boundaries for the attention."""
+    row boundaries for the attention.
+
+    ``bucket_tokens`` rounds the length up to a multiple of it with one filler row (token 0, no
+    labels, attending only to itself), so that CUDA graphs see few distinct shapes: at most
+    ``bucket_tokens - 1`` filler tokens per batch. ``max_length`` fixes the longest-row bound the
+    attention is given (any bound >= the longest row is correct) so it does not vary either."""
     import torch
 
     ids, labels, positions, bounds = [], [], [], [0]
@@ -33,8 +42,14 @@ def pack(rows: list[tuple[list[int], list[int]]]) -> dict:
         labels += [-100] + list(r_labels[1:])
         positions += range(len(r_ids))
         bounds.append(bounds[-1] + len(r_ids))
+    filler = -len(ids) % bucket_tokens if bucket_tokens else 0
+    if filler:
+        ids += [0] * filler
+        labels += [-100] * filler
+        positions += range(filler)
+        bounds.append(bounds[-1] + filler)
     cu = torch.tensor(bounds, dtype=torch.int32)
-    longest = max(len(r) for r, _ in rows)
+    longest = max(max(len(r) for r, _ in rows), filler, max_length or 0)
     return {
         "input_ids": torch.tensor([ids]),
         "labels": torch.tensor([labels]),

@@ -12,6 +12,7 @@ a step and the closing still fit, then closes (final eval and adapter save) insi
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import tempfile
@@ -63,7 +64,8 @@ class TrialConfig:
     # memory: set by the orchestrator's memory check when the plain config would not fit
     gradient_checkpointing: bool = False
     micro_batch: int | None = None  # < batch_size: gradient accumulation over micro-batches
-    compile: bool = False  # torch.compile the decoder layers (GPU; pays ~30-70 s once per process)
+    # torch.compile the decoder layers, replayed as CUDA graphs (GPU; ~30-90 s once per process)
+    compile: bool = False
     packing: bool = True  # rows packed end to end, no padding (supported decoders)
     reuse_base_model: bool = True  # keep the base model in this process for the next trial
     # limits
@@ -164,6 +166,14 @@ def _encoded_train_rows(tokenizer, cfg: TrialConfig) -> list:
     return _encoded[key]
 
 
+GRAPH_BUCKET_TOKENS = 128  # packed lengths are rounded up to this under CUDA graphs
+
+
+def _graphs(cfg: TrialConfig, model) -> bool:
+    """Compiled layers replaying as CUDA graphs: ``trial.compile`` on a GPU, supported decoders."""
+    return cfg.compile and cfg.device == "cuda" and fast.supported(model)
+
+
 def _setup(cfg: TrialConfig, clock: _Clock):
     import torch
 
@@ -175,8 +185,8 @@ def _setup(cfg: TrialConfig, clock: _Clock):
     model, groups = setup_model(cfg)
     if cfg.packing and fast.supported(model):
         packing.enable(fast.causal_lm(model))
-    if cfg.compile and cfg.device == "cuda" and fast.supported(model):
-        fast.compile_layers(model)
+    if _graphs(cfg, model):
+        fast.compile_layers(model, cuda_graphs=True)
     clock.phases_s["load"] += time.monotonic() - t
     t = time.monotonic()
     train = _encoded_train_rows(tokenizer, cfg)
@@ -194,10 +204,17 @@ def _train_step(model, rows: list, pad_id: int, cfg: TrialConfig) -> tuple[float
     micro = cfg.micro_batch or len(rows)
     use_fast = fast.supported(model)
     packed = use_fast and fast.causal_lm(model).config._attn_implementation == packing.ATTENTION
+    graphs = _graphs(cfg, model) and packed
     chunks = [rows[i : i + micro] for i in range(0, len(rows), micro)]
     total_loss, n_tokens = 0.0, 0
     for chunk in chunks:
-        batch = packing.pack(chunk) if packed else pad_batch(chunk, pad_id)
+        if graphs:  # few distinct shapes, a new iteration for the graph replays
+            batch = packing.pack(
+                chunk, GRAPH_BUCKET_TOKENS, max(cfg.max_seq_len, GRAPH_BUCKET_TOKENS)
+            )
+            fast.step_begin()
+        else:
+            batch = packing.pack(chunk) if packed else pad_batch(chunk, pad_id)
         batch = {k: v.to(cfg.device) if hasattr(v, "to") else v for k, v in batch.items()}
         loss = (fast.loss(model, batch) if use_fast else model(**batch).loss) / len(chunks)
         loss.backward()
@@ -217,9 +234,10 @@ def _gpu_memory(device: str, static_gib: float | None) -> dict:
 
 def _eval_and_save(model, tokenizer, val, cfg: TrialConfig, clock: _Clock, out_dir: Path) -> dict:
     t = time.monotonic()
-    result = evaluate.evaluate(
-        model, tokenizer, val, cfg.max_seq_len, cfg.max_new_tokens, cfg.batch_size
-    )
+    with fast.eager() if _graphs(cfg, model) else contextlib.nullcontext():
+        result = evaluate.evaluate(
+            model, tokenizer, val, cfg.max_seq_len, cfg.max_new_tokens, cfg.batch_size
+        )
     clock.phases_s["eval"] += time.monotonic() - t
     t = time.monotonic()
     model.save_pretrained(out_dir, safe_serialization=True)
