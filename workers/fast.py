@@ -37,12 +37,18 @@ def supported(model) -> bool:
 def compile_layers(model, cuda_graphs: bool = False) -> None:
     """Compile every decoder layer in place (dynamic sequence lengths). With ``cuda_graphs`` each
     layer's forward and backward replay as CUDA graphs (``mode="reduce-overhead"``): one launch
-    instead of hundreds, which is what a small model's step is bound by. A graph is recorded per
-    distinct input shape, so callers keep the shapes few (``packing.pack(bucket_tokens=...)``),
+    instead of hundreds, which is what a small model's step is bound by. Shapes are static then:
+    each distinct input shape compiles and records once, so callers keep the shapes few (``packing.pack(bucket_tokens=...)``),
     mark each step (``step_begin``) and run anything else uncompiled (``eager``)."""
+    import torch
+
     mode = "reduce-overhead" if cuda_graphs else None
+    if cuda_graphs:  # static shapes: one compile per length bucket, not the default 8 at most
+        config = torch._dynamo.config
+        name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+        setattr(config, name, max(getattr(config, name), 64))
     for layer in causal_lm(model).get_decoder().layers:
-        layer.compile(dynamic=True, mode=mode)
+        layer.compile(dynamic=not cuda_graphs, mode=mode)
 
 
 def step_begin() -> None:
