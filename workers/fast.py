@@ -38,8 +38,9 @@ def compile_layers(model, cuda_graphs: bool = False) -> None:
     """Compile every decoder layer in place (dynamic sequence lengths). With ``cuda_graphs`` each
     layer's forward and backward replay as CUDA graphs (``mode="reduce-overhead"``): one launch
     instead of hundreds, which is what a small model's step is bound by. Shapes are static then:
-    each distinct input shape compiles and records once, so callers keep the shapes few (``packing.pack(bucket_tokens=...)``),
-    mark each step (``step_begin``) and run anything else uncompiled (``eager``)."""
+    each distinct input shape compiles and records once, so callers keep the shapes few
+    (``packing.pack(bucket_tokens=...)``), mark each step (``step_begin``) and run anything else
+    uncompiled (``eager``). (Dynamic shapes under CUDA graphs crashed on the H100, torch 2.11.)"""
     import torch
 
     mode = "reduce-overhead" if cuda_graphs else None
