@@ -12,8 +12,9 @@ best use of a fixed budget is the highest EI per dollar, so this sampler ranks t
     log EI(x) - cost_power * log(cost(x) / cheapest candidate's cost)
 
 with ``cost(x)`` the cost model's predicted seconds for the whole trial (any monotone proxy of
-dollars works: the price per second is the same for every trial of a sweep). ``cost_power`` 0 is
-plain TPE; 1 is EI per dollar. Joint candidates need ``multivariate=True`` (set here), so the
+dollars works: the price per second is the same for every trial of a sweep), priced with the
+sweep's current calibration (``CalibratedCost``): measured FLOP/s per method once trials report.
+``cost_power`` 0 is plain TPE; 1 is EI per dollar. Joint candidates need ``multivariate=True`` (set here), so the
 whole config, and so its cost, is known when the candidates are compared.
 
 It hooks into Optuna's ``TPESampler`` at ``_compute_acquisition_func``, a private method: the
@@ -23,6 +24,7 @@ pinned Optuna range in ``pyproject.toml`` is the one this was written and tested
 
 from __future__ import annotations
 
+import time
 import warnings
 from collections.abc import Callable
 
@@ -77,3 +79,31 @@ class CostAwareTPESampler(TPESampler):
             if name in samples:
                 out[name] = dist.to_external_repr(samples[name][i])
         return out
+
+
+class CalibratedCost:
+    """``cost_of`` for the sampler: a trial's predicted seconds under the sweep's measured
+    timings, read through ``timings()`` (the ledger) at most once per ``refresh_s``, since one
+    suggestion prices dozens of candidates."""
+
+    def __init__(
+        self,
+        seconds: Callable[..., float],
+        timings: Callable[[], dict],
+        refresh_s: float = 5.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._seconds, self._timings, self._refresh_s, self._clock = (
+            seconds,
+            timings,
+            refresh_s,
+            clock,
+        )
+        self._measured: dict = {}
+        self._read_at: float | None = None
+
+    def __call__(self, hp: dict) -> float:
+        now = self._clock()
+        if self._read_at is None or now - self._read_at >= self._refresh_s:
+            self._measured, self._read_at = dict(self._timings()), now
+        return self._seconds(hp, measured=self._measured)

@@ -161,11 +161,12 @@ def _make_tuner(
     num_samples: int,
 ):
     import optuna
+    import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search.optuna import OptunaSearch
 
-    from orchestrator.acquisition import CostAwareTPESampler
+    from orchestrator.acquisition import CalibratedCost, CostAwareTPESampler
     from orchestrator.search import BudgetedSearcher, DefineByRun, Prediction
     from orchestrator.trainable import train_lorasweep
 
@@ -176,8 +177,11 @@ def _make_tuner(
         metric=metric,
         mode=mode,
         sampler=CostAwareTPESampler(
-            cost_of=functools.partial(
-                plan.cost_model.seconds, steps=spec.trial.max_steps, evals=n_evals, measured={}
+            cost_of=CalibratedCost(
+                functools.partial(
+                    plan.cost_model.seconds, steps=spec.trial.max_steps, evals=n_evals
+                ),
+                lambda: ray.get(ledger.get_timings.remote()),
             ),
             fixed=space.fixed_values(),
             seed=spec.trial.seed,
@@ -188,8 +192,6 @@ def _make_tuner(
     )
 
     def predict(hp: dict) -> Prediction:
-        import ray
-
         measured = ray.get(ledger.get_timings.remote())
         t = plan.cost_model.timings(hp, measured)
         return Prediction(

@@ -67,3 +67,30 @@ def test_cost_aware_search_prefers_cheap_configs_of_equal_promise():
     plain_share = _ranks_proposed(0.0).count(4) / 24
     assert cheap_share >= 0.8
     assert cheap_share > plain_share
+
+
+def test_candidates_are_priced_with_the_current_calibration():
+    """The sampler's costs follow the ledger's measured timings, read at most once per refresh."""
+    from orchestrator.acquisition import CalibratedCost
+
+    reads = []
+    timings = {"flops_per_s:full": 1.0}
+    now = [0.0]
+
+    def read():
+        reads.append(now[0])
+        return dict(timings)
+
+    cost = CalibratedCost(
+        lambda hp, measured: hp["flops"] / measured["flops_per_s:full"],
+        read,
+        refresh_s=5.0,
+        clock=lambda: now[0],
+    )
+    assert cost({"flops": 10.0}) == 10.0
+    timings["flops_per_s:full"] = 2.0  # a trial reported: full FT runs twice as fast as assumed
+    now[0] = 1.0
+    assert cost({"flops": 10.0}) == 10.0  # within the refresh interval: no new read
+    now[0] = 6.0
+    assert cost({"flops": 10.0}) == 5.0
+    assert reads == [0.0, 6.0]
