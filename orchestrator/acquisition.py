@@ -14,8 +14,8 @@ best use of a fixed budget is the highest EI per dollar, so this sampler ranks t
 with ``cost(x)`` the cost model's predicted seconds for the whole trial (any monotone proxy of
 dollars works: the price per second is the same for every trial of a sweep), priced with the
 sweep's current calibration (``CalibratedCost``): measured FLOP/s per method once trials report.
-``cost_power`` 0 is plain TPE; 1 is EI per dollar. Joint candidates need ``multivariate=True`` (set here), so the
-whole config, and so its cost, is known when the candidates are compared.
+``cost_power`` 0 is plain TPE; 1 is EI per dollar. Joint candidates need ``multivariate=True``
+(set here), so the whole config, and so its cost, is known when the candidates are compared.
 
 It hooks into Optuna's ``TPESampler`` at ``_compute_acquisition_func``, a private method: the
 pinned Optuna range in ``pyproject.toml`` is the one this was written and tested against
