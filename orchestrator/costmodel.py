@@ -32,6 +32,7 @@ PRIOR_FLOPS_PER_S = {"cpu": 2.5e10, "H100": 6e13, "H200": 6e13}
 PRIOR_GPU_FLOPS_PER_S = 2e13
 PRIOR_STARTUP_S = {"cpu": 15.0}  # actor start, imports, model load
 PRIOR_GPU_STARTUP_S = 60.0
+PRIOR_RELEASE_S = 2.0  # billed after a trial's last report, until its resources are released
 # FLOP/s of a method relative to LoRA on the same hardware (QLoRA dequantises every weight)
 METHOD_RATE = {"lora": 1.0, "qlora": 1 / 1.4, "full": 1.0}
 
@@ -129,11 +130,14 @@ class CostModel:
         startup = measured.get("startup_s") or PRIOR_STARTUP_S.get(
             self.accelerator, PRIOR_GPU_STARTUP_S
         )
-        return {"step_s": step, "closing_s": closing, "startup_s": startup}
+        release = measured.get("release_s") or PRIOR_RELEASE_S
+        return {"step_s": step, "closing_s": closing, "startup_s": startup, "release_s": release}
 
     def seconds(self, hp: dict, steps: int, evals: int, measured: dict[str, float]) -> float:
+        """Billed seconds: startup, steps, evals, and the release after the last report (which the
+        worker keeps inside its ceiling, so admission must reserve it too)."""
         t = self.timings(hp, measured)
-        return t["startup_s"] + steps * t["step_s"] + evals * t["closing_s"]
+        return t["startup_s"] + steps * t["step_s"] + evals * t["closing_s"] + t["release_s"]
 
     def usd(
         self, hp: dict, steps: int, evals: int, measured: dict[str, float], safety: float = SAFETY

@@ -42,6 +42,13 @@ def storage_urls(spec: SweepSpec) -> tuple[Path, str, str, str]:
     return data_dir, tracking, optuna_url, service_db
 
 
+def _ledger_timings(ledger) -> dict:
+    """The ledger's measured timings (a module-level function: Tune pickles the searcher)."""
+    import ray
+
+    return ray.get(ledger.get_timings.remote())
+
+
 def calibration_key(spec: SweepSpec) -> tuple[str, str]:
     """Measured speeds carry over between sweeps of the same model on the same trial resources."""
     res = spec.resources
@@ -111,7 +118,7 @@ def _base_trial_config(spec: SweepSpec, plan: Plan) -> dict:
         **{
             f"prior_{k}": v
             for k, v in plan.cost_model.timings(plan.extremes(spec.search_space)[1], {}).items()
-            if k != "startup_s"
+            if k in ("step_s", "closing_s")
         },
     }
 
@@ -181,7 +188,7 @@ def _make_tuner(
                 functools.partial(
                     plan.cost_model.seconds, steps=spec.trial.max_steps, evals=n_evals
                 ),
-                lambda: ray.get(ledger.get_timings.remote()),
+                functools.partial(_ledger_timings, ledger),
             ),
             fixed=space.fixed_values(),
             seed=spec.trial.seed,

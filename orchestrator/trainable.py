@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from orchestrator.costmodel import PRIOR_RELEASE_S
 from orchestrator.spec import HYPERPARAMETERS
 from workers.train import TrialConfig, run_trial
 
@@ -49,7 +50,7 @@ def train_lorasweep(config: dict, *, base: dict, ledger) -> None:
             "prior_closing_s": timings.get(
                 "closing_s", config.get("predicted_closing_s", base.get("prior_closing_s", 30.0))
             ),
-            "release_s": timings.get("release_s", base.get("release_s", 2.0)),
+            "release_s": timings.get("release_s", base.get("release_s", PRIOR_RELEASE_S)),
             "billing_start_unix": min(started_unix, scheduled_unix or started_unix),
         }
     )

@@ -188,12 +188,18 @@ def test_cost_model_prior_then_calibrated_per_method():
     assert t["step_s"] == pytest.approx(per_step / 5e10)
     assert t["closing_s"] == pytest.approx(1.5 * t["step_s"] * 2)
     assert t["startup_s"] == 15.0
+    assert t["release_s"] == 2.0  # prior for the billed tail after the last report
     # a full-FT trial measured 2 s per step: its FLOP/s is calibrated for full FT
-    measured = {**model.calibration(full, 2.0), "closing_s": 5.0, "startup_s": 20.0}
+    measured = {
+        **model.calibration(full, 2.0),
+        "closing_s": 5.0,
+        "startup_s": 20.0,
+        "release_s": 0.5,
+    }
     assert measured["flops_per_s:full"] == pytest.approx(per_step / 2.0)
     assert model.timings(full, measured)["step_s"] == pytest.approx(2.0)
-    # 10 steps + 1 eval + startup, x1.25 safety, at $1/s
-    assert model.usd(full, 10, 1, measured) == pytest.approx(1.25 * (20 + 10 * 2.0 + 5))
+    # startup + 10 steps + 1 eval + release, x1.25 safety, at $1/s
+    assert model.usd(full, 10, 1, measured) == pytest.approx(1.25 * (20 + 10 * 2.0 + 5 + 0.5))
     # QLoRA has no measurement yet: derived from full FT's FLOP/s, slower by its method rate
     qlora = {"method": "qlora", "rank": 8, "target_modules": "all_linear"}
     derived = measured["flops_per_s:full"] * METHOD_RATE["qlora"]
