@@ -424,7 +424,7 @@ def run_sweep(spec: SweepSpec, console, address: str | None = None) -> SweepResu
         tracker.end_sweep("failed", ray.get(ledger.snapshot.remote()), [])
         raise
     for reason_skipped in skipped:
-        console.print(f"[yellow]not launched[/] (would not fit in memory): {reason_skipped}")
+        console.print(f"[yellow]not launched[/] {reason_skipped}")  # "budget: ..." or "memory: ..."
     snap = ray.get(ledger.snapshot.remote())
     rows, best = _summarize(
         spec, tracker, tracking_uri, sweep_id, base, snap, reason, gate_reason, skipped
