@@ -204,8 +204,9 @@ class TrialSpec(_Strict):
     compile: bool = Field(
         False,
         description="torch.compile decoder layers on GPU and replay them as CUDA graphs: LoRA "
-        "steps 2.3-2.7x plain PEFT on an H100; compiling costs ~10-90 s per worker process and "
-        "per new packed-length bucket (128 tokens); worth it for trials of hundreds of steps",
+        "steps 2.3-2.7x plain PEFT on an H100; compiling costs ~10-90 s per worker process, "
+        "then again per new packed-length bucket (128 tokens) and per new adapter shape "
+        "(rank, targets); worth it for trials of hundreds of steps",
     )
 
     @model_validator(mode="after")
