@@ -56,7 +56,8 @@ def cache_key(cfg) -> tuple | None:
     """What identifies a reusable base model (None: this method never reuses one)."""
     if cfg.method == "full":
         return None
-    return (cfg.method, cfg.model, cfg.dtype, cfg.device)
+    # compiled layers (CUDA graphs, static shapes) stay compiled: only a compiled trial reuses them
+    return (cfg.method, cfg.model, cfg.dtype, cfg.device, bool(cfg.compile))
 
 
 def setup_lora(cfg):
