@@ -86,3 +86,11 @@ def test_a_stopped_trials_base_is_reused_by_the_next_trial(short):
     assert model_cache.stats["reuses"] == reuses + 1 and model_cache.stats["loads"] == loads
     model_cache.clear()
     assert reused == _run(second)  # the stopped trial's adapter is gone from the base
+
+
+def test_compiled_and_plain_trials_do_not_share_a_base(trial_config):
+    """Compiled layers keep static shapes: a plain trial must not train on them."""
+    from workers.methods import cache_key
+
+    assert cache_key(trial_config(compile=True)) != cache_key(trial_config(compile=False))
+    assert cache_key(trial_config(compile=False)) == cache_key(trial_config(compile=False, seed=3))
