@@ -81,7 +81,7 @@ def measure(model_dir: Path, method: str, impl: str, vocab: int) -> dict:
     if impl == "lorasweep":  # the worker's packed batch: the same rows end to end
         rows = [(r, r) for r in ids.tolist()]
         packed = packing.pack(rows, train.GRAPH_BUCKET_TOKENS, SEQ)
-        batch = {k: v.cuda() if hasattr(v, "cuda") else v for k, v in packed.items()}
+        batch = packing.to_device(packed, "cuda")
     torch.cuda.reset_peak_memory_stats()
     first_loss = None
     for i in range(WARMUP + STEPS):

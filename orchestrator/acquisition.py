@@ -93,12 +93,10 @@ class CalibratedCost:
         refresh_s: float = 5.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._seconds, self._timings, self._refresh_s, self._clock = (
-            seconds,
-            timings,
-            refresh_s,
-            clock,
-        )
+        self._seconds = seconds
+        self._timings = timings
+        self._refresh_s = refresh_s
+        self._clock = clock
         self._measured: dict = {}
         self._read_at: float | None = None
 

@@ -168,7 +168,6 @@ def _make_tuner(
     num_samples: int,
 ):
     import optuna
-    import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search.optuna import OptunaSearch
@@ -199,7 +198,7 @@ def _make_tuner(
     )
 
     def predict(hp: dict) -> Prediction:
-        measured = ray.get(ledger.get_timings.remote())
+        measured = _ledger_timings(ledger)
         t = plan.cost_model.timings(hp, measured)
         return Prediction(
             admission_usd=plan.admission_usd(measured, hp),
@@ -312,7 +311,7 @@ def _gate(spec: SweepSpec, plan: Plan, tracking_uri: str, sweep_id: str, ledger)
     rows = leaderboard.trial_rows(tracking_uri, leaderboard.find_sweep(tracking_uri, sweep_id))
     scores = [r.score for r in rows if r.method in ADAPTER_METHODS and r.score is not None]
     snap = ray.get(ledger.snapshot.remote())
-    measured = ray.get(ledger.get_timings.remote())
+    measured = _ledger_timings(ledger)
     return full_ft_gate(
         max_runs=spec.full.max_runs,
         gate=spec.full.gate,

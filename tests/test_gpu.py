@@ -67,7 +67,7 @@ def test_packed_step_on_cuda_matches_the_padded_step(tiny_model, compiled):
         ids = torch.randint(0, padded.config.vocab_size, (length,)).tolist()
         rows.append((ids, [-100] * prompt + ids[prompt:]))
     a = fast.loss(padded, {k: v.cuda() for k, v in pad_batch(rows, 0).items()})
-    batch = {k: v.cuda() if hasattr(v, "cuda") else v for k, v in packing.pack(rows).items()}
+    batch = packing.to_device(packing.pack(rows), "cuda")
     b = fast.loss(packed, batch)
     assert float(b) == pytest.approx(float(a), rel=2e-2)
     a.backward()

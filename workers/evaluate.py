@@ -109,7 +109,8 @@ def _answer_logits(model, ids, mask, positions):
 
 
 def _teacher_forced(model, tokenizer, examples, max_seq_len, batch_size):
-    """Per example: (answer ids, greedy picks along the answer, loss sum, loss tokens)."""
+    """Per example: (prompt ids, answer ids, greedy picks along the answer, loss sum, loss
+    tokens)."""
     import torch
     import torch.nn.functional as F
 
@@ -134,11 +135,11 @@ def _teacher_forced(model, tokenizer, examples, max_seq_len, batch_size):
             pos[j, : len(a)] = torch.arange(len(p) - 1, len(p) - 1 + len(a))
         with torch.no_grad():
             logits = _answer_logits(model, ids.to(device), mask.to(device), pos.to(device))
-        for j, (_, a, n_loss) in enumerate(rows):
+        for j, (p, a, n_loss) in enumerate(rows):
             target = torch.tensor(a[:n_loss], device=device)
             loss = F.cross_entropy(logits[j, :n_loss], target, reduction="sum") if n_loss else 0.0
             picks = logits[j, : len(a)].argmax(-1).tolist()
-            out.append((a, picks, float(loss), n_loss))
+            out.append((p, a, picks, float(loss), n_loss))
     return out
 
 
@@ -156,13 +157,12 @@ def evaluate(
     forced = _teacher_forced(model, tokenizer, examples, max_seq_len, batch_size)
     heads: list[list[int]] = []  # what greedy decoding emits before any generation is needed
     pending: list[tuple[int, list[int], int]] = []  # (example, prefix, tokens still to generate)
-    for k, (answer, picks, _, _) in enumerate(forced):
+    for k, (prompt, answer, picks, _, _) in enumerate(forced):
         answer = answer[:max_new_tokens]
         first = next((t for t in range(len(answer)) if picks[t] != answer[t]), len(answer))
         head = answer[:first] if first == len(answer) else answer[:first] + [picks[first]]
         heads.append(head)
         if head and head[-1] != eos and len(head) < max_new_tokens and first < len(answer):
-            prompt = encode_prompt(tokenizer, examples[k])
             pending.append((k, prompt + head, max_new_tokens - len(head)))
     tails = generate_ids(model, tokenizer, [p for _, p, _ in pending], [n for *_, n in pending])
     for (k, _, _), tail in zip(pending, tails, strict=True):
@@ -172,8 +172,8 @@ def evaluate(
 
 
 def _result(forced, generations, rows_generated, tokens_generated) -> dict:
-    loss = sum(f[2] for f in forced)
-    tokens = sum(f[3] for f in forced)
+    loss = sum(f[3] for f in forced)
+    tokens = sum(f[4] for f in forced)
     return {
         "eval_loss": loss / max(tokens, 1),
         "generations": generations,

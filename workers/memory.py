@@ -15,7 +15,7 @@ Activations are what autograd keeps per token per layer (SDPA attention: no s^2 
 a base cost in multiples of (hidden, kv width, intermediate), plus, for lora/qlora, a cost per
 targeted module proportional to its input width (the bf16 copy of the adapter's input that
 autocast keeps, and the dropout mask). The loss computes logits only for answer tokens, at most
-``LOSS_CHUNK_TOKENS`` at a time (``workers/fast.py``). Coefficients were fitted to H100
+``CHUNK_TOKENS`` at a time (``workers/fast.py``). Coefficients were fitted to H100
 measurements of the worker's own loop (bench/memory_estimate.py; 0.5B and 1.5B Llama shapes)
 and checked on configs not used for the fit (bench/RESULTS.md). With gradient checkpointing each
 layer keeps only its bf16 input, plus part of one layer's activations during recomputation.
@@ -24,6 +24,8 @@ layer keeps only its bf16 input, plus part of one layer's activations during rec
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+
+from workers.fast import CHUNK_TOKENS
 
 GIB = 1024**3
 NF4_BYTES_PER_WEIGHT = 0.5 + 0.127 / 8
@@ -37,7 +39,6 @@ LORA_ACT_BYTES_PER_INPUT = 3.0
 CKPT_RECOMPUTE_SHARE = 0.25  # share of one layer's activations alive while recomputing
 METHODS = ("lora", "qlora", "full")
 LOGIT_BYTES = 10  # per token per vocab entry: bf16 logits + fp32 upcast + fp32 softmax for the loss
-LOSS_CHUNK_TOKENS = 4096  # the fast loss computes logits this many (answer) tokens at a time
 
 
 @dataclass(frozen=True)
@@ -166,7 +167,7 @@ def estimate(
         activations = shape.layers * tokens * shape.hidden * 2 + CKPT_RECOMPUTE_SHARE * per_layer
     else:
         activations = shape.layers * per_layer
-    logits = min(tokens, LOSS_CHUNK_TOKENS) * shape.vocab * LOGIT_BYTES
+    logits = min(tokens, CHUNK_TOKENS) * shape.vocab * LOGIT_BYTES  # the loss's chunks
     return MemoryEstimate(
         weights / GIB, state / GIB, activations / GIB, logits / GIB, WORKSPACE_BYTES / GIB
     )

@@ -16,6 +16,7 @@ its successor's first token (always a prompt token, masked anyway).
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 ATTENTION = "lorasweep_packed"
@@ -61,6 +62,11 @@ def pack(
     }
 
 
+def to_device(batch: dict, device) -> dict:
+    """A padded or packed batch on ``device`` (the packed row's length bounds are plain ints)."""
+    return {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}
+
+
 def is_packed(batch: dict) -> bool:
     return "cu_seq_lens_q" in batch
 
@@ -71,12 +77,21 @@ def _sdpa(*args, **kwargs):
     return sdpa_attention_forward(*args, **kwargs)
 
 
+@functools.cache
+def _varlen_params() -> frozenset[str]:
+    """The keyword arguments this torch's ``varlen_attn`` takes (its API changed across
+    releases); looked up once, not on every attention call."""
+    from torch.nn.attention import varlen
+
+    return frozenset(inspect.signature(varlen.varlen_attn).parameters)
+
+
 def _varlen(module, query, key, value, cu, longest: int, scaling):
     """torch's varlen flash attention over [1, heads, tokens, dim] inputs (CUDA)."""
     import torch
     from torch.nn.attention import varlen
 
-    params = inspect.signature(varlen.varlen_attn).parameters
+    params = _varlen_params()
     kwargs = {"scale": scaling}
     groups = query.shape[1] // key.shape[1]
     if groups > 1 and "enable_gqa" in params:

@@ -215,7 +215,7 @@ def _train_step(model, rows: list, pad_id: int, cfg: TrialConfig) -> tuple[float
             fast.step_begin()
         else:
             batch = packing.pack(chunk) if packed else pad_batch(chunk, pad_id)
-        batch = {k: v.to(cfg.device) if hasattr(v, "to") else v for k, v in batch.items()}
+        batch = packing.to_device(batch, cfg.device)
         loss = (fast.loss(model, batch) if use_fast else model(**batch).loss) / len(chunks)
         loss.backward()
         total_loss += loss.detach().item()
