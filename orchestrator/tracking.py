@@ -14,7 +14,15 @@ import yaml
 
 KIND_TAG, SWEEP_TAG, STATUS_TAG = "lorasweep.kind", "lorasweep.sweep_id", "lorasweep.status"
 PARENT_TAG = "mlflow.parentRunId"
-_TRIAL_METRICS = ("eval_loss", "score", "cost_usd", "billed_s", "tokens", "eval_tokens_generated")
+_TRIAL_METRICS = (
+    "eval_loss",
+    "score",
+    "cost_usd",
+    "billed_s",
+    "tokens",
+    "eval_tokens_generated",
+    "eval_decode_steps",
+)
 
 
 def redact(text: str) -> str:

@@ -82,6 +82,41 @@ def test_evaluate_generates_what_greedy_decoding_generates(tiny_model, small_dat
     assert got["rows_generated"] in (2, 3)  # 3 only if own[0] re-tokenises differently
 
 
+def test_decoding_with_guesses_keeps_greedy_tokens(tiny_model, small_data):
+    """Each reference is the model's own greedy output with one token changed a third of the way
+    in: decoding starts there, and the reference's rest is the right guess for what follows, so
+    several tokens are kept per step; the generations are still exactly greedy's."""
+    model = _lora_model(tiny_model).eval()
+    tokenizer = load_tokenizer(str(tiny_model))
+    examples = read_examples(small_data["validation"], "chat", "data.validation")[:4]
+    prompts = [encode_prompt(tokenizer, ex) for ex in examples]
+    cases = []
+    generated = evaluate.generate_ids(model, tokenizer, prompts, [24] * 4)
+    for ex, ids in zip(examples, generated, strict=True):
+        h = len(ids) // 3
+        changed = ids[:h] + [(ids[h] + 7) % 50] + ids[h + 1 :]
+        answer = tokenizer.decode(changed, skip_special_tokens=True)
+        cases.append(dataclasses.replace(ex, answer=answer))
+    expected = evaluate.generate(model, tokenizer, cases, 24)
+    got = evaluate.evaluate(model, tokenizer, cases, 256, 24, batch_size=3)
+    assert got["generations"] == expected
+    assert got["rows_generated"] == 4
+    assert got["decode_steps"] < got["tokens_generated"] / 2  # guesses were kept
+
+
+def test_draft_follows_the_longest_suffix_nearest_where_the_generation_stands():
+    reference, prompt = [1, 2, 3, 4, 5, 2, 3, 9], [7, 8, 3, 6]
+    sources = [(reference, 2), (prompt, len(prompt))]
+    assert evaluate._draft([0, 2, 3], sources, 2) == [4, 5]  # "2 3" ends at 3 and at 7: 3 is nearer
+    assert evaluate._draft([0, 2, 3], [(reference, 7), (prompt, 4)], 2) == [9]
+    assert evaluate._draft([0, 1, 2], sources, 2) == [3, 4]
+    assert evaluate._draft([0, 8, 3], sources, 2) == [6]  # only the prompt holds "8 3"
+    assert evaluate._draft([0, 0, 6], sources, 2) == []  # nothing follows a 6
+    assert evaluate._draft([0, 0, 2], sources, 2) == []  # a 1-token match is no evidence
+    assert evaluate._draft([0, 0, 2], sources, 2, shortest=1) == [3, 4]
+    assert evaluate._draft([0, 1, 2], sources, 1, shortest=3) == []
+
+
 def test_evaluate_loss_is_the_answer_cross_entropy(tiny_model, small_data):
     model = _lora_model(tiny_model).eval()
     tokenizer = load_tokenizer(str(tiny_model))

@@ -21,8 +21,15 @@ from __future__ import annotations
 import json
 import math
 from collections import Counter
+from dataclasses import dataclass, field
 
 from workers.data import Example, encode_for_training, encode_prompt
+
+# Most guessed tokens fed per decoding step. Guesses cost little: a decoding step of a few rows
+# is bound by kernel launches on a GPU and by reading the weights from memory on a CPU.
+DRAFT_TOKENS = {"cuda": 12, "cpu": 8}
+GENERATE_BATCH = 24  # rows decoded together by the plain path
+DRAFT_NGRAM = 3  # longest suffix of a generation looked up to guess what follows (shortest 2)
 
 
 def _parse_object(text: str) -> dict | None:
@@ -88,94 +95,220 @@ def _plain_greedy(model) -> bool:
     )
 
 
-def _answer_logits(model, ids, mask, positions):
-    """Float32 logits at ``positions`` (a [rows, positions] index) of a right-padded batch; only
-    those rows of the output head are computed where the architecture allows it."""
+def _forward(model, ids, mask, positions=None, cache=None, pick=None, keep_cache=True):
+    """Float32 logits (at ``pick``, a [rows, k] index, when given) and the KV cache. Only the
+    picked rows of the output head are computed where the architecture allows it."""
     import torch
 
     from workers import fast
 
+    lm = fast.causal_lm(model)
+    kwargs = {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "position_ids": positions,
+        "past_key_values": cache,
+        "use_cache": keep_cache,
+    }
     if fast.supported(model):
-        lm = fast.causal_lm(model)
-        hidden = lm.get_decoder()(input_ids=ids, attention_mask=mask, use_cache=False)
-        picked = torch.gather(
-            hidden.last_hidden_state,
-            1,
-            positions.unsqueeze(-1).expand(-1, -1, lm.config.hidden_size),
-        )
-        return lm.get_output_embeddings()(picked).float()
-    logits = model(input_ids=ids, attention_mask=mask).logits
-    return torch.gather(logits, 1, positions.unsqueeze(-1).expand(-1, -1, logits.shape[-1])).float()
+        out = lm.get_decoder()(**kwargs)
+        hidden = out.last_hidden_state
+        if pick is not None:
+            index = pick.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
+            hidden = torch.gather(hidden, 1, index)
+        return lm.get_output_embeddings()(hidden).float(), out.past_key_values
+    out = lm(**kwargs)
+    logits = out.logits
+    if pick is not None:
+        logits = torch.gather(logits, 1, pick.unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
+    return logits.float(), out.past_key_values
 
 
-def _teacher_forced(model, tokenizer, examples, max_seq_len, batch_size):
-    """Per example: (prompt ids, answer ids, greedy picks along the answer, loss sum, loss
-    tokens)."""
+@dataclass
+class _Row:
+    prompt: list[int]
+    answer: list[int]
+    picks: list[int]  # greedy's choice after each answer prefix (teacher-forced)
+    loss: float
+    n_loss: int
+    head: list[int] = field(default_factory=list)  # the generation so far
+
+
+def _teacher_forced(model, tokenizer, examples, max_seq_len, keep_cache):
+    """One right-padded forward pass over prompt + reference answer of ``examples``: their rows
+    and the pass's KV cache (None unless ``keep_cache``)."""
     import torch
     import torch.nn.functional as F
 
     device = next(model.parameters()).device
-    out = []
-    for i in range(0, len(examples), batch_size):
-        rows = []
-        for ex in examples[i : i + batch_size]:
-            full, labels = encode_for_training(tokenizer, ex, 10**9)
-            n_prompt = next(t for t, label in enumerate(labels) if label != -100)
-            prompt, answer = full[:n_prompt], full[n_prompt:]
-            # loss over the answer tokens training sees (within the first max_seq_len positions)
-            rows.append((prompt, answer, max(0, min(len(answer), max_seq_len - n_prompt))))
-        width = max(len(p) + len(a) for p, a, _ in rows)
-        span = max(len(a) for _, a, _ in rows)
-        ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        pos = torch.zeros((len(rows), span), dtype=torch.long)
-        for j, (p, a, _) in enumerate(rows):
-            ids[j, : len(p) + len(a)] = torch.tensor(p + a)
-            mask[j, : len(p) + len(a)] = 1
-            pos[j, : len(a)] = torch.arange(len(p) - 1, len(p) - 1 + len(a))
-        with torch.no_grad():
-            logits = _answer_logits(model, ids.to(device), mask.to(device), pos.to(device))
-        for j, (p, a, n_loss) in enumerate(rows):
-            target = torch.tensor(a[:n_loss], device=device)
-            loss = F.cross_entropy(logits[j, :n_loss], target, reduction="sum") if n_loss else 0.0
-            picks = logits[j, : len(a)].argmax(-1).tolist()
-            out.append((p, a, picks, float(loss), n_loss))
-    return out
+    rows = []
+    for ex in examples:
+        full, labels = encode_for_training(tokenizer, ex, 10**9)
+        n_prompt = next(t for t, label in enumerate(labels) if label != -100)
+        prompt, answer = full[:n_prompt], full[n_prompt:]
+        # loss over the answer tokens training sees (within the first max_seq_len positions)
+        rows.append(_Row(prompt, answer, [], 0.0, max(0, min(len(answer), max_seq_len - n_prompt))))
+    width = max(len(r.prompt) + len(r.answer) for r in rows)
+    span = max(len(r.answer) for r in rows)
+    ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    pos = torch.zeros((len(rows), span), dtype=torch.long)
+    for j, r in enumerate(rows):
+        n = len(r.prompt) + len(r.answer)
+        ids[j, :n] = torch.tensor(r.prompt + r.answer)
+        mask[j, :n] = 1
+        pos[j, : len(r.answer)] = torch.arange(len(r.prompt) - 1, n - 1)
+    with torch.no_grad():
+        logits, cache = _forward(
+            model, ids.to(device), mask.to(device), pick=pos.to(device), keep_cache=keep_cache
+        )
+    for j, r in enumerate(rows):
+        target = torch.tensor(r.answer[: r.n_loss], device=device)
+        if r.n_loss:
+            r.loss = float(F.cross_entropy(logits[j, : r.n_loss], target, reduction="sum"))
+        r.picks = logits[j, : len(r.answer)].argmax(-1).tolist()
+    return rows, (cache if keep_cache else None), width
 
 
 def evaluate(
     model, tokenizer, examples: list[Example], max_seq_len: int, max_new_tokens: int, batch_size
 ) -> dict:
-    """``{"eval_loss", "generations", "rows_generated", "tokens_generated"}``: the mean answer
-    cross-entropy and the greedy generations of every example (see the module's notes)."""
+    """``{"eval_loss", "generations", "rows_generated", "tokens_generated", "decode_steps"}``:
+    the mean answer cross-entropy and the greedy generations of every example (see the module's
+    notes), with how many rows were decoded, how many tokens and in how many forward steps."""
     model.eval()
+    chunks = [examples[i : i + batch_size] for i in range(0, len(examples), batch_size)]
     if not _plain_greedy(model):
         generations = generate(model, tokenizer, examples, max_new_tokens)
-        forced = _teacher_forced(model, tokenizer, examples, max_seq_len, batch_size)
-        return _result(forced, generations, len(examples), len(examples) * max_new_tokens)
+        forced = [
+            r for c in chunks for r in _teacher_forced(model, tokenizer, c, max_seq_len, False)[0]
+        ]
+        # upper bounds: generate does not say how far it went
+        steps = max_new_tokens * -(-len(examples) // GENERATE_BATCH)
+        return _result(forced, generations, len(examples), len(examples) * max_new_tokens, steps)
     eos = tokenizer.eos_token_id
-    forced = _teacher_forced(model, tokenizer, examples, max_seq_len, batch_size)
-    heads: list[list[int]] = []  # what greedy decoding emits before any generation is needed
-    pending: list[tuple[int, list[int], int]] = []  # (example, prefix, tokens still to generate)
-    for k, (prompt, answer, picks, _, _) in enumerate(forced):
-        answer = answer[:max_new_tokens]
-        first = next((t for t in range(len(answer)) if picks[t] != answer[t]), len(answer))
-        head = answer[:first] if first == len(answer) else answer[:first] + [picks[first]]
-        heads.append(head)
-        if head and head[-1] != eos and len(head) < max_new_tokens and first < len(answer):
-            pending.append((k, prompt + head, max_new_tokens - len(head)))
-    tails = generate_ids(model, tokenizer, [p for _, p, _ in pending], [n for *_, n in pending])
-    for (k, _, _), tail in zip(pending, tails, strict=True):
-        heads[k] = heads[k] + tail
-    generations = [tokenizer.decode(h, skip_special_tokens=True) for h in heads]
-    return _result(forced, generations, len(pending), sum(len(t) for t in tails))
+    forced, rows_generated, tokens_generated, steps = [], 0, 0, 0
+    for chunk in chunks:
+        rows, cache, width = _teacher_forced(model, tokenizer, chunk, max_seq_len, True)
+        forced += rows
+        pending = []  # (row, answer tokens greedy decoding reproduces) of rows still to decode
+        for j, r in enumerate(rows):
+            answer = r.answer[:max_new_tokens]
+            first = next((t for t in range(len(answer)) if r.picks[t] != answer[t]), len(answer))
+            r.head = answer[:first] if first == len(answer) else answer[:first] + [r.picks[first]]
+            if first < len(answer) and r.head[-1] != eos and len(r.head) < max_new_tokens:
+                pending.append((j, first))
+        if pending:
+            tokens, n_steps = _continue(
+                model,
+                cache,
+                width,
+                [rows[j] for j, _ in pending],
+                [j for j, _ in pending],
+                [len(rows[j].prompt) + first for j, first in pending],
+                max_new_tokens,
+                eos,
+            )
+            rows_generated += len(pending)
+            tokens_generated += tokens
+            steps += n_steps
+    generations = [tokenizer.decode(r.head, skip_special_tokens=True) for r in forced]
+    return _result(forced, generations, rows_generated, tokens_generated, steps)
 
 
-def _result(forced, generations, rows_generated, tokens_generated) -> dict:
-    loss = sum(f[3] for f in forced)
-    tokens = sum(f[4] for f in forced)
+def _draft(
+    context: list[int], sources: list[tuple[list[int], int]], k: int, shortest: int = 2
+) -> list[int]:
+    """Up to ``k`` tokens guessed to follow ``context``: what follows its last 3 (else down to
+    ``shortest``) tokens in the first source holding them, at the occurrence whose end lies
+    nearest that source's expected offset (a reference answer: where the generation stands)."""
+    for n in range(min(DRAFT_NGRAM, len(context)), shortest - 1, -1):
+        key = context[-n:]
+        for src, offset in sources:
+            ends = [s + n for s in range(len(src) - n) if src[s : s + n] == key]
+            if ends:
+                end = min(ends, key=lambda e: abs(e - offset))
+                return src[end : end + k]
+    return []
+
+
+def _continue(
+    model, cache, width: int, rows: list[_Row], index, n_kept, max_new_tokens, eos
+) -> tuple[int, int]:
+    """Greedy decoding of ``rows`` onwards from their heads, on the teacher-forced pass's
+    ``cache`` (``width`` positions; ``rows`` are its batch entries ``index``, of which each keeps
+    its first ``n_kept`` positions: the prompt and the reference prefix it reproduced).
+
+    Each step feeds a row's last token and a guess of what follows (from its reference answer and
+    prompt, ``_draft``) and keeps the guessed tokens that greedy's own picks confirm, plus greedy's
+    next pick: the tokens are greedy's, in fewer steps. Rejected positions stay in the cache,
+    masked out; finished rows leave the batch. Returns (tokens decoded, decoding steps run)."""
+    import torch
+
+    device = next(model.parameters()).device
+    most = DRAFT_TOKENS.get(device.type, DRAFT_TOKENS["cpu"])
+    cache.batch_select_indices(torch.tensor(index, device=device))
+    valid = torch.zeros((len(rows), width), dtype=torch.long)
+    for b, n in enumerate(n_kept):
+        valid[b, :n] = 1
+    valid = valid.to(device)
+    next_pos = list(n_kept)
+    guess = [most] * len(rows)  # each row's guess length, longer while guesses hold
+    live, decoded, steps = list(range(len(rows))), 0, 0
+    while live:
+        steps += 1
+        drafts = []
+        for j in live:
+            r = rows[j]
+            room = max_new_tokens - len(r.head) - 1  # the step's own pick comes on top
+            sources = [(r.answer, len(r.head)), (r.prompt, len(r.prompt))]
+            drafts.append(_draft(r.prompt + r.head, sources, min(guess[j], room)))
+        step = 1 + max(map(len, drafts))
+        ids = torch.zeros((len(live), step), dtype=torch.long)
+        fed = torch.zeros_like(ids)
+        pos = torch.zeros_like(ids)
+        for b, (j, d) in enumerate(zip(live, drafts, strict=True)):
+            ids[b, : 1 + len(d)] = torch.tensor(rows[j].head[-1:] + d)
+            fed[b, : 1 + len(d)] = 1
+            pos[b] = torch.arange(next_pos[j], next_pos[j] + step)
+        with torch.no_grad():
+            logits, cache = _forward(
+                model, ids.to(device), torch.cat([valid, fed.to(device)], 1), pos.to(device), cache
+            )
+        picks = logits.argmax(-1).tolist()
+        kept = torch.zeros_like(ids)
+        still = []
+        for b, (j, d) in enumerate(zip(live, drafts, strict=True)):
+            r, g = rows[j], picks[b]
+            m = 0
+            while m < len(d) and d[m] == g[m]:
+                m += 1
+            out = d[:m] + [g[m]]
+            if eos in out:
+                out = out[: out.index(eos) + 1]
+            out = out[: max_new_tokens - len(r.head)]
+            r.head += out
+            decoded += len(out)
+            kept[b, : m + 1] = 1  # the fed token and the confirmed guesses are context now
+            if d:
+                guess[j] = min(most, guess[j] + 2) if m == len(d) else max(1, m)
+            next_pos[j] += m + 1
+            if r.head[-1] != eos and len(r.head) < max_new_tokens:
+                still.append(b)
+        valid = torch.cat([valid, kept.to(device)], 1)
+        if len(still) < len(live):
+            if still:
+                keep = torch.tensor(still, device=device)
+                cache.batch_select_indices(keep)
+                valid = valid[keep]
+            live = [live[b] for b in still]
+    return decoded, steps
+
+
+def _result(forced: list[_Row], generations, rows_generated, tokens_generated, steps) -> dict:
     return {
-        "eval_loss": loss / max(tokens, 1),
+        "decode_steps": steps,
+        "eval_loss": sum(r.loss for r in forced) / max(sum(r.n_loss for r in forced), 1),
         "generations": generations,
         "rows_generated": rows_generated,
         "tokens_generated": tokens_generated,
@@ -183,7 +316,11 @@ def _result(forced, generations, rows_generated, tokens_generated) -> dict:
 
 
 def generate_ids(
-    model, tokenizer, prompts: list[list[int]], max_new_tokens: list[int], batch_size: int = 24
+    model,
+    tokenizer,
+    prompts: list[list[int]],
+    max_new_tokens: list[int],
+    batch_size: int = GENERATE_BATCH,
 ) -> list[list[int]]:
     """Greedy continuations of token-id prompts (left-padded batches), each cut at its own
     ``max_new_tokens`` and after its first end-of-sequence token."""
@@ -217,7 +354,7 @@ def generate_ids(
 
 
 def generate(
-    model, tokenizer, examples: list[Example], max_new_tokens: int, batch_size: int = 24
+    model, tokenizer, examples: list[Example], max_new_tokens: int, batch_size: int = GENERATE_BATCH
 ) -> list[str]:
     """Greedy completions of each example's prompt, generated token by token."""
     prompts = [encode_prompt(tokenizer, ex) for ex in examples]

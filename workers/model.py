@@ -8,6 +8,7 @@ later load is a plain ``from_pretrained`` of the cache folder.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import shutil
@@ -98,7 +99,10 @@ def check_loadable(name_or_path: str) -> str:
     return ref
 
 
+@functools.lru_cache(maxsize=4)
 def load_tokenizer(ref: str):
+    """The model's tokenizer (padding with end-of-sequence when it has no pad token). Kept per
+    process: later trials of a reused worker skip the load. Shared, so callers leave it as it is."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(ref)

@@ -247,6 +247,7 @@ def _eval_and_save(model, tokenizer, val, cfg: TrialConfig, clock: _Clock, out_d
         "eval_loss": result["eval_loss"],
         "score": evaluate.score(result["generations"], [e.answer for e in val]),
         "eval_tokens_generated": result["tokens_generated"],
+        "eval_decode_steps": result["decode_steps"],
     }
 
 
