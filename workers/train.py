@@ -276,6 +276,7 @@ def run_trial(
         torch.cuda.reset_peak_memory_stats()
     reuses = model_cache.stats["reuses"]
     tokenizer, model, optimizer, train, val = _setup(cfg, clock)
+    model_cache.return_freed_memory()  # what a trial that Tune stopped inside report left
     reused = int(model_cache.stats["reuses"] > reuses)  # base model kept from an earlier trial
     key = cache_key(cfg) if cfg.reuse_base_model else None
     if key is not None:
@@ -358,6 +359,7 @@ def run_trial(
     del model
     if cfg.device == "cuda":
         torch.cuda.empty_cache()
+    model_cache.return_freed_memory()
     return metrics
 
 
