@@ -79,3 +79,27 @@ def ray_local():
     ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def own_greedy_cases():
+    """``cases(model, tokenizer, examples, tokens)``: each example with, as its reference, the
+    model's own greedy output (``tokens`` long) with one token changed a third of the way in, so
+    decoding starts there and the reference's rest is the right guess for what follows."""
+    import dataclasses
+
+    from workers import evaluate
+    from workers.data import encode_prompt
+
+    def cases(model, tokenizer, examples, tokens: int) -> list:
+        prompts = [encode_prompt(tokenizer, ex) for ex in examples]
+        generated = evaluate.generate_ids(model, tokenizer, prompts, [tokens] * len(prompts))
+        out = []
+        for ex, ids in zip(examples, generated, strict=True):
+            h = len(ids) // 3
+            changed = ids[:h] + [(ids[h] + 7) % 50] + ids[h + 1 :]
+            answer = tokenizer.decode(changed, skip_special_tokens=True)
+            out.append(dataclasses.replace(ex, answer=answer))
+        return out
+
+    return cases

@@ -82,21 +82,13 @@ def test_evaluate_generates_what_greedy_decoding_generates(tiny_model, small_dat
     assert got["rows_generated"] in (2, 3)  # 3 only if own[0] re-tokenises differently
 
 
-def test_decoding_with_guesses_keeps_greedy_tokens(tiny_model, small_data):
-    """Each reference is the model's own greedy output with one token changed a third of the way
-    in: decoding starts there, and the reference's rest is the right guess for what follows, so
-    several tokens are kept per step; the generations are still exactly greedy's."""
+def test_decoding_with_guesses_keeps_greedy_tokens(tiny_model, small_data, own_greedy_cases):
+    """References that the model leaves a third of the way in and then follows again: several
+    guessed tokens are kept per step, and the generations are still exactly greedy's."""
     model = _lora_model(tiny_model).eval()
     tokenizer = load_tokenizer(str(tiny_model))
     examples = read_examples(small_data["validation"], "chat", "data.validation")[:4]
-    prompts = [encode_prompt(tokenizer, ex) for ex in examples]
-    cases = []
-    generated = evaluate.generate_ids(model, tokenizer, prompts, [24] * 4)
-    for ex, ids in zip(examples, generated, strict=True):
-        h = len(ids) // 3
-        changed = ids[:h] + [(ids[h] + 7) % 50] + ids[h + 1 :]
-        answer = tokenizer.decode(changed, skip_special_tokens=True)
-        cases.append(dataclasses.replace(ex, answer=answer))
+    cases = own_greedy_cases(model, tokenizer, examples, 24)
     expected = evaluate.generate(model, tokenizer, cases, 24)
     got = evaluate.evaluate(model, tokenizer, cases, 256, 24, batch_size=3)
     assert got["generations"] == expected

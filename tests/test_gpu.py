@@ -111,17 +111,15 @@ def test_compiled_trials_replay_cuda_graphs_like_the_plain_step(trial_config):
 
 
 def test_decoding_with_guesses_on_cuda_generates_what_greedy_decoding_generates(
-    tiny_model, small_data
+    tiny_model, small_data, own_greedy_cases
 ):
     """The shortcut evaluation (teacher-forced pass, its KV cache kept, decoding with guessed
     tokens) on CUDA: the generations of plain greedy ``generate``, in fewer steps. Float32, so
     that the comparison is of the method, not of bf16 rounding on a random model's near-ties."""
-    import dataclasses
-
     from transformers import AutoModelForCausalLM
 
     from workers import evaluate
-    from workers.data import encode_prompt, read_examples
+    from workers.data import read_examples
     from workers.lora import attach_lora
     from workers.model import load_tokenizer
 
@@ -131,14 +129,7 @@ def test_decoding_with_guesses_on_cuda_generates_what_greedy_decoding_generates(
     model = model.to("cuda").eval()
     tokenizer = load_tokenizer(str(tiny_model))
     examples = read_examples(small_data["validation"], "chat", "data.validation")[:4]
-    prompts = [encode_prompt(tokenizer, ex) for ex in examples]
-    generated = evaluate.generate_ids(model, tokenizer, prompts, [24] * 4)
-    cases = []
-    for ex, ids in zip(examples, generated, strict=True):
-        h = len(ids) // 3
-        changed = ids[:h] + [(ids[h] + 7) % 50] + ids[h + 1 :]
-        answer = tokenizer.decode(changed, skip_special_tokens=True)
-        cases.append(dataclasses.replace(ex, answer=answer))
+    cases = own_greedy_cases(model, tokenizer, examples, 24)
     expected = evaluate.generate(model, tokenizer, cases, 24)
     got = evaluate.evaluate(model, tokenizer, cases, 256, 24, batch_size=4)
     assert got["generations"] == expected

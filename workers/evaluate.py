@@ -10,10 +10,16 @@ forward pass over prompt + reference answer gives the eval loss and, at every an
 token greedy decoding would pick after that prefix. Greedy decoding reproduces the reference up to
 the first position where that pick differs: a row whose picks all match (end-of-sequence included)
 generates exactly its reference, and is done; any other row is generated onwards only from its
-first differing token. The generations are the ones ``generate`` makes (up to floating-point
-rounding, which can flip a near-tie either way, as batching already does); what is saved is every
-decoding step of the matching prefixes. Models whose generation config changes greedy decoding
-(repetition penalty and the like) take the plain path.
+first differing token, on the teacher-forced pass's own KV cache (no second prefill).
+
+Decoding from there feeds, at each step, a row's last token and a guess of the tokens that follow
+(taken where the generation's last 3 or 2 tokens occur in the reference answer, else in the
+prompt: JSON keys and punctuation, values copied from the text); one forward pass checks the whole
+guess, and the guessed tokens greedy's own picks confirm are kept with greedy's next pick
+(prompt-lookup decoding, with the reference as the main lookup). So the tokens are greedy's, in
+fewer steps. The generations are the ones ``generate`` makes (up to floating-point rounding,
+which can flip a near-tie either way, as batching already does). Models whose generation config
+changes greedy decoding (repetition penalty and the like) take the plain path.
 """
 
 from __future__ import annotations
