@@ -251,16 +251,21 @@ def _eval_and_save(model, tokenizer, val, cfg: TrialConfig, clock: _Clock, out_d
     }
 
 
+def _needed_usd(clock: _Clock, steps: int, step_s, closings: int, closing_s, release_s) -> float:
+    """The trial's cost so far plus, with the safety margin, ``steps`` more steps, ``closings``
+    evals and saves, and the billed time until its resources are released."""
+    return clock.cost_usd(SAFETY * (steps * step_s + closings * closing_s + release_s))
+
+
 def _room_after_closing(
     clock: _Clock, budget: Budget, step_s, closing_s, next_steps, release_s
 ) -> bool:
     """Whether, after the coming eval and save, at least one more step and its own closing fit
     under the ceiling (asking for a whole further interval first)."""
-    interval = clock.cost_usd(SAFETY * (closing_s + next_steps * step_s + closing_s + release_s))
+    interval = _needed_usd(clock, next_steps, step_s, 2, closing_s, release_s)
     if interval > budget.ceiling_usd:
         budget.request(interval)
-    last_step = SAFETY * (closing_s + step_s + closing_s + release_s)
-    return clock.cost_usd(last_step) <= budget.ceiling_usd
+    return _needed_usd(clock, 1, step_s, 2, closing_s, release_s) <= budget.ceiling_usd
 
 
 def run_trial(
@@ -290,12 +295,12 @@ def run_trial(
     step = 0
     while step < cfg.max_steps:
         interval = min(cfg.eval_every - step % cfg.eval_every, cfg.max_steps - step)
-        need = clock.cost_usd(SAFETY * (interval * step_s + closing_s + cfg.release_s))
+        need = _needed_usd(clock, interval, step_s, 1, closing_s, cfg.release_s)
         if need > budget.ceiling_usd:
             budget.request(need)  # if refused, train on while the ceiling allows, then close
         start_step = step
         for _ in range(interval):
-            if clock.cost_usd(SAFETY * (step_s + closing_s + cfg.release_s)) > budget.ceiling_usd:
+            if _needed_usd(clock, 1, step_s, 1, closing_s, cfg.release_s) > budget.ceiling_usd:
                 status = "budget_stopped"  # close now, inside the ceiling
                 break
             t = time.monotonic()
