@@ -96,6 +96,23 @@ def test_decoding_with_guesses_keeps_greedy_tokens(tiny_model, small_data, own_g
     assert got["decode_steps"] < got["tokens_generated"] / 2  # guesses were kept
 
 
+def test_a_sliding_window_model_decodes_without_the_kept_cache(
+    tiny_model, small_data, own_greedy_cases
+):
+    """A sliding-window cache drops old positions, so such models decode onwards with plain
+    greedy decoding (prompt and reproduced prefix prefilled again): the same generations."""
+    model = _lora_model(tiny_model).eval()
+    tokenizer = load_tokenizer(str(tiny_model))
+    examples = read_examples(small_data["validation"], "chat", "data.validation")[:3]
+    cases = own_greedy_cases(model, tokenizer, examples, 16)
+    expected = evaluate.generate(model, tokenizer, cases, 16)
+    fast.causal_lm(model).config.sliding_window = 4096
+    assert not evaluate._cache_reusable(model)
+    got = evaluate.evaluate(model, tokenizer, cases, 256, 16, batch_size=2)
+    assert got["generations"] == expected
+    assert got["rows_generated"] == 3
+
+
 def test_draft_follows_the_longest_suffix_nearest_where_the_generation_stands():
     reference, prompt = [1, 2, 3, 4, 5, 2, 3, 9], [7, 8, 3, 6]
     sources = [(reference, 2), (prompt, len(prompt))]

@@ -213,9 +213,10 @@ def _evaluate(
         steps = max_new_tokens * -(-len(examples) // GENERATE_BATCH)
         return _result(forced, generations, len(examples), len(examples) * max_new_tokens, steps)
     eos = tokenizer.eos_token_id
+    reuse = _cache_reusable(model)
     forced, rows_generated, tokens_generated, steps = [], 0, 0, 0
     for chunk in chunks:
-        rows, cache, width = _teacher_forced(model, tokenizer, chunk, max_seq_len, True)
+        rows, cache, width = _teacher_forced(model, tokenizer, chunk, max_seq_len, reuse)
         forced += rows
         pending = []  # (row, answer tokens greedy decoding reproduces) of rows still to decode
         for j, r in enumerate(rows):
@@ -224,22 +225,39 @@ def _evaluate(
             r.head = answer[:first] if first == len(answer) else answer[:first] + [r.picks[first]]
             if first < len(answer) and r.head[-1] != eos and len(r.head) < max_new_tokens:
                 pending.append((j, first))
-        if pending:
-            tokens, n_steps = _continue(
-                model,
-                cache,
-                width,
-                [rows[j] for j, _ in pending],
-                [j for j, _ in pending],
-                [len(rows[j].prompt) + first for j, first in pending],
-                max_new_tokens,
-                eos,
-            )
-            rows_generated += len(pending)
-            tokens_generated += tokens
-            steps += n_steps
+        if not pending:
+            continue
+        todo = [rows[j] for j, _ in pending]
+        if reuse:
+            kept = [len(rows[j].prompt) + first for j, first in pending]
+            index = [j for j, _ in pending]
+            tokens, n_steps = _continue(model, cache, width, todo, index, kept, max_new_tokens, eos)
+        else:
+            tokens, n_steps = _generate_onwards(todo, model, tokenizer, max_new_tokens)
+        rows_generated += len(pending)
+        tokens_generated += tokens
+        steps += n_steps
     generations = [tokenizer.decode(r.head, skip_special_tokens=True) for r in forced]
     return _result(forced, generations, rows_generated, tokens_generated, steps)
+
+
+def _cache_reusable(model) -> bool:
+    """Whether decoding can go on from the teacher-forced pass's KV cache: the decoders of
+    ``fast.SUPPORTED`` without sliding-window attention (whose cache drops old positions)."""
+    from workers import fast, packing
+
+    return fast.supported(model) and not packing.sliding_window(fast.causal_lm(model).config)
+
+
+def _generate_onwards(rows: list[_Row], model, tokenizer, max_new_tokens) -> tuple[int, int]:
+    """Plain greedy decoding of ``rows`` onwards from their heads (prompt and head prefilled
+    again); returns (tokens decoded, an upper bound of the decoding steps)."""
+    limits = [max_new_tokens - len(r.head) for r in rows]
+    tails = generate_ids(model, tokenizer, [r.prompt + r.head for r in rows], limits)
+    for r, tail in zip(rows, tails, strict=True):
+        r.head += tail
+    batches = range(0, len(rows), GENERATE_BATCH)
+    return sum(map(len, tails)), sum(max(limits[i : i + GENERATE_BATCH]) for i in batches)
 
 
 def _draft(

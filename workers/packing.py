@@ -148,11 +148,18 @@ def register() -> None:
     _registered = True
 
 
+def sliding_window(config) -> bool:
+    """Whether a model config has sliding-window attention switched on."""
+    return bool(getattr(config, "sliding_window", None)) and getattr(
+        config, "use_sliding_window", True
+    )
+
+
 def enable(lm) -> bool:
     """Switch a causal LM (not a PEFT wrapper) to the packed attention; False where it cannot
     (models with sliding-window attention or without the attention interface)."""
     config = lm.config
-    if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
+    if sliding_window(config):
         return False
     register()
     if config._attn_implementation != ATTENTION:
