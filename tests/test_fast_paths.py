@@ -82,10 +82,27 @@ def test_evaluate_generates_what_greedy_decoding_generates(tiny_model, small_dat
     assert got["rows_generated"] in (2, 3)  # 3 only if own[0] re-tokenises differently
 
 
-def test_decoding_with_guesses_keeps_greedy_tokens(tiny_model, small_data, own_greedy_cases):
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",
+        pytest.param(
+            "cuda",
+            marks=[
+                pytest.mark.gpu,
+                pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+            ],
+        ),
+    ],
+)
+def test_decoding_with_guesses_keeps_greedy_tokens(
+    tiny_model, small_data, own_greedy_cases, device
+):
     """References that the model leaves a third of the way in and then follows again: several
-    guessed tokens are kept per step, and the generations are still exactly greedy's."""
-    model = _lora_model(tiny_model).eval()
+    guessed tokens are kept per step, and the generations are still exactly greedy's. On CUDA in
+    float32 too, so that the comparison is of the method, not of bf16 rounding on a random
+    model's near-ties (``pytest -m gpu``)."""
+    model = _lora_model(tiny_model).to(device).eval()
     tokenizer = load_tokenizer(str(tiny_model))
     examples = read_examples(small_data["validation"], "chat", "data.validation")[:4]
     cases = own_greedy_cases(model, tokenizer, examples, 24)
@@ -139,11 +156,17 @@ def test_evaluate_loss_is_the_answer_cross_entropy(tiny_model, small_data):
     assert got == pytest.approx(expected, rel=1e-4)
 
 
-def test_a_decoding_penalty_takes_the_plain_path(tiny_model):
-    model = _lora_model(tiny_model)
+def test_a_decoding_penalty_takes_the_plain_path(tiny_model, small_data):
+    model = _lora_model(tiny_model).eval()
     assert evaluate._plain_greedy(model)
     model.generation_config.repetition_penalty = 1.3
     assert not evaluate._plain_greedy(model)
+    tokenizer = load_tokenizer(str(tiny_model))
+    examples = read_examples(small_data["validation"], "chat", "data.validation")[:3]
+    got = evaluate.evaluate(model, tokenizer, examples, 256, 12, batch_size=2)
+    assert got["generations"] == evaluate.generate(model, tokenizer, examples, 12)
+    assert got["rows_generated"] == 3
+    assert 0 < got["tokens_generated"] <= 3 * 12
 
 
 def test_a_batch_without_answer_tokens_still_steps(tiny_model):

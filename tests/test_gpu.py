@@ -108,29 +108,3 @@ def test_compiled_trials_replay_cuda_graphs_like_the_plain_step(trial_config):
     assert reports[-1]["base_model_reused"] == 1
     assert graphed == pytest.approx(plain, rel=3e-2)
     assert again == pytest.approx(graphed, rel=3e-2)
-
-
-def test_decoding_with_guesses_on_cuda_generates_what_greedy_decoding_generates(
-    tiny_model, small_data, own_greedy_cases
-):
-    """The shortcut evaluation (teacher-forced pass, its KV cache kept, decoding with guessed
-    tokens) on CUDA: the generations of plain greedy ``generate``, in fewer steps. Float32, so
-    that the comparison is of the method, not of bf16 rounding on a random model's near-ties."""
-    from transformers import AutoModelForCausalLM
-
-    from workers import evaluate
-    from workers.data import read_examples
-    from workers.lora import attach_lora
-    from workers.model import load_tokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation="sdpa")
-    torch.manual_seed(1)
-    model = attach_lora(model, rank=4, alpha=8, target_modules="all_linear", dropout=0.0)
-    model = model.to("cuda").eval()
-    tokenizer = load_tokenizer(str(tiny_model))
-    examples = read_examples(small_data["validation"], "chat", "data.validation")[:4]
-    cases = own_greedy_cases(model, tokenizer, examples, 24)
-    expected = evaluate.generate(model, tokenizer, cases, 24)
-    got = evaluate.evaluate(model, tokenizer, cases, 256, 24, batch_size=4)
-    assert got["generations"] == expected
-    assert got["decode_steps"] < got["tokens_generated"] / 2

@@ -204,14 +204,13 @@ def _evaluate(
 ) -> dict:
     model.eval()
     chunks = [examples[i : i + batch_size] for i in range(0, len(examples), batch_size)]
-    if not _plain_greedy(model):
-        generations = generate(model, tokenizer, examples, max_new_tokens)
+    if not _plain_greedy(model):  # every row decoded from its prompt, as ``generate`` does
         forced = [
             r for c in chunks for r in _teacher_forced(model, tokenizer, c, max_seq_len, False)[0]
         ]
-        # upper bounds: generate does not say how far it went
-        steps = max_new_tokens * -(-len(examples) // GENERATE_BATCH)
-        return _result(forced, generations, len(examples), len(examples) * max_new_tokens, steps)
+        tokens, steps = _generate_onwards(forced, model, tokenizer, max_new_tokens)
+        generations = [tokenizer.decode(r.head, skip_special_tokens=True) for r in forced]
+        return _result(forced, generations, len(forced), tokens, steps)
     eos = tokenizer.eos_token_id
     reuse = _cache_reusable(model)
     forced, rows_generated, tokens_generated, steps = [], 0, 0, 0
