@@ -11,7 +11,7 @@ import dataclasses
 import pytest
 import torch
 
-from workers import evaluate, fast, packing
+from workers import evaluate, fast, packing, static_decode
 from workers.data import encode_for_training, encode_prompt, pad_batch, read_examples
 from workers.lora import attach_lora
 from workers.model import load_tokenizer
@@ -82,26 +82,39 @@ def test_evaluate_generates_what_greedy_decoding_generates(tiny_model, small_dat
     assert got["rows_generated"] in (2, 3)  # 3 only if own[0] re-tokenises differently
 
 
+_CUDA = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+
 @pytest.mark.parametrize(
-    "device",
+    ("device", "static"),
     [
-        "cpu",
-        pytest.param(
-            "cuda",
-            marks=[
-                pytest.mark.gpu,
-                pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
-            ],
-        ),
+        ("cpu", False),
+        ("cpu", True),
+        pytest.param("cuda", True, marks=_CUDA),
+        pytest.param("cuda", False, marks=_CUDA),
     ],
 )
 def test_decoding_with_guesses_keeps_greedy_tokens(
-    tiny_model, small_data, own_greedy_cases, device
+    tiny_model, small_data, own_greedy_cases, device, static, monkeypatch
 ):
     """References that the model leaves a third of the way in and then follows again: several
-    guessed tokens are kept per step, and the generations are still exactly greedy's. On CUDA in
+    guessed tokens are kept per step, and the generations are still exactly greedy's. Both
+    decoding routes: transformers' own cache (steps as wide as their guesses, finished rows
+    dropped) and the static cache (fixed-shape steps; on CUDA replayed as a graph). On CUDA in
     float32 too, so that the comparison is of the method, not of bf16 rounding on a random
     model's near-ties (``pytest -m gpu``)."""
+    monkeypatch.setattr(evaluate, "STATIC_DEVICES", {device} if static else set())
+    steps = []
+    monkeypatch.setattr(static_decode, "EAGER_STEPS", 1)  # so that a graph is used (CUDA)
+    real = static_decode.Steps.__call__
+    monkeypatch.setattr(
+        static_decode.Steps,
+        "__call__",
+        lambda self, ids, pos: steps.append(self.graph is not None) or real(self, ids, pos),
+    )
     model = _lora_model(tiny_model).to(device).eval()
     tokenizer = load_tokenizer(str(tiny_model))
     examples = read_examples(small_data["validation"], "chat", "data.validation")[:4]
@@ -111,6 +124,9 @@ def test_decoding_with_guesses_keeps_greedy_tokens(
     assert got["generations"] == expected
     assert got["rows_generated"] == 4
     assert got["decode_steps"] < got["tokens_generated"] / 2  # guesses were kept
+    assert len(steps) == (got["decode_steps"] if static else 0)
+    if static and device == "cuda":
+        assert steps.count(True) > 0  # steps replayed on a CUDA graph
 
 
 def test_a_sliding_window_model_decodes_without_the_kept_cache(

@@ -30,12 +30,15 @@ import math
 from collections import Counter
 from dataclasses import dataclass, field
 
+from workers import static_decode
 from workers.data import Example, encode_for_training, encode_prompt
 
 # Most guessed tokens fed per decoding step. Guesses cost little: a decoding step of a few rows
 # is bound by kernel launches on a GPU and by reading the weights from memory on a CPU.
 DRAFT_TOKENS = {"cuda": 12, "cpu": 8}
 GENERATE_BATCH = 24  # rows decoded together by the plain path
+# devices whose decoding steps take one fixed shape on a static cache (CUDA: replayed as a graph)
+STATIC_DEVICES = {"cuda"}
 DRAFT_NGRAM = 3  # longest suffix of a generation looked up to guess what follows (shortest 2)
 
 
@@ -110,6 +113,11 @@ def _forward(model, ids, mask, positions=None, cache=None, pick=None, keep_cache
     from workers import fast
 
     lm = fast.causal_lm(model)
+    if isinstance(cache, static_decode.StaticKV):
+        hidden = static_decode.forward(lm.get_decoder(), cache, ids, positions)
+        if pick is not None:
+            hidden = torch.gather(hidden, 1, pick.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+        return lm.get_output_embeddings()(hidden).float(), cache
     kwargs = {
         "input_ids": ids,
         "attention_mask": mask,
@@ -141,9 +149,10 @@ class _Row:
     head: list[int] = field(default_factory=list)  # the generation so far
 
 
-def _teacher_forced(model, tokenizer, examples, max_seq_len, keep_cache):
+def _teacher_forced(model, tokenizer, examples, max_seq_len, keep_cache, static_room=None):
     """One right-padded forward pass over prompt + reference answer of ``examples``: their rows
-    and the pass's KV cache (None unless ``keep_cache``)."""
+    and the pass's KV cache (None unless ``keep_cache``). With ``static_room`` the cache is a
+    ``StaticKV`` with that many positions beyond the longest prompt (at least the pass's)."""
     import torch
     import torch.nn.functional as F
 
@@ -165,9 +174,14 @@ def _teacher_forced(model, tokenizer, examples, max_seq_len, keep_cache):
         ids[j, :n] = torch.tensor(r.prompt + r.answer)
         mask[j, :n] = 1
         pos[j, : len(r.answer)] = torch.arange(len(r.prompt) - 1, n - 1)
+    cache, positions = None, None
+    if static_room is not None:
+        longest = max(len(r.prompt) for r in rows) + static_room
+        cache = static_decode.StaticKV(max(width, longest))
+        positions = torch.arange(width).expand(len(rows), -1).to(device)
     with torch.no_grad():
         logits, cache = _forward(
-            model, ids.to(device), mask.to(device), pick=pos.to(device), keep_cache=keep_cache
+            model, ids.to(device), mask.to(device), positions, cache, pos.to(device), keep_cache
         )
     for j, r in enumerate(rows):
         target = torch.tensor(r.answer[: r.n_loss], device=device)
@@ -213,9 +227,13 @@ def _evaluate(
         return _result(forced, generations, len(forced), tokens, steps)
     eos = tokenizer.eos_token_id
     reuse = _cache_reusable(model)
+    device = next(model.parameters()).device
+    most = DRAFT_TOKENS.get(device.type, DRAFT_TOKENS["cpu"])
+    static = reuse and device.type in STATIC_DEVICES
+    room = max_new_tokens + 1 + most if static else None
     forced, rows_generated, tokens_generated, steps = [], 0, 0, 0
     for chunk in chunks:
-        rows, cache, width = _teacher_forced(model, tokenizer, chunk, max_seq_len, reuse)
+        rows, cache, width = _teacher_forced(model, tokenizer, chunk, max_seq_len, reuse, room)
         forced += rows
         pending = []  # (row, answer tokens greedy decoding reproduces) of rows still to decode
         for j, r in enumerate(rows):
@@ -230,7 +248,15 @@ def _evaluate(
         if reuse:
             kept = [len(rows[j].prompt) + first for j, first in pending]
             index = [j for j, _ in pending]
-            tokens, n_steps = _continue(model, cache, width, todo, index, kept, max_new_tokens, eos)
+            if static:
+                cache.select(index)
+                stepper = _StaticSteps(model, cache, len(todo), 1 + most)
+            else:
+                stepper = _CacheSteps(model, cache, width, index, kept)
+            try:
+                tokens, n_steps = _continue(stepper, todo, kept, max_new_tokens, eos, most)
+            finally:
+                stepper.close()
         else:
             tokens, n_steps = _generate_onwards(todo, model, tokenizer, max_new_tokens)
         rows_generated += len(pending)
@@ -275,50 +301,38 @@ def _draft(
     return []
 
 
-def _continue(
-    model, cache, width: int, rows: list[_Row], index, n_kept, max_new_tokens, eos
-) -> tuple[int, int]:
-    """Greedy decoding of ``rows`` onwards from their heads, on the teacher-forced pass's
-    ``cache`` (``width`` positions; ``rows`` are its batch entries ``index``, of which each keeps
-    its first ``n_kept`` positions: the prompt and the reference prefix it reproduced).
+def _continue(steps, rows: list[_Row], n_kept, max_new_tokens, eos, most) -> tuple[int, int]:
+    """Greedy decoding of ``rows`` onwards from their heads, on the teacher-forced pass's KV
+    cache, of which each row keeps its first ``n_kept`` positions (the prompt and the reference
+    prefix it reproduced); ``steps`` runs the forward passes (``_CacheSteps`` or
+    ``_StaticSteps``).
 
     Each step feeds a row's last token and a guess of what follows (from its reference answer and
-    prompt, ``_draft``) and keeps the guessed tokens that greedy's own picks confirm, plus greedy's
-    next pick: the tokens are greedy's, in fewer steps. Rejected positions stay in the cache,
-    masked out; finished rows leave the batch. Returns (tokens decoded, decoding steps run)."""
+    prompt, ``_draft``, at most ``most`` tokens) and keeps the guessed tokens that greedy's own
+    picks confirm, plus greedy's next pick: the tokens are greedy's, in fewer steps. Returns
+    (tokens decoded, decoding steps run)."""
     import torch
 
-    device = next(model.parameters()).device
-    most = DRAFT_TOKENS.get(device.type, DRAFT_TOKENS["cpu"])
-    cache.batch_select_indices(torch.tensor(index, device=device))
-    valid = torch.zeros((len(rows), width), dtype=torch.long)
-    for b, n in enumerate(n_kept):
-        valid[b, :n] = 1
-    valid = valid.to(device)
     next_pos = list(n_kept)
     guess = [most] * len(rows)  # each row's guess length, longer while guesses hold
-    live, decoded, steps = list(range(len(rows))), 0, 0
+    live, decoded, n_steps = list(range(len(rows))), 0, 0
     while live:
-        steps += 1
+        n_steps += 1
         drafts = []
         for j in live:
             r = rows[j]
             room = max_new_tokens - len(r.head) - 1  # the step's own pick comes on top
             sources = [(r.answer, len(r.head)), (r.prompt, len(r.prompt))]
             drafts.append(_draft(r.prompt + r.head, sources, min(guess[j], room)))
-        step = 1 + max(map(len, drafts))
-        ids = torch.zeros((len(live), step), dtype=torch.long)
+        width = steps.width(1 + max(map(len, drafts)))
+        ids = torch.zeros((len(live), width), dtype=torch.long)
         fed = torch.zeros_like(ids)
         pos = torch.zeros_like(ids)
         for b, (j, d) in enumerate(zip(live, drafts, strict=True)):
             ids[b, : 1 + len(d)] = torch.tensor(rows[j].head[-1:] + d)
             fed[b, : 1 + len(d)] = 1
-            pos[b] = torch.arange(next_pos[j], next_pos[j] + step)
-        with torch.no_grad():
-            logits, cache = _forward(
-                model, ids.to(device), torch.cat([valid, fed.to(device)], 1), pos.to(device), cache
-            )
-        picks = logits.argmax(-1).tolist()
+            pos[b] = torch.arange(next_pos[j], next_pos[j] + width)
+        picks = steps(live, ids, fed, pos)
         kept = torch.zeros_like(ids)
         still = []
         for b, (j, d) in enumerate(zip(live, drafts, strict=True)):
@@ -338,14 +352,78 @@ def _continue(
             next_pos[j] += m + 1
             if r.head[-1] != eos and len(r.head) < max_new_tokens:
                 still.append(b)
-        valid = torch.cat([valid, kept.to(device)], 1)
-        if len(still) < len(live):
-            if still:
-                keep = torch.tensor(still, device=device)
-                cache.batch_select_indices(keep)
-                valid = valid[keep]
-            live = [live[b] for b in still]
-    return decoded, steps
+        steps.keep(kept, still)
+        live = [live[b] for b in still]
+    return decoded, n_steps
+
+
+class _CacheSteps:
+    """Decoding steps on transformers' own KV cache: each step as wide as its longest guess;
+    rejected positions stay in the cache, masked out; finished rows leave the batch."""
+
+    def __init__(self, model, cache, width: int, index: list[int], n_kept: list[int]) -> None:
+        import torch
+
+        self.model, self.cache = model, cache
+        self.device = next(model.parameters()).device
+        cache.batch_select_indices(torch.tensor(index, device=self.device))
+        valid = torch.zeros((len(index), width), dtype=torch.long)
+        for b, n in enumerate(n_kept):
+            valid[b, :n] = 1
+        self.valid = valid.to(self.device)
+
+    def width(self, needed: int) -> int:
+        return needed
+
+    def __call__(self, live, ids, fed, pos) -> list[list[int]]:
+        import torch
+
+        mask = torch.cat([self.valid, fed.to(self.device)], 1)
+        with torch.no_grad():
+            logits, self.cache = _forward(
+                self.model, ids.to(self.device), mask, pos.to(self.device), self.cache
+            )
+        return logits.argmax(-1).tolist()
+
+    def keep(self, kept, still: list[int]) -> None:
+        import torch
+
+        self.valid = torch.cat([self.valid, kept.to(self.device)], 1)
+        if len(still) < self.valid.shape[0] and still:
+            at = torch.tensor(still, device=self.device)
+            self.cache.batch_select_indices(at)
+            self.valid = self.valid[at]
+
+    def close(self) -> None:
+        self.cache = None
+
+
+class _StaticSteps:
+    """Decoding steps of one fixed shape on a ``StaticKV`` (every row, ``width`` tokens each),
+    replayed as a CUDA graph on a GPU (``workers/static_decode.py``)."""
+
+    def __init__(self, model, kv, rows: int, width: int) -> None:
+        import torch
+
+        self.fixed = width
+        self.steps = static_decode.Steps(model, kv, rows, width, graphs=True)
+        self.ids = torch.zeros((rows, width), dtype=torch.long)
+        self.pos = torch.zeros_like(self.ids)  # finished rows keep their last positions
+
+    def width(self, needed: int) -> int:
+        return self.fixed
+
+    def __call__(self, live, ids, fed, pos) -> list[list[int]]:
+        self.ids[live] = ids
+        self.pos[live] = pos
+        picks = self.steps(self.ids, self.pos)
+        return [picks[j] for j in live]
+
+    def keep(self, kept, still: list[int]) -> None:
+        pass  # the next step overwrites rejected positions
+
+    def close(self) -> None:
+        self.steps.close()
 
 
 def _result(forced: list[_Row], generations, rows_generated, tokens_generated, steps) -> dict:
