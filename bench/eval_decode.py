@@ -3,12 +3,13 @@
     python3 bench/eval_decode.py --device cuda --out bench/results/eval_decode.json
 
 Evaluates the embedded model (SmolLM2-135M-Instruct) with a LoRA adapter on the demo task's
-validation rows (the trial defaults: 24 rows, 96 new tokens, chunks of 8) through
+validation rows (the trial defaults: 24 rows, 96 new tokens, batch 8, max_seq_len 256) through
 ``workers.evaluate.evaluate``, once per route and adapter, after one untimed warm-up:
 
 - ``cache``: decoding steps on transformers' own KV cache (steps as wide as their guesses,
-  finished rows leave the batch);
-- ``static``: fixed-shape steps on a static KV cache, replayed as a CUDA graph on a GPU.
+  finished rows leave the batch), rows a batch at a time;
+- ``static``: fixed-shape steps on a static KV cache, replayed as a CUDA graph on a GPU, up to
+  32 rows at a time within the trial's token allowance (all 24 here).
 
 Adapters: ``fresh`` (B = 0: the base model's own answers, which differ from the references, so
 most rows decode in full) and ``trained`` (after ``--train-steps`` optimizer steps of the worker's
@@ -66,9 +67,14 @@ def _timed(model, tokenizer, val, args) -> tuple[dict, float]:
     import torch
 
     from workers import evaluate
+    from workers.train import EVAL_TOKENS_PER_TRAIN_TOKEN
+
+    allowance = args.chunk * args.max_seq_len * EVAL_TOKENS_PER_TRAIN_TOKEN  # as a trial's
 
     def run():
-        return evaluate.evaluate(model, tokenizer, val, 256, args.max_new_tokens, args.chunk)
+        return evaluate.evaluate(
+            model, tokenizer, val, args.max_seq_len, args.max_new_tokens, args.chunk, allowance
+        )
 
     run()  # warm-up (kernels, allocator)
     if args.device == "cuda":
@@ -85,7 +91,8 @@ def main() -> None:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--rows", type=int, default=24)
     ap.add_argument("--max-new-tokens", type=int, default=96)
-    ap.add_argument("--chunk", type=int, default=8)
+    ap.add_argument("--chunk", type=int, default=8, help="the trial's batch size")
+    ap.add_argument("--max-seq-len", type=int, default=256)
     ap.add_argument("--train-steps", type=int, default=30)
     ap.add_argument("--out", default=str(ROOT / "bench/results/eval_decode.json"))
     args = ap.parse_args()
@@ -119,7 +126,7 @@ def main() -> None:
                 }
             )
     Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
-    print(f"{args.rows} rows, {args.max_new_tokens} new tokens, chunks of {args.chunk}, {name}")
+    print(f"{args.rows} rows, {args.max_new_tokens} new tokens, batch {args.chunk}, {name}")
     print(
         "| adapter | route | seconds | decode steps | tokens | rows decoded | score "
         "| same as generate |"

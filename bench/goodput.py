@@ -6,6 +6,7 @@ Runs ``lorasweep`` itself (local Ray, sqlite MLflow and Optuna, the budget ledge
 model and demo task: 16 short LoRA trials, 2 at a time, 1 core each.
 
     python3 bench/goodput.py --no-ray --device cuda --out goodput_gpu.json    # GPU machine
+    python3 bench/goodput.py --no-ray --device cuda --trial-defaults --out goodput_gpu_defaults.json
 
 runs the same number of trials one after another in one process with the worker's own loop (no
 Ray, which the GPU machines here lack): what a reused Tune worker does, minus Tune.
@@ -34,6 +35,24 @@ sys.path.insert(0, str(ROOT))
 PHASES = ("load", "data", "step", "eval", "checkpoint", "report", "idle")
 
 
+SHORT_TRIAL = {
+    "max_steps": 12,
+    "eval_every": None,  # once, at the end
+    "batch_size": 4,
+    "max_seq_len": 192,
+    "eval_examples": 4,
+    "max_new_tokens": 48,
+}
+DEFAULT_TRIAL = {  # orchestrator.spec.TrialSpec's defaults
+    "max_steps": 30,
+    "eval_every": 10,
+    "batch_size": 8,
+    "max_seq_len": 256,
+    "eval_examples": 24,
+    "max_new_tokens": 96,
+}
+
+
 def spec_dict(data_dir: Path, trials: int) -> dict:
     return {
         "name": "goodput",
@@ -41,14 +60,7 @@ def spec_dict(data_dir: Path, trials: int) -> dict:
         "model": {"name_or_path": "embedded"},
         "data": {"source": "embedded"},
         "search_space": {"preset": "default", "rank": {"choices": [4, 8, 16]}},
-        "trial": {
-            "max_steps": 12,
-            "eval_every": 12,
-            "batch_size": 4,
-            "max_seq_len": 192,
-            "eval_examples": 4,
-            "max_new_tokens": 48,
-        },
+        "trial": {**SHORT_TRIAL, "eval_every": SHORT_TRIAL["max_steps"]},
         "resources": {"accelerator": "cpu", "cpus_per_trial": 1, "max_concurrent_trials": 2},
         "max_trials": trials,
         "early_stopping": {"enabled": False},
@@ -63,9 +75,16 @@ def main() -> None:
     ap.add_argument("--no-ray", action="store_true")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument(
+        "--trial-defaults",
+        action="store_true",
+        help="--no-ray trials shaped as a spec's defaults: 30 steps of batch 8 (max_seq_len 256), "
+        "an eval every 10 steps of 24 rows x 96 new tokens",
+    )
     args = ap.parse_args()
     if args.no_ray:
-        totals, billed, n = in_process(args.trials, args.device, args.steps)
+        shape = DEFAULT_TRIAL if args.trial_defaults else {**SHORT_TRIAL, "max_steps": args.steps}
+        totals, billed, n = in_process(args.trials, args.device, shape)
         write(args.out, n, billed, totals, _device(args.device) + ", trials in one process")
         return
     from mlflow.tracking import MlflowClient
@@ -98,7 +117,7 @@ def _device(device: str) -> str:
     return f"{os.cpu_count()}-core {platform.machine()} CPU"
 
 
-def in_process(trials: int, device: str, steps: int) -> tuple[dict, float, int]:
+def in_process(trials: int, device: str, shape: dict) -> tuple[dict, float, int]:
     """Trials back to back in this process, configs drawn from the default space."""
     import random
 
@@ -117,12 +136,7 @@ def in_process(trials: int, device: str, steps: int) -> tuple[dict, float, int]:
             rank=rng.choice([4, 8, 16]),
             alpha=32,
             target_modules=rng.choice(["attn", "attn_mlp", "all_linear"]),
-            max_steps=steps,
-            eval_every=steps,
-            batch_size=4,
-            max_seq_len=192,
-            eval_examples=4,
-            max_new_tokens=48,
+            **{**shape, "eval_every": shape["eval_every"] or shape["max_steps"]},
             device=device,
             seed=i,
         )

@@ -120,11 +120,20 @@ def test_decoding_with_guesses_keeps_greedy_tokens(
     examples = read_examples(small_data["validation"], "chat", "data.validation")[:4]
     cases = own_greedy_cases(model, tokenizer, examples, 24)
     expected = evaluate.generate(model, tokenizer, cases, 24)
-    got = evaluate.evaluate(model, tokenizer, cases, 256, 24, batch_size=3)
+    passes = []
+    forced = evaluate._teacher_forced
+    monkeypatch.setattr(
+        evaluate,
+        "_teacher_forced",
+        lambda m, t, rows, *a: passes.append(rows) or forced(m, t, rows, *a),
+    )
+    got = evaluate.evaluate(model, tokenizer, cases, 256, 24, batch_size=3, chunk_tokens=10**6)
     assert got["generations"] == expected
     assert got["rows_generated"] == 4
     assert got["decode_steps"] < got["tokens_generated"] / 2  # guesses were kept
     assert len(steps) == (got["decode_steps"] if static else 0)
+    # the static route takes all 4 rows at once where the token allowance lets it, else 2 + 2
+    assert [len(rows) for rows in passes] == ([4] if static else [2, 2])
     if static and device == "cuda":
         assert steps.count(True) > 0  # steps replayed on a CUDA graph
 
@@ -193,3 +202,16 @@ def test_a_batch_without_answer_tokens_still_steps(tiny_model):
     loss = fast.loss(model, packing.pack(rows))
     loss.backward()
     assert float(loss) == 0.0
+
+
+def test_static_eval_batches_grow_within_their_token_allowance():
+    rows = [evaluate._Row([1] * 50, [2] * 10, [], 0.0, 10) for _ in range(24)]
+
+    def sizes(*args):
+        return [len(c) for c in evaluate._chunks(rows, *args)]
+
+    assert sizes(8, None, None) == [8, 8, 8]  # transformers' cache: the caller's batch
+    assert sizes(8, 10**6, 40) == [24]  # room for all (at most STATIC_CHUNK_ROWS)
+    assert sizes(8, 90 * 12, 40) == [12, 12]  # 50 + max(10, 40) = 90 tokens a row: 12 rows
+    assert sizes(8, 100, 40) == [8, 8, 8]  # never fewer than the caller's batch
+    assert sizes(5, None, None) == [5, 5, 5, 5, 4]  # spread evenly

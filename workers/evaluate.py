@@ -39,6 +39,10 @@ DRAFT_TOKENS = {"cuda": 12, "cpu": 8}
 GENERATE_BATCH = 24  # rows decoded together by the plain path
 # devices whose decoding steps take one fixed shape on a static cache (CUDA: replayed as a graph)
 STATIC_DEVICES = {"cuda"}
+# most rows evaluated together there (at least the caller's batch, within its token allowance): a
+# step costs about the same for 8 rows as for 32 on a GPU, and a batch takes as many steps as its
+# slowest row, where separate batches take the sum
+STATIC_CHUNK_ROWS = 32
 DRAFT_NGRAM = 3  # longest suffix of a generation looked up to guess what follows (shortest 2)
 
 
@@ -108,16 +112,31 @@ def _plain_greedy(model) -> bool:
 def _forward(model, ids, mask, positions=None, cache=None, pick=None, keep_cache=True):
     """Float32 logits (at ``pick``, a [rows, k] index, when given) and the KV cache. Only the
     picked rows of the output head are computed where the architecture allows it."""
+    from workers import fast
+
+    out, cache = _picked(model, ids, mask, positions, cache, pick, keep_cache)
+    if fast.supported(model):
+        out = fast.causal_lm(model).get_output_embeddings()(out)
+    return out.float(), cache
+
+
+def _picked(model, ids, mask, positions, cache, pick, keep_cache):
+    """(the last hidden states at ``pick`` where the architecture's logits are plainly the output
+    head's projection of them (``fast.supported``), else the logits there; the KV cache)."""
     import torch
 
     from workers import fast
 
+    def at_pick(x):
+        return (
+            x
+            if pick is None
+            else torch.gather(x, 1, pick.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+        )
+
     lm = fast.causal_lm(model)
     if isinstance(cache, static_decode.StaticKV):
-        hidden = static_decode.forward(lm.get_decoder(), cache, ids, positions)
-        if pick is not None:
-            hidden = torch.gather(hidden, 1, pick.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
-        return lm.get_output_embeddings()(hidden).float(), cache
+        return at_pick(static_decode.forward(lm.get_decoder(), cache, ids, positions)), cache
     kwargs = {
         "input_ids": ids,
         "attention_mask": mask,
@@ -127,16 +146,9 @@ def _forward(model, ids, mask, positions=None, cache=None, pick=None, keep_cache
     }
     if fast.supported(model):
         out = lm.get_decoder()(**kwargs)
-        hidden = out.last_hidden_state
-        if pick is not None:
-            index = pick.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
-            hidden = torch.gather(hidden, 1, index)
-        return lm.get_output_embeddings()(hidden).float(), out.past_key_values
+        return at_pick(out.last_hidden_state), out.past_key_values
     out = lm(**kwargs)
-    logits = out.logits
-    if pick is not None:
-        logits = torch.gather(logits, 1, pick.unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
-    return logits.float(), out.past_key_values
+    return at_pick(out.logits), out.past_key_values
 
 
 @dataclass
@@ -149,14 +161,7 @@ class _Row:
     head: list[int] = field(default_factory=list)  # the generation so far
 
 
-def _teacher_forced(model, tokenizer, examples, max_seq_len, keep_cache, static_room=None):
-    """One right-padded forward pass over prompt + reference answer of ``examples``: their rows
-    and the pass's KV cache (None unless ``keep_cache``). With ``static_room`` the cache is a
-    ``StaticKV`` with that many positions beyond the longest prompt (at least the pass's)."""
-    import torch
-    import torch.nn.functional as F
-
-    device = next(model.parameters()).device
+def _rows(tokenizer, examples, max_seq_len: int) -> list[_Row]:
     rows = []
     for ex in examples:
         full, labels = encode_for_training(tokenizer, ex, 10**9)
@@ -164,6 +169,20 @@ def _teacher_forced(model, tokenizer, examples, max_seq_len, keep_cache, static_
         prompt, answer = full[:n_prompt], full[n_prompt:]
         # loss over the answer tokens training sees (within the first max_seq_len positions)
         rows.append(_Row(prompt, answer, [], 0.0, max(0, min(len(answer), max_seq_len - n_prompt))))
+    return rows
+
+
+def _teacher_forced(model, tokenizer, rows: list[_Row], keep_cache, static_room=None):
+    """One right-padded forward pass over prompt + reference answer of ``rows``, which gives
+    their loss and picks, and the pass's KV cache (None unless ``keep_cache``). With
+    ``static_room`` the cache is a ``StaticKV`` with that many positions beyond the longest
+    prompt (at least the pass's)."""
+    import torch
+    import torch.nn.functional as F
+
+    from workers import fast
+
+    device = next(model.parameters()).device
     width = max(len(r.prompt) + len(r.answer) for r in rows)
     span = max(len(r.answer) for r in rows)
     ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
@@ -180,15 +199,18 @@ def _teacher_forced(model, tokenizer, examples, max_seq_len, keep_cache, static_
         cache = static_decode.StaticKV(max(width, longest))
         positions = torch.arange(width).expand(len(rows), -1).to(device)
     with torch.no_grad():
-        logits, cache = _forward(
+        out, cache = _picked(
             model, ids.to(device), mask.to(device), positions, cache, pos.to(device), keep_cache
         )
-    for j, r in enumerate(rows):
-        target = torch.tensor(r.answer[: r.n_loss], device=device)
-        if r.n_loss:
-            r.loss = float(F.cross_entropy(logits[j, : r.n_loss], target, reduction="sum"))
-        r.picks = logits[j, : len(r.answer)].argmax(-1).tolist()
-    return rows, (cache if keep_cache else None), width
+        head = fast.causal_lm(model).get_output_embeddings() if fast.supported(model) else None
+        for j, r in enumerate(rows):  # one row's logits at a time: big chunks stay affordable
+            logits = out[j, : len(r.answer)]
+            logits = (head(logits) if head is not None else logits).float()
+            target = torch.tensor(r.answer[: r.n_loss], device=device)
+            if r.n_loss:
+                r.loss = float(F.cross_entropy(logits[: r.n_loss], target, reduction="sum"))
+            r.picks = logits.argmax(-1).tolist()
+    return (cache if keep_cache else None), width
 
 
 def _without_cudnn_attention(model):
@@ -204,24 +226,43 @@ def _without_cudnn_attention(model):
 
 
 def evaluate(
-    model, tokenizer, examples: list[Example], max_seq_len: int, max_new_tokens: int, batch_size
+    model,
+    tokenizer,
+    examples: list[Example],
+    max_seq_len: int,
+    max_new_tokens: int,
+    batch_size: int,
+    chunk_tokens: int | None = None,
 ) -> dict:
     """``{"eval_loss", "generations", "rows_generated", "tokens_generated", "decode_steps"}``:
     the mean answer cross-entropy and the greedy generations of every example (see the module's
-    notes), with how many rows were decoded, how many tokens and in how many forward steps."""
+    notes), with how many rows were decoded, how many tokens and in how many forward steps.
+    Rows go ``batch_size`` at a time; on the static route up to ``STATIC_CHUNK_ROWS`` at a time
+    where ``chunk_tokens`` (rows x their prompt, answer and decoding room) allows."""
     with _without_cudnn_attention(model):
-        return _evaluate(model, tokenizer, examples, max_seq_len, max_new_tokens, batch_size)
+        return _evaluate(
+            model, tokenizer, examples, max_seq_len, max_new_tokens, batch_size, chunk_tokens
+        )
+
+
+def _chunks(rows: list[_Row], batch_size: int, chunk_tokens: int | None, room: int | None):
+    size = batch_size
+    if room is not None and chunk_tokens:
+        longest = max(len(r.prompt) + max(len(r.answer), room) for r in rows)
+        size = max(batch_size, min(STATIC_CHUNK_ROWS, chunk_tokens // longest))
+    n = -(-len(rows) // size)
+    size = -(-len(rows) // n)  # as even as possible
+    return [rows[i : i + size] for i in range(0, len(rows), size)]
 
 
 def _evaluate(
-    model, tokenizer, examples: list[Example], max_seq_len: int, max_new_tokens: int, batch_size
+    model, tokenizer, examples, max_seq_len, max_new_tokens, batch_size, chunk_tokens
 ) -> dict:
     model.eval()
-    chunks = [examples[i : i + batch_size] for i in range(0, len(examples), batch_size)]
+    forced = _rows(tokenizer, examples, max_seq_len)
     if not _plain_greedy(model):  # every row decoded from its prompt, as ``generate`` does
-        forced = [
-            r for c in chunks for r in _teacher_forced(model, tokenizer, c, max_seq_len, False)[0]
-        ]
+        for c in _chunks(forced, batch_size, None, None):
+            _teacher_forced(model, tokenizer, c, False)
         tokens, steps = _generate_onwards(forced, model, tokenizer, max_new_tokens)
         generations = [tokenizer.decode(r.head, skip_special_tokens=True) for r in forced]
         return _result(forced, generations, len(forced), tokens, steps)
@@ -229,12 +270,10 @@ def _evaluate(
     reuse = _cache_reusable(model)
     device = next(model.parameters()).device
     most = DRAFT_TOKENS.get(device.type, DRAFT_TOKENS["cpu"])
-    static = reuse and device.type in STATIC_DEVICES
-    room = max_new_tokens + 1 + most if static else None
-    forced, rows_generated, tokens_generated, steps = [], 0, 0, 0
-    for chunk in chunks:
-        rows, cache, width = _teacher_forced(model, tokenizer, chunk, max_seq_len, reuse, room)
-        forced += rows
+    room = max_new_tokens + 1 + most if reuse and device.type in STATIC_DEVICES else None
+    rows_generated, tokens_generated, steps = 0, 0, 0
+    for rows in _chunks(forced, batch_size, chunk_tokens, room):
+        cache, width = _teacher_forced(model, tokenizer, rows, reuse, room)
         pending = []  # (row, answer tokens greedy decoding reproduces) of rows still to decode
         for j, r in enumerate(rows):
             answer = r.answer[:max_new_tokens]
@@ -248,7 +287,7 @@ def _evaluate(
         if reuse:
             kept = [len(rows[j].prompt) + first for j, first in pending]
             index = [j for j, _ in pending]
-            if static:
+            if room is not None:
                 cache.select(index)
                 stepper = _StaticSteps(model, cache, len(todo), 1 + most)
             else:
