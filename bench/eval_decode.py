@@ -67,9 +67,8 @@ def _timed(model, tokenizer, val, args) -> tuple[dict, float]:
     import torch
 
     from workers import evaluate
-    from workers.train import EVAL_TOKENS_PER_TRAIN_TOKEN
 
-    allowance = args.chunk * args.max_seq_len * EVAL_TOKENS_PER_TRAIN_TOKEN  # as a trial's
+    allowance = evaluate.token_allowance(args.chunk, args.max_seq_len)  # as a trial's
 
     def run():
         return evaluate.evaluate(

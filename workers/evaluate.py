@@ -20,6 +20,12 @@ guess, and the guessed tokens greedy's own picks confirm are kept with greedy's 
 fewer steps. The generations are the ones ``generate`` makes (up to floating-point rounding,
 which can flip a near-tie either way, as batching already does). Models whose generation config
 changes greedy decoding (repetition penalty and the like) take the plain path.
+
+Two routes run those steps: on CPU, transformers' own KV cache (each step as wide as its longest
+guess, finished rows leave the batch: compute is what costs there); on CUDA, one fixed shape on a
+static cache replayed as a CUDA graph (``workers/static_decode.py``: launches are what cost
+there), with up to ``STATIC_CHUNK_ROWS`` rows at a time within a memory allowance
+(``token_allowance``).
 """
 
 from __future__ import annotations
@@ -243,6 +249,18 @@ def evaluate(
         return _evaluate(
             model, tokenizer, examples, max_seq_len, max_new_tokens, batch_size, chunk_tokens
         )
+
+
+# tokens an eval batch may hold per token of a training micro-batch: a token's keys and values
+# (what an eval pass keeps across layers) take 6-20x less memory than the activations a training
+# step keeps for it (LoRA on Llama shapes), but up to 2x a gradient-checkpointed step's
+EVAL_TOKENS_PER_TRAIN_TOKEN = 4
+
+
+def token_allowance(batch_size: int, max_seq_len: int, checkpointed: bool = False) -> int:
+    """``chunk_tokens`` for ``evaluate`` that keeps an eval batch's memory under that of a
+    training step of ``batch_size`` rows of ``max_seq_len`` tokens."""
+    return batch_size * max_seq_len * (1 if checkpointed else EVAL_TOKENS_PER_TRAIN_TOKEN)
 
 
 def _chunks(rows: list[_Row], batch_size: int, chunk_tokens: int | None, room: int | None):

@@ -49,7 +49,10 @@ def score_split(
         torch.set_num_threads(num_threads)
     examples = read_examples(Path(data_path), data_format, field)[:limit]
     tokenizer, model = load_with_adapter(model_ref, adapter_dir, dtype, device)
-    result = evaluate.evaluate(model, tokenizer, examples, max_seq_len, max_new_tokens, batch_size)
+    allowance = evaluate.token_allowance(batch_size, max_seq_len)
+    result = evaluate.evaluate(
+        model, tokenizer, examples, max_seq_len, max_new_tokens, batch_size, allowance
+    )
     return {
         "score": evaluate.score(result["generations"], [e.answer for e in examples]),
         "eval_loss": result["eval_loss"],

@@ -232,18 +232,6 @@ def _gpu_memory(device: str, static_gib: float | None) -> dict:
     return {"peak_gib": torch.cuda.max_memory_allocated() / 2**30, "static_gib": static_gib}
 
 
-# tokens an eval batch may hold per token of a training micro-batch: a token's keys and values
-# (what an eval pass keeps across layers) take 6-20x less memory than the activations a training
-# step keeps for it (LoRA on Llama shapes), but up to 2x a gradient-checkpointed step's
-EVAL_TOKENS_PER_TRAIN_TOKEN = 4
-
-
-def _eval_chunk_tokens(cfg: TrialConfig) -> int:
-    """How many tokens an eval batch may hold without raising the trial's peak memory."""
-    per_token = 1 if cfg.gradient_checkpointing else EVAL_TOKENS_PER_TRAIN_TOKEN
-    return (cfg.micro_batch or cfg.batch_size) * cfg.max_seq_len * per_token
-
-
 def _eval_and_save(model, tokenizer, val, cfg: TrialConfig, clock: _Clock, out_dir: Path) -> dict:
     t = time.monotonic()
     with fast.eager() if _graphs(cfg, model) else contextlib.nullcontext():
@@ -254,7 +242,9 @@ def _eval_and_save(model, tokenizer, val, cfg: TrialConfig, clock: _Clock, out_d
             cfg.max_seq_len,
             cfg.max_new_tokens,
             cfg.batch_size,
-            _eval_chunk_tokens(cfg),
+            evaluate.token_allowance(
+                cfg.micro_batch or cfg.batch_size, cfg.max_seq_len, cfg.gradient_checkpointing
+            ),
         )
     clock.phases_s["eval"] += time.monotonic() - t
     t = time.monotonic()
