@@ -215,3 +215,39 @@ def test_static_eval_batches_grow_within_their_token_allowance():
     assert sizes(8, 90 * 12, 40) == [12, 12]  # 50 + max(10, 40) = 90 tokens a row: 12 rows
     assert sizes(8, 100, 40) == [8, 8, 8]  # never fewer than the caller's batch
     assert sizes(5, None, None) == [5, 5, 5, 5, 4]  # spread evenly
+
+
+@pytest.mark.parametrize("model_type", ["qwen2", "qwen3", "mistral"])
+def test_static_route_on_the_other_supported_decoders(
+    tiny_model, small_data, own_greedy_cases, model_type, monkeypatch
+):
+    """The static cache is duck-typed against each architecture's attention: the other decoders
+    of ``fast.SUPPORTED`` (tiny random ones) decode greedy's tokens on it too (on CPU, eagerly)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    monkeypatch.setattr(evaluate, "STATIC_DEVICES", {"cpu"})
+    tokenizer = load_tokenizer(str(tiny_model))
+    config = AutoConfig.for_model(
+        model_type,
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=1024,
+        sliding_window=None,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    model = attach_lora(base, rank=4, alpha=8, target_modules="all_linear", dropout=0.0).eval()
+    assert evaluate._cache_reusable(model)
+    examples = read_examples(small_data["validation"], "chat", "data.validation")[:3]
+    cases = own_greedy_cases(model, tokenizer, examples, 16)
+    expected = evaluate.generate(model, tokenizer, cases, 16)
+    got = evaluate.evaluate(model, tokenizer, cases, 256, 16, batch_size=3, chunk_tokens=10**6)
+    assert got["generations"] == expected
+    assert got["rows_generated"] == 3
