@@ -16,10 +16,8 @@ most rows decode in full) and ``trained`` (after ``--train-steps`` optimizer ste
 loop on the demo task, lr 2e-3, r16 all linear layers: answers mostly match the references).
 ``same_as_generate`` counts the rows whose generation equals ``generate``'s (transformers'
 token-by-token greedy decoding): in bf16 a near-tie can flip either way between any two ways of
-batching the same computation. ``seconds`` is a trial's first eval, ``seconds_next_eval`` a later
-one (the static route keeps its cache and graph between the evals of a trial). Prints a table
-and writes rows {"adapter", "route", "seconds", "seconds_next_eval", "decode_steps",
-"tokens_generated", "rows_generated", "score", "same_as_generate", "device"}.
+batching the same computation. Prints a table and writes rows {"adapter", "route", "seconds",
+"decode_steps", "tokens_generated", "rows_generated", "score", "same_as_generate", "device"}.
 """
 
 from __future__ import annotations
@@ -64,32 +62,27 @@ def _adapters(device: str, train_steps: int):
     yield "trained", model
 
 
-def _timed(model, tokenizer, val, args) -> tuple[dict, float, float]:
-    """``evaluate``'s result, the seconds of a trial's first eval (nothing kept from an earlier
-    one) and of its next eval (the static route's cache and graph kept), after a warm-up."""
+def _timed(model, tokenizer, val, args) -> tuple[dict, float]:
+    """``evaluate``'s result and seconds, after one untimed warm-up run."""
     import torch
 
-    from workers import evaluate, static_decode
+    from workers import evaluate
 
     allowance = evaluate.token_allowance(args.chunk, args.max_seq_len)  # as a trial's
 
     def run():
-        if args.device == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        got = evaluate.evaluate(
+        return evaluate.evaluate(
             model, tokenizer, val, args.max_seq_len, args.max_new_tokens, args.chunk, allowance
         )
-        if args.device == "cuda":
-            torch.cuda.synchronize()
-        return got, time.perf_counter() - t
 
     run()  # warm-up (kernels, allocator)
-    static_decode.release()
-    got, first_s = run()
-    _, next_s = run()
-    static_decode.release()
-    return got, first_s, next_s
+    if args.device == "cuda":
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    got = run()
+    if args.device == "cuda":
+        torch.cuda.synchronize()
+    return got, time.perf_counter() - t
 
 
 def main() -> None:
@@ -116,14 +109,13 @@ def main() -> None:
         plain = evaluate.generate(model, tokenizer, val, args.max_new_tokens)  # token by token
         for route, devices in (("cache", set()), ("static", {args.device})):
             evaluate.STATIC_DEVICES = devices
-            got, seconds, next_s = _timed(model, tokenizer, val, args)
+            got, seconds = _timed(model, tokenizer, val, args)
             same = sum(a == b for a, b in zip(got["generations"], plain, strict=True))
             out.append(
                 {
                     "adapter": adapter,
                     "route": route,
                     "seconds": round(seconds, 3),
-                    "seconds_next_eval": round(next_s, 3),
                     "decode_steps": got["decode_steps"],
                     "tokens_generated": got["tokens_generated"],
                     "rows_generated": got["rows_generated"],
@@ -135,14 +127,13 @@ def main() -> None:
     Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
     print(f"{args.rows} rows, {args.max_new_tokens} new tokens, batch {args.chunk}, {name}")
     print(
-        "| adapter | route | seconds | next eval s | decode steps | tokens | rows decoded "
-        "| score | same as generate |"
+        "| adapter | route | seconds | decode steps | tokens | rows decoded | score "
+        "| same as generate |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     for r in out:
         print(
-            f"| {r['adapter']} | {r['route']} | {r['seconds']:.3f} | "
-            f"{r['seconds_next_eval']:.3f} | {r['decode_steps']} | "
+            f"| {r['adapter']} | {r['route']} | {r['seconds']:.3f} | {r['decode_steps']} | "
             f"{r['tokens_generated']} | {r['rows_generated']} | {r['score']:.3f} | "
             f"{r['same_as_generate']} |"
         )

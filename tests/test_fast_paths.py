@@ -251,34 +251,3 @@ def test_static_route_on_the_other_supported_decoders(
     got = evaluate.evaluate(model, tokenizer, cases, 256, 16, batch_size=3, chunk_tokens=10**6)
     assert got["generations"] == expected
     assert got["rows_generated"] == 3
-
-
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=_CUDA)])
-def test_kept_static_steps_serve_the_next_eval_of_a_trial(
-    tiny_model, small_data, own_greedy_cases, device, monkeypatch
-):
-    """The static cache (and on CUDA the captured graph) is kept between the evals of a trial and
-    reads the adapter as the optimizer left it: after an in-place update of the weights the next
-    eval, on the same buffers, decodes what ``generate`` decodes with the updated weights."""
-    monkeypatch.setattr(evaluate, "STATIC_DEVICES", {device})
-    monkeypatch.setattr(static_decode, "EAGER_STEPS", 1)
-    model = _lora_model(tiny_model).to(device).eval()
-    tokenizer = load_tokenizer(str(tiny_model))
-    examples = read_examples(small_data["validation"], "chat", "data.validation")[:4]
-    cases = own_greedy_cases(model, tokenizer, examples, 24)
-    static_decode.release()
-    first = evaluate.evaluate(model, tokenizer, cases, 256, 24, batch_size=4, chunk_tokens=10**6)
-    (kept,) = static_decode._kept.values()
-    torch.manual_seed(3)
-    with torch.no_grad():  # what an optimizer step does: the same tensors, new values
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.add_(0.5 * torch.randn_like(p))
-    expected = evaluate.generate(model, tokenizer, cases, 24)
-    second = evaluate.evaluate(model, tokenizer, cases, 256, 24, batch_size=4, chunk_tokens=10**6)
-    assert second["generations"] == expected != first["generations"]
-    assert list(static_decode._kept.values()) == [kept]  # the same buffers served both evals
-    if device == "cuda":
-        assert kept.graph is not None  # captured in the first eval, replayed in the second
-    static_decode.release()
-    assert not static_decode._kept

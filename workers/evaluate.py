@@ -178,10 +178,11 @@ def _rows(tokenizer, examples, max_seq_len: int) -> list[_Row]:
     return rows
 
 
-def _teacher_forced(model, tokenizer, rows: list[_Row], keep_cache, kv=None):
+def _teacher_forced(model, tokenizer, rows: list[_Row], keep_cache, static_room=None):
     """One right-padded forward pass over prompt + reference answer of ``rows``, which gives
-    their loss and picks, and the pass's KV cache (None unless ``keep_cache``): transformers' own,
-    or ``kv`` (a ``StaticKV``) when given."""
+    their loss and picks, and the pass's KV cache (None unless ``keep_cache``). With
+    ``static_room`` the cache is a ``StaticKV`` with that many positions beyond the longest
+    prompt (at least the pass's)."""
     import torch
     import torch.nn.functional as F
 
@@ -198,8 +199,10 @@ def _teacher_forced(model, tokenizer, rows: list[_Row], keep_cache, kv=None):
         ids[j, :n] = torch.tensor(r.prompt + r.answer)
         mask[j, :n] = 1
         pos[j, : len(r.answer)] = torch.arange(len(r.prompt) - 1, n - 1)
-    cache, positions = kv, None
-    if kv is not None:
+    cache, positions = None, None
+    if static_room is not None:
+        longest = max(len(r.prompt) for r in rows) + static_room
+        cache = static_decode.StaticKV(max(width, longest))
         positions = torch.arange(width).expand(len(rows), -1).to(device)
     with torch.no_grad():
         out, cache = _picked(
@@ -287,14 +290,8 @@ def _evaluate(
     most = DRAFT_TOKENS.get(device.type, DRAFT_TOKENS["cpu"])
     room = max_new_tokens + 1 + most if reuse and device.type in STATIC_DEVICES else None
     rows_generated, tokens_generated, steps = 0, 0, 0
-    if room is not None:  # one length for every chunk, so that one kept graph serves them all
-        length = max(len(r.prompt) + max(len(r.answer), room) for r in forced)
     for rows in _chunks(forced, batch_size, chunk_tokens, room):
-        graphed = (
-            None if room is None else static_decode.steps_for(model, len(rows), length, 1 + most)
-        )
-        kv = None if graphed is None else graphed.kv
-        cache, width = _teacher_forced(model, tokenizer, rows, reuse, kv)
+        cache, width = _teacher_forced(model, tokenizer, rows, reuse, room)
         pending = []  # (row, answer tokens greedy decoding reproduces) of rows still to decode
         for j, r in enumerate(rows):
             answer = r.answer[:max_new_tokens]
@@ -303,19 +300,20 @@ def _evaluate(
             if first < len(answer) and r.head[-1] != eos and len(r.head) < max_new_tokens:
                 pending.append((j, first))
         if not pending:
-            if graphed is not None:
-                static_decode.done(graphed)
             continue
         todo = [rows[j] for j, _ in pending]
         if reuse:
             kept = [len(rows[j].prompt) + first for j, first in pending]
             index = [j for j, _ in pending]
-            if graphed is not None:
-                stepper = _StaticSteps(graphed, index)
+            if room is not None:
+                cache.select(index)
+                stepper = _StaticSteps(model, cache, len(todo), 1 + most)
             else:
                 stepper = _CacheSteps(model, cache, width, index, kept)
-            tokens, n_steps = _continue(stepper, todo, kept, max_new_tokens, eos, most)
-            stepper.close()
+            try:
+                tokens, n_steps = _continue(stepper, todo, kept, max_new_tokens, eos, most)
+            finally:
+                stepper.close()
         else:
             tokens, n_steps = _generate_onwards(todo, model, tokenizer, max_new_tokens)
         rows_generated += len(pending)
@@ -458,32 +456,31 @@ class _CacheSteps:
 
 
 class _StaticSteps:
-    """Decoding steps of one fixed shape on a ``StaticKV``: every row of the teacher-forced batch,
-    ``width`` tokens each (rows not decoding are fed filler, their results ignored), replayed as a
-    CUDA graph on a GPU (``workers/static_decode.py``). ``index``: the batch rows being decoded."""
+    """Decoding steps of one fixed shape on a ``StaticKV`` (every row, ``width`` tokens each),
+    replayed as a CUDA graph on a GPU (``workers/static_decode.py``)."""
 
-    def __init__(self, steps, index: list[int]) -> None:
+    def __init__(self, model, kv, rows: int, width: int) -> None:
         import torch
 
-        self.steps, self.index = steps, index
-        self.ids = torch.zeros(tuple(steps.ids.shape), dtype=torch.long)
+        self.fixed = width
+        self.steps = static_decode.Steps(model, kv, rows, width, graphs=True)
+        self.ids = torch.zeros((rows, width), dtype=torch.long)
         self.pos = torch.zeros_like(self.ids)  # finished rows keep their last positions
 
     def width(self, needed: int) -> int:
-        return self.ids.shape[1]
+        return self.fixed
 
     def __call__(self, live, ids, fed, pos) -> list[list[int]]:
-        at = [self.index[j] for j in live]
-        self.ids[at] = ids
-        self.pos[at] = pos
+        self.ids[live] = ids
+        self.pos[live] = pos
         picks = self.steps(self.ids, self.pos)
-        return [picks[b] for b in at]
+        return [picks[j] for j in live]
 
     def keep(self, kept, still: list[int]) -> None:
         pass  # the next step overwrites rejected positions
 
     def close(self) -> None:
-        static_decode.done(self.steps)
+        self.steps.close()
 
 
 def _result(forced: list[_Row], generations, rows_generated, tokens_generated, steps) -> dict:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from workers import evaluate, static_decode
+from workers import evaluate
 from workers.data import read_examples
 from workers.model import load_base_model, load_tokenizer
 
@@ -53,7 +53,6 @@ def score_split(
     result = evaluate.evaluate(
         model, tokenizer, examples, max_seq_len, max_new_tokens, batch_size, allowance
     )
-    static_decode.release()
     return {
         "score": evaluate.score(result["generations"], [e.answer for e in examples]),
         "eval_loss": result["eval_loss"],

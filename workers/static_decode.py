@@ -51,6 +51,14 @@ class StaticKV:
         self.values[layer_idx].scatter_(2, index, values)
         return self.keys[layer_idx], self.values[layer_idx]
 
+    def select(self, index) -> None:
+        """Keep only the batch rows ``index`` (a list)."""
+        import torch
+
+        at = torch.tensor(index, device=self.keys[0].device)
+        self.keys = [k.index_select(0, at) for k in self.keys]
+        self.values = [v.index_select(0, at) for v in self.values]
+
     def mask(self, positions):
         """[rows, 1, tokens, length] bool: each token sees its row's positions up to its own."""
         import torch
@@ -84,14 +92,13 @@ class Steps:
 
         lm = fast.causal_lm(model)
         self.decoder, self.head, self.kv = lm.get_decoder(), lm.get_output_embeddings(), kv
-        device = next(model.parameters()).device
+        device = kv.keys[0].device
         self.ids = torch.zeros((rows, width), dtype=torch.long, device=device)
         self.positions = torch.zeros_like(self.ids)
         self.graphs = graphs and device.type == "cuda"
         self.graph = None
         self.picks = None
         self.steps = 0
-        self.key: tuple = ()
 
     def _step(self):
         hidden = forward(self.decoder, self.kv, self.ids, self.positions)
@@ -127,50 +134,7 @@ class Steps:
             self.picks = self._step()
         return picks
 
-    def begin(self) -> None:
-        """A new decoding run on these buffers (a kept graph replays from its first step)."""
-        self.steps = 0
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.kv.keys + self.kv.values)
-
-
-# Between the evals of a trial the same rows are evaluated again with the same parameters (updated
-# in place by the optimizer), so the cache and the captured graph can serve every eval: the
-# capture and its warm-up are paid once per trial, not per eval. Kept only while small next to
-# training memory; dropped when a trial ends (``release``): a later adapter's parameters could
-# reuse the same addresses with another scaling, which a graph would not see.
-KEEP_BYTES = 256 * 2**20
-_kept: dict[tuple, Steps] = {}
-
-
-def _key(model, rows: int, length: int, width: int) -> tuple:
-    params = tuple((p.data_ptr(), tuple(p.shape)) for p in model.parameters())
-    return (id(model), params, rows, length, width)
-
-
-def steps_for(model, rows: int, length: int, width: int) -> Steps:
-    """Kept steps (cache and graph) for this model, batch and lengths, else new ones."""
-    key = _key(model, rows, length, width)
-    steps = _kept.get(key)
-    if steps is None:
-        steps = Steps(model, StaticKV(length), rows, width, graphs=True)
-        steps.key = key
-    steps.begin()
-    return steps
-
-
-def done(steps: Steps) -> None:
-    """Keep ``steps`` for the trial's next eval if its cache is small enough (at most 2 kept:
-    an eval's chunks may differ in rows by one)."""
-    if steps.nbytes() > KEEP_BYTES:
-        _kept.pop(steps.key, None)
-        return
-    _kept[steps.key] = steps
-    while len(_kept) > 2:
-        _kept.pop(next(iter(_kept)))
-
-
-def release() -> None:
-    """Drop every kept cache and graph (at the end of a trial and before the next one)."""
-    _kept.clear()
+    def close(self) -> None:
+        """Free the graph's memory pool and the cache."""
+        self.graph = self.picks = None
+        self.kv.keys, self.kv.values = [], []

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from workers import evaluate, fast, model_cache, packing, static_decode
+from workers import evaluate, fast, model_cache, packing
 from workers.data import encode_for_training, pad_batch, read_examples
 from workers.methods import cache_key, setup_model
 from workers.model import load_tokenizer
@@ -180,7 +180,6 @@ def _setup(cfg: TrialConfig, clock: _Clock):
     torch.manual_seed(cfg.seed)
     if cfg.device == "cpu":
         torch.set_num_threads(cfg.num_threads)
-    static_decode.release()  # left by a trial that Tune stopped inside report
     t = time.monotonic()
     tokenizer = load_tokenizer(cfg.model)
     model, groups = setup_model(cfg)
@@ -368,7 +367,6 @@ def run_trial(
             "cost_usd": clock.cost_usd(),
         }
     del optimizer
-    static_decode.release()  # the kept eval graph reads this trial's adapter
     if key is not None:
         model_cache.release(key, model)
     del model
