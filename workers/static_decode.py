@@ -24,6 +24,9 @@ device; tests check the tokens against ``generate`` on CPU, and on CUDA with the
 from __future__ import annotations
 
 EAGER_STEPS = 1  # steps run eagerly before the one that also captures the graph
+# A graph lives for one decoding run only. Keeping it for a trial's next eval was tried: after the
+# training steps in between (compiled layers recording their own CUDA graphs) its replay hit an
+# illegal memory access on the H100, so every decoding run captures anew.
 
 
 class StaticKV:
@@ -81,6 +84,20 @@ def forward(decoder, kv: StaticKV, ids, positions):
     return out.last_hidden_state
 
 
+_stream = None
+
+
+def _capture_stream():
+    """One side stream for every capture of this process (a new stream per capture would get its
+    own cuBLAS workspace each time)."""
+    global _stream
+    import torch
+
+    if _stream is None:
+        _stream = torch.cuda.Stream()
+    return _stream
+
+
 class Steps:
     """Greedy picks of fixed-shape decoding steps ([rows, width] tokens in, the argmax at each
     position out), on a CUDA graph from the ``EAGER_STEPS + 1``-th step when ``graphs``."""
@@ -124,7 +141,7 @@ class Steps:
         the same step (recorded, not run again) for the steps that follow."""
         import torch
 
-        stream = torch.cuda.Stream()
+        stream = _capture_stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             picks = self._step().tolist()
