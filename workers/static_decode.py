@@ -84,20 +84,6 @@ def forward(decoder, kv: StaticKV, ids, positions):
     return out.last_hidden_state
 
 
-_stream = None
-
-
-def _capture_stream():
-    """One side stream for every capture of this process (a new stream per capture would get its
-    own cuBLAS workspace each time)."""
-    global _stream
-    import torch
-
-    if _stream is None:
-        _stream = torch.cuda.Stream()
-    return _stream
-
-
 class Steps:
     """Greedy picks of fixed-shape decoding steps ([rows, width] tokens in, the argmax at each
     position out), on a CUDA graph from the ``EAGER_STEPS + 1``-th step when ``graphs``."""
@@ -141,7 +127,7 @@ class Steps:
         the same step (recorded, not run again) for the steps that follow."""
         import torch
 
-        stream = _capture_stream()
+        stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             picks = self._step().tolist()
