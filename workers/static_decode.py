@@ -11,7 +11,8 @@ every shape and address fixed, so here:
   guesses are overwritten by the next step, which writes from the first position not kept.
 - The attention mask is causal by position (key position <= query position, per row): every key
   a query may see is the row's prompt, its kept tokens, or this step's own earlier tokens.
-  Positions past a row's length (right padding, stale guesses) are never <= a live query's.
+  Positions past what a row has kept (right padding, rejected guesses) lie beyond its queries or
+  are rewritten by the step itself before its attention reads them.
 - Every step feeds all rows ``width`` tokens (finished rows and short guesses are padded; what
   they compute is ignored), so one graph serves every step of a batch.
 
