@@ -10,7 +10,8 @@ the adapter saved at any eval it reached. Trials run one at a time.
 
 Every strategy searches the same space: method (lora | full), learning rate (4 levels; full FT
 uses the table's full-FT rate of the same level, ~20x lower), rank (4, 8, 16, 64), target modules
-(attn, attn_mlp, all_linear; rank and targets mean nothing to full FT).
+(attn, attn_mlp, all_linear; rank and targets mean nothing to full FT): read from the table
+(``Table.space``), so a table recorded on another grid needs no change here.
 
 - ``random``: random configs, each run to the end, launched while spent < budget (the usual
   "stop when the budget is gone" rule: the last trial may overrun).
@@ -47,7 +48,6 @@ sys.path.insert(0, str(ROOT))
 STRATEGIES = ("random", "tpe", "asha_random", "lorasweep")
 FRACTIONS = (0.1, 0.25, 0.5)
 TARGET_FRACTIONS = (0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5)
-LR_LEVELS = 4
 
 
 @dataclass
@@ -86,18 +86,27 @@ class Table:
     def reports(self) -> int:
         return len(next(iter(self.configs.values()))["curve"])
 
+    def space(self) -> dict[str, list]:
+        """The searched space, as the table recorded it: method, learning-rate level (LoRA's
+        levels, and full FT's of the same index), rank and target modules."""
+        lora = [k for k in self.configs if k[0] == "lora"]
+        levels = sorted({k[1] for k in lora})
+        full = sorted(k[1] for k in self.configs if k[0] == "full")
+        if full and full != levels:
+            raise ValueError(f"the table has {len(full)} full-FT rates for {len(levels)} LoRA ones")
+        return {
+            "method": sorted({k[0] for k in self.configs}, key=["lora", "full"].index),
+            "lr": levels,
+            "rank": sorted({k[2] for k in lora}),
+            "target_modules": sorted({k[3] for k in lora}, key=_TARGETS_ORDER.index),
+        }
 
-def space_choices() -> dict[str, list]:
-    return {
-        "method": ["lora", "full"],
-        "lr": list(range(LR_LEVELS)),
-        "rank": [4, 8, 16, 64],
-        "target_modules": ["attn", "attn_mlp", "all_linear"],
-    }
+
+_TARGETS_ORDER = ["qv", "attn", "mlp", "attn_mlp", "all_linear"]
 
 
-def suggest(trial) -> dict:
-    return {name: trial.suggest_categorical(name, c) for name, c in space_choices().items()}
+def suggest(trial, table: Table) -> dict:
+    return {name: trial.suggest_categorical(name, c) for name, c in table.space().items()}
 
 
 @dataclass
@@ -142,7 +151,7 @@ def run_plain(table: Table, budget: float, seed: int, sampler, asha_kwargs: dict
     asha = Asha(**asha_kwargs, max_t=table.reports) if asha_kwargs else None
     while out.spent_usd < budget:
         trial = study.ask()
-        row = table.row(suggest(trial))
+        row = table.row(suggest(trial, table))
         last = table.reports - 1
         for k, point in enumerate(row["curve"]):
             trial.report(point["score"], k + 1)
@@ -228,7 +237,7 @@ def run_lorasweep(table: Table, budget: float, seed: int, **engine) -> Outcome:
         if not ledger.reserve(tid, first_rung):
             break  # the cheapest trial's first rung no longer fits: the sweep ends
         trial = study.ask()
-        hp = suggest(trial)
+        hp = suggest(trial, table)
         admission = model.usd(_hp(hp), every, 1, ledger.get_timings())
         if not ledger.resize(tid, admission):
             ledger.settle(tid, 0.0)
