@@ -89,6 +89,28 @@ def record(config: dict, device: str, price_usd_per_hour: float) -> dict:
     return {**config, "curve": curve, "phases_s": last.get("phases_s", {})}
 
 
+def _model_facts() -> dict:
+    """What the replay's cost model needs: the model's shape and the padded tokens per row that
+    the sweep's own preflight would price (``orchestrator.preflight``)."""
+    from dataclasses import asdict
+
+    from transformers import AutoConfig
+
+    from orchestrator.preflight import _tokens_per_example
+    from workers import demo_task
+    from workers.data import read_examples
+    from workers.memory import ModelShape
+    from workers.model import resolve_model
+
+    ref = resolve_model("embedded")
+    train = read_examples(demo_task.split_path("train"))
+    return {
+        "model": "SmolLM2-135M-Instruct (embedded)",
+        "model_shape": asdict(ModelShape.from_config(AutoConfig.from_pretrained(ref))),
+        "seq_len_tokens": _tokens_per_example(ref, train, SEQ),
+    }
+
+
 def _machine(device: str) -> str:
     if device == "cuda":
         import torch
@@ -105,6 +127,7 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--skip", nargs="*", default=[], help="JSONL files of configs already done")
     ap.add_argument("--merge", nargs="*", help="JSONL shards to merge into one table (--out)")
+    ap.add_argument("--note", default="", help="with --merge: how the shards were run")
     args = ap.parse_args()
     from orchestrator.prices import load_catalog
 
@@ -122,6 +145,8 @@ def main() -> None:
             "batch_size": BATCH,
             "max_seq_len": SEQ,
             "eval_examples": EVAL_EXAMPLES,
+            **_model_facts(),
+            "note": args.note,
             "configs": rows,
         }
         Path(args.out).write_text(json.dumps(table, indent=1) + "\n")
