@@ -7,9 +7,11 @@ validation rows (the trial defaults: 24 rows, 96 new tokens, batch 8, max_seq_le
 ``workers.evaluate.evaluate``, once per route and adapter, after one untimed warm-up:
 
 - ``cache``: decoding steps on transformers' own KV cache (steps as wide as their guesses,
-  finished rows leave the batch), rows a batch at a time;
-- ``static``: fixed-shape steps on a static KV cache, replayed as a CUDA graph on a GPU, up to
-  32 rows at a time within the trial's token allowance (all 24 here).
+  finished rows leave the batch);
+- ``static``: fixed-shape steps on a static KV cache, replayed as a CUDA graph on a GPU.
+
+Both take up to 32 rows at a time within the trial's token allowance (all 24 here; before
+2026-11-24's last change the cache route took the trial's batch, 8, at a time).
 
 Adapters: ``fresh`` (B = 0: the base model's own answers, which differ from the references, so
 most rows decode in full) and ``trained`` (after ``--train-steps`` optimizer steps of the worker's

@@ -132,8 +132,11 @@ def test_decoding_with_guesses_keeps_greedy_tokens(
     assert got["rows_generated"] == 4
     assert got["decode_steps"] < got["tokens_generated"] / 2  # guesses were kept
     assert len(steps) == (got["decode_steps"] if static else 0)
-    # the static route takes all 4 rows at once where the token allowance lets it, else 2 + 2
-    assert [len(rows) for rows in passes] == ([4] if static else [2, 2])
+    assert [len(rows) for rows in passes] == [4]  # all at once: the token allowance lets them
+    passes.clear()
+    small = evaluate.evaluate(model, tokenizer, cases, 256, 24, batch_size=3, chunk_tokens=1)
+    assert small["generations"] == expected
+    assert [len(rows) for rows in passes] == [2, 2]  # the caller's batch of 3, spread evenly
     if static and device == "cuda":
         assert steps.count(True) > 0  # steps replayed on a CUDA graph
 
@@ -210,8 +213,8 @@ def test_static_eval_batches_grow_within_their_token_allowance():
     def sizes(*args):
         return [len(c) for c in evaluate._chunks(rows, *args)]
 
-    assert sizes(8, None, None) == [8, 8, 8]  # transformers' cache: the caller's batch
-    assert sizes(8, 10**6, 40) == [24]  # room for all (at most STATIC_CHUNK_ROWS)
+    assert sizes(8, None, None) == [8, 8, 8]  # no allowance (or plain decoding): the caller's batch
+    assert sizes(8, 10**6, 40) == [24]  # room for all (at most MAX_CHUNK_ROWS)
     assert sizes(8, 90 * 12, 40) == [12, 12]  # 50 + max(10, 40) = 90 tokens a row: 12 rows
     assert sizes(8, 100, 40) == [8, 8, 8]  # never fewer than the caller's batch
     assert sizes(5, None, None) == [5, 5, 5, 5, 4]  # spread evenly
