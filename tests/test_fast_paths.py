@@ -228,17 +228,16 @@ def test_static_route_on_the_other_supported_decoders(
     of ``fast.SUPPORTED`` (tiny random ones) decode greedy's tokens on it too (on CPU, eagerly)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from workers.synthetic import SHAPES
+
     monkeypatch.setattr(evaluate, "STATIC_DEVICES", {"cpu"})
     tokenizer = load_tokenizer(str(tiny_model))
+    shape = SHAPES["tiny"]  # the tiny Llama's dimensions
     config = AutoConfig.for_model(
         model_type,
         vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
+        **shape,
+        head_dim=shape["hidden_size"] // shape["num_attention_heads"],  # Qwen3's default is 128
         max_position_embeddings=1024,
         sliding_window=None,
         eos_token_id=tokenizer.eos_token_id,

@@ -467,7 +467,7 @@ class _StaticSteps:
         import torch
 
         self.fixed = width
-        self.steps = static_decode.Steps(model, kv, rows, width, graphs=True)
+        self.steps = static_decode.Steps(model, kv, rows, width)
         self.ids = torch.zeros((rows, width), dtype=torch.long)
         self.pos = torch.zeros_like(self.ids)  # finished rows keep their last positions
 

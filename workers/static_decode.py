@@ -87,9 +87,9 @@ def forward(decoder, kv: StaticKV, ids, positions):
 
 class Steps:
     """Greedy picks of fixed-shape decoding steps ([rows, width] tokens in, the argmax at each
-    position out), on a CUDA graph from the ``EAGER_STEPS + 1``-th step when ``graphs``."""
+    position out), on a CUDA graph from the ``EAGER_STEPS + 1``-th step on a GPU."""
 
-    def __init__(self, model, kv: StaticKV, rows: int, width: int, graphs: bool) -> None:
+    def __init__(self, model, kv: StaticKV, rows: int, width: int) -> None:
         import torch
 
         from workers import fast
@@ -99,7 +99,7 @@ class Steps:
         device = kv.keys[0].device
         self.ids = torch.zeros((rows, width), dtype=torch.long, device=device)
         self.positions = torch.zeros_like(self.ids)
-        self.graphs = graphs and device.type == "cuda"
+        self.graphs = device.type == "cuda"
         self.graph = None
         self.picks = None
         self.steps = 0
