@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import replace
 from pathlib import Path
@@ -40,6 +41,69 @@ def test_reused_base_gives_the_results_of_a_fresh_load(short):
     fresh = _run(second)
     assert model_cache.stats["loads"] == loads + 1
     assert reused == fresh  # same losses, scores and tokens, step by step
+
+
+def _run_saving(cfg: TrialConfig) -> tuple[list[dict], dict]:
+    """The trial's reports and its last saved adapter (config and weights)."""
+    from safetensors.torch import load_file
+
+    saved: dict = {}
+
+    def keep(metrics, adapter_dir):
+        saved["config"] = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
+        saved["weights"] = load_file(Path(adapter_dir) / "adapter_model.safetensors")
+
+    reports: list[dict] = []
+    run_trial(cfg, lambda m, d: (reports.append(m), keep(m, d)))
+    keys = ("step", "eval_loss", "score", "train_loss_steps", "tokens")
+    return [{k: r[k] for k in keys} for r in reports], saved
+
+
+@pytest.mark.parametrize(
+    "second",
+    [
+        dict(rank=8, alpha=16, dropout=0.05),  # same shapes: re-drawn in place
+        dict(rank=2, alpha=6, dropout=0.1, use_rslora=True, learning_rate=1e-3),  # reshaped
+        dict(rank=4, alpha=8, loraplus_lr_ratio=8.0, seed=5),
+    ],
+    ids=["same-rank", "new-rank-alpha-dropout-rslora", "loraplus-seed"],
+)
+def test_a_kept_adapter_gives_the_results_of_a_fresh_attach(short, second):
+    """A worker's next trial on the same target modules re-initialises the previous trial's
+    adapter in place instead of injecting a new one: same losses, scores, saved config and
+    saved weights as a fresh attach on a freshly loaded base."""
+    from workers import lora
+
+    first = short(rank=8, alpha=16, target_modules="attn", dropout=0.0)
+    cfg = short(target_modules="attn", **second)
+    model_cache.clear()
+    _run(first)
+    attached, kept = lora.stats["attached"], lora.stats["reinitialised"]
+    reused_reports, reused_adapter = _run_saving(cfg)
+    assert lora.stats["reinitialised"] == kept + 1 and lora.stats["attached"] == attached
+    model_cache.clear()
+    fresh_reports, fresh_adapter = _run_saving(cfg)
+    assert lora.stats["attached"] == attached + 1
+    assert reused_reports == fresh_reports
+    assert reused_adapter["config"] == fresh_adapter["config"]
+    assert reused_adapter["config"]["r"] == cfg.rank
+    assert reused_adapter["config"]["lora_alpha"] == cfg.alpha
+    weights = reused_adapter["weights"]
+    assert weights.keys() == fresh_adapter["weights"].keys()
+    assert all(torch.equal(weights[k], fresh_adapter["weights"][k]) for k in weights)
+    assert any(w.shape[0] == cfg.rank for k, w in weights.items() if "lora_A" in k)
+
+
+def test_other_targets_or_dora_attach_afresh(short):
+    from workers import lora
+
+    model_cache.clear()
+    _run(short(target_modules="attn"))
+    attached = lora.stats["attached"]
+    _run(short(target_modules="all_linear"))  # other modules: unloaded, attached anew
+    _run(short(target_modules="all_linear", use_dora=True))  # DoRA: always anew
+    assert lora.stats["attached"] == attached + 2
+    model_cache.clear()
 
 
 def test_full_ft_never_reuses_and_clears_the_cache(short):

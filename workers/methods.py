@@ -39,7 +39,7 @@ def _enable_checkpointing(model) -> None:
 def _with_adapter(model, cfg):
     import torch
 
-    torch.manual_seed(cfg.seed)  # same adapter init whether the base was loaded or reused
+    torch.manual_seed(cfg.seed)  # DoRA's fresh attach draws from the global generator
     model = attach_lora(
         model,
         rank=cfg.rank,
@@ -48,7 +48,11 @@ def _with_adapter(model, cfg):
         dropout=cfg.dropout,
         use_rslora=cfg.use_rslora,
         use_dora=cfg.use_dora,
+        seed=cfg.seed,
     )
+    # a fresh attach drew from the global generator, a reused adapter did not: reseed, so
+    # dropout and everything after draw the same either way
+    torch.manual_seed(cfg.seed)
     return model, _param_groups(model, cfg.loraplus_lr_ratio)
 
 

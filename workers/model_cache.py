@@ -2,9 +2,11 @@
 
 Under Ray Tune a function trainable's actor is reused for the next trial with the same resources
 (``reuse_actors``, on by default for function trainables), so the process that ran one trial runs
-the next. LoRA and QLoRA trials leave the base weights untouched: at the end of a trial the adapter
-is removed (PEFT ``unload``, no merge), training hooks are taken off, and the base stays here for
-the next trial of the same model, dtype and device; only the adapter and the optimizer are new.
+the next. LoRA and QLoRA trials leave the base weights untouched: at the end of a trial training
+hooks and gradients are taken off and the model stays here for the next trial of the same model,
+dtype and device; only the adapter and the optimizer are new (``workers.lora.attach_lora``
+re-initialises the kept adapter in place when the next trial targets the same modules, and
+unloads it otherwise: PEFT ``unload``, no merge).
 Compiled decoder layers stay compiled. Full FT changes every weight, so it never uses the cache and
 clears it (its memory is needed). One model is kept at a time.
 
@@ -25,7 +27,7 @@ stats = {"loads": 0, "reuses": 0}
 def hold(key: tuple, model) -> None:
     """Register the running trial's model. Tune stops a trial inside ``tune.report`` (early
     stopping, or the scheduler's last rung), so a trial's code may never reach its own release;
-    the next trial in this process then strips the adapter from the held model and reuses it."""
+    the next trial in this process then takes the held model back and reuses it."""
     _held.clear()
     _held[key] = model
 
@@ -43,9 +45,10 @@ def acquire(key: tuple, load: Callable[[], object]):
 
 
 def release(key: tuple, model) -> None:
-    """Strip a trained adapter from ``model`` and keep its base for the next trial."""
+    """Take the training state off ``model`` and keep it for the next trial."""
     _held.pop(key, None)
-    base = model.unload() if hasattr(model, "unload") else model
+    base = model  # a PEFT model keeps its adapter layers: the next trial's attach_lora re-uses
+    # them when it targets the same modules and unloads them otherwise (``workers.lora``)
     if getattr(base, "is_gradient_checkpointing", False):
         base.gradient_checkpointing_disable()
     if hasattr(base, "disable_input_require_grads"):
