@@ -60,24 +60,30 @@ def _run_saving(cfg: TrialConfig) -> tuple[list[dict], dict]:
 
 
 @pytest.mark.parametrize(
-    "second",
+    "before, second",
     [
-        dict(rank=8, alpha=16, dropout=0.05),  # same shapes: re-drawn in place
-        dict(rank=2, alpha=6, dropout=0.1, use_rslora=True, learning_rate=1e-3),  # reshaped
-        dict(rank=4, alpha=8, loraplus_lr_ratio=8.0, seed=5),
+        ([dict(rank=8, alpha=16, dropout=0.0)], dict(rank=8, alpha=16)),  # same shapes
+        (
+            [dict(rank=8, alpha=16, dropout=0.0)],
+            dict(rank=2, alpha=6, dropout=0.1, use_rslora=True, learning_rate=1e-3),  # reshaped
+        ),
+        (  # its adapter was parked while another target set trained
+            [dict(rank=8), dict(target_modules="all_linear", rank=16)],
+            dict(rank=4, alpha=8, loraplus_lr_ratio=8.0, seed=5),
+        ),
     ],
-    ids=["same-rank", "new-rank-alpha-dropout-rslora", "loraplus-seed"],
+    ids=["same-rank", "new-rank-alpha-dropout-rslora", "parked-loraplus-seed"],
 )
-def test_a_kept_adapter_gives_the_results_of_a_fresh_attach(short, second):
-    """A worker's next trial on the same target modules re-initialises the previous trial's
-    adapter in place instead of injecting a new one: same losses, scores, saved config and
-    saved weights as a fresh attach on a freshly loaded base."""
+def test_a_kept_adapter_gives_the_results_of_a_fresh_attach(short, before, second):
+    """A worker's next trial on target modules it has seen re-initialises that adapter in place
+    instead of injecting a new one: same losses, scores, saved config and saved weights as a
+    fresh attach on a freshly loaded base."""
     from workers import lora
 
-    first = short(rank=8, alpha=16, target_modules="attn", dropout=0.0)
     cfg = short(target_modules="attn", **second)
     model_cache.clear()
-    _run(first)
+    for kw in before:
+        _run(short(**{"target_modules": "attn", **kw}))
     attached, kept = lora.stats["attached"], lora.stats["reinitialised"]
     reused_reports, reused_adapter = _run_saving(cfg)
     assert lora.stats["reinitialised"] == kept + 1 and lora.stats["attached"] == attached
@@ -91,19 +97,62 @@ def test_a_kept_adapter_gives_the_results_of_a_fresh_attach(short, second):
     weights = reused_adapter["weights"]
     assert weights.keys() == fresh_adapter["weights"].keys()
     assert all(torch.equal(weights[k], fresh_adapter["weights"][k]) for k in weights)
-    assert any(w.shape[0] == cfg.rank for k, w in weights.items() if "lora_A" in k)
+    assert all(w.shape[0] == cfg.rank for k, w in weights.items() if "lora_A" in k)
 
 
-def test_other_targets_or_dora_attach_afresh(short):
+def test_a_new_target_set_is_added_once_and_dora_starts_from_the_base(short):
     from workers import lora
 
     model_cache.clear()
     _run(short(target_modules="attn"))
-    attached = lora.stats["attached"]
-    _run(short(target_modules="all_linear"))  # other modules: unloaded, attached anew
-    _run(short(target_modules="all_linear", use_dora=True))  # DoRA: always anew
+    attached, kept = lora.stats["attached"], lora.stats["reinitialised"]
+    _run(short(target_modules="all_linear"))  # added beside the parked attn adapter
+    _run(short(target_modules="attn"))  # back: re-initialised, not injected
+    assert (lora.stats["attached"], lora.stats["reinitialised"]) == (attached + 1, kept + 1)
+    _run(short(target_modules="all_linear", use_dora=True))  # unloads everything first
     assert lora.stats["attached"] == attached + 2
     model_cache.clear()
+
+
+def test_saved_adapter_is_what_peft_saves_and_loads(tiny_model, tmp_path):
+    """``save_adapter`` writes PEFT's own files for the active adapter of a model holding two
+    (config as ``save_pretrained`` writes it for a "default" adapter, the same weight names),
+    and PEFT loads them back."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from workers.lora import TARGET_MODULES, attach_lora, save_adapter
+
+    def base():
+        return AutoModelForCausalLM.from_pretrained(tiny_model)
+
+    kw = dict(rank=4, alpha=8, dropout=0.0)
+    model = attach_lora(base(), target_modules="all_linear", **kw)
+    model = attach_lora(model, target_modules="attn", seed=3, **kw)
+    save_adapter(model, tmp_path / "ours")
+    config = LoraConfig(
+        r=4,
+        lora_alpha=8,
+        lora_dropout=0.0,
+        target_modules=TARGET_MODULES["attn"],
+        task_type="CAUSAL_LM",
+        bias="none",
+    )
+    get_peft_model(base(), config).save_pretrained(tmp_path / "peft")
+    ours = json.loads((tmp_path / "ours/adapter_config.json").read_text())
+    theirs = json.loads((tmp_path / "peft/adapter_config.json").read_text())
+    ours["target_modules"], theirs["target_modules"] = (
+        sorted(ours["target_modules"]),
+        sorted(theirs["target_modules"]),
+    )
+    assert ours == theirs
+    saved = load_file(tmp_path / "ours/adapter_model.safetensors")
+    assert saved.keys() == load_file(tmp_path / "peft/adapter_model.safetensors").keys()
+    loaded = PeftModel.from_pretrained(base(), tmp_path / "ours")
+    state = {k: v for k, v in loaded.state_dict().items() if "lora_" in k}
+    assert len(state) == len(saved) > 0
+    assert all(torch.equal(v, saved[k.replace(".default", "")]) for k, v in state.items())
 
 
 def test_full_ft_never_reuses_and_clears_the_cache(short):

@@ -1,14 +1,24 @@
 """LoRA adapters: named target-module sets, and a fresh adapter for each trial.
 
 A trial's adapter starts from weights drawn from its seed alone (``init_adapter``: A
-Kaiming-uniform as PEFT does, B zero, layer by layer in module order). That is what makes the
-adapter *wrapper* reusable: when a worker's next trial targets the same modules, the PEFT model
-of the previous trial is kept and its adapter re-initialised in place (new A/B shapes where the
-rank changed; scaling, dropout and the saved config follow the new trial) instead of being
-unloaded and injected again, which walks and re-wraps every targeted module (0.17 s on the
-2-core CPU, ~0.25 s of Python on the H100 for the 210 layers of the embedded model). A reused
-wrapper gives the results of a fresh attach (``tests/test_model_cache.py``). DoRA's magnitude
-vectors are derived from the base weights by PEFT, so a DoRA trial always attaches afresh.
+Kaiming-uniform as PEFT does, B zero, layer by layer in module order), so how the adapter came
+to be does not matter, and a worker keeps its PEFT model between trials (``model_cache``). Each
+named target set is one PEFT adapter of that model, named after the set (``lorasweep_attn``):
+
+- a trial on a set seen before re-initialises that adapter in place (new A/B shapes where the
+  rank changed; scaling, dropout and the saved config follow the trial);
+- a new set is added once (``add_adapter``);
+- only the trial's adapter is active and trainable; the others wait at rank 1 (no memory of note).
+
+Injecting an adapter walks and re-wraps every targeted module (0.17 s on the 2-core CPU, 0.2-0.5 s
+of Python on the H100 for the 210 layers of the embedded model, plus ~0.05 s to unload it): a
+reused worker pays that once per target set instead of once per trial. Results equal a fresh
+attach on a freshly loaded base (``tests/test_model_cache.py``). DoRA's magnitude vectors are
+derived from the base weights by PEFT, so a DoRA trial starts from the bare base model (kept
+adapters are unloaded first) and keeps PEFT's initialisation.
+
+``save_adapter`` writes what PEFT's ``save_pretrained`` writes for an adapter named "default"
+(``adapter_config.json``, ``adapter_model.safetensors``), for whichever adapter is active.
 """
 
 from __future__ import annotations
@@ -25,8 +35,10 @@ TARGET_MODULES: dict[str, list[str] | str] = {
     "all_linear": "all-linear",  # every linear layer except the output head
 }
 
-ADAPTER = "default"  # PEFT's name for the one adapter a trial trains
-_TARGETS_ATTR = "_lorasweep_targets"  # the named target set a wrapper was built for
+# PEFT finds an adapter's weights by ".<name>." in parameter names: a prefix no module name has
+ADAPTER_PREFIX = "lorasweep_"
+PARKED_RANK = 1  # adapters of other target sets wait at this rank (next to no memory)
+_SET_ATTR = "_lorasweep_adapter"  # the active adapter's name
 stats = {"attached": 0, "reinitialised": 0}
 
 
@@ -41,27 +53,46 @@ def attach_lora(
     use_dora: bool = False,
     seed: int = 0,
 ):
-    """``model`` with a freshly initialised LoRA adapter; only adapter weights train. ``model`` is
-    a base model, or the PEFT model of an earlier trial (its adapter is replaced: re-initialised
-    in place when the targets match, else unloaded first). rsLoRA scales by alpha/sqrt(r) (stable
-    at high ranks); DoRA adds a learned magnitude."""
-    if hasattr(model, "peft_config"):
-        if _reusable(model, target_modules, use_dora):
-            _reshape(model, rank, alpha, dropout, use_rslora)
-            stats["reinitialised"] += 1
-            init_adapter(model, seed)
-            return model
-        model = model.unload()
-    model = _attach(model, rank, alpha, target_modules, dropout, use_rslora, use_dora)
-    stats["attached"] += 1
-    if not use_dora:  # DoRA's magnitudes were derived from these weights by PEFT: keep them
+    """``model`` with a freshly initialised LoRA adapter active; only its weights train.
+    ``model`` is a base model or the PEFT model of an earlier trial (see the module's docstring).
+    rsLoRA scales by alpha/sqrt(r) (stable at high ranks); DoRA adds a learned magnitude."""
+    from peft import LoraConfig, get_peft_model
+
+    name = ADAPTER_PREFIX + target_modules
+    kept = hasattr(model, "peft_config")
+    if kept and (use_dora or any(c.use_dora for c in model.peft_config.values())):
+        model, kept = model.unload(), False
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=TARGET_MODULES[target_modules],
+        task_type="CAUSAL_LM",
+        bias="none",
+        use_rslora=use_rslora,
+        use_dora=use_dora,
+    )
+    if kept and name in model.peft_config:
+        _reshape(model, name, rank, alpha, dropout, use_rslora)
+        stats["reinitialised"] += 1
+    else:
+        _check_targets(model, target_modules)
+        if kept:
+            model.add_adapter(name, config)
+        else:
+            model = get_peft_model(model, config, adapter_name=name)
+        stats["attached"] += 1
+    for other in model.peft_config:
+        if other != name and model.peft_config[other].r != PARKED_RANK:
+            _reshape(model, other, PARKED_RANK, 1.0, 0.0, False)
+    model.set_adapter(name)  # the others: inactive, frozen
+    setattr(model, _SET_ATTR, name)
+    if not use_dora:  # DoRA's magnitudes were derived from PEFT's draw: keep it
         init_adapter(model, seed)
     return model
 
 
-def _attach(model, rank, alpha, target_modules, dropout, use_rslora, use_dora):
-    from peft import LoraConfig, get_peft_model
-
+def _check_targets(model, target_modules: str) -> None:
     targets = TARGET_MODULES[target_modules]
     if isinstance(targets, list):
         present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
@@ -71,73 +102,74 @@ def _attach(model, rank, alpha, target_modules, dropout, use_rslora, use_dora):
                 f"search_space.target_modules: {target_modules!r} needs modules "
                 f"{missing} that this model lacks; use all_linear"
             )
-    config = LoraConfig(
-        r=rank,
-        lora_alpha=alpha,
-        lora_dropout=dropout,
-        target_modules=targets,
-        task_type="CAUSAL_LM",
-        bias="none",
-        use_rslora=use_rslora,
-        use_dora=use_dora,
-    )
-    model = get_peft_model(model, config)
-    setattr(model, _TARGETS_ATTR, target_modules)
-    return model
 
 
-def _layers(model) -> list:
-    """The LoRA-wrapped layers of ``model``, in module order."""
+def _layers(model, name: str) -> list:
+    """The layers holding adapter ``name``, in module order."""
     from peft.tuners.lora import LoraLayer
 
-    return [m for m in model.modules() if isinstance(m, LoraLayer) and ADAPTER in m.lora_A]
+    return [m for m in model.modules() if isinstance(m, LoraLayer) and name in m.lora_A]
 
 
-def _reusable(model, target_modules: str, use_dora: bool) -> bool:
-    config = model.peft_config.get(ADAPTER)
-    return (
-        getattr(model, _TARGETS_ATTR, None) == target_modules
-        and config is not None
-        and len(model.peft_config) == 1
-        and not use_dora
-        and not config.use_dora
-        and not config.lora_bias
-    )
-
-
-def _reshape(model, rank: int, alpha: float, dropout: float, use_rslora: bool) -> None:
-    """Give the kept adapter the new trial's rank, scaling and dropout (weights: see
-    ``init_adapter``), as PEFT's own ``update_layer`` would for a Linear layer."""
+def _reshape(model, name: str, rank: int, alpha: float, dropout: float, use_rslora: bool) -> None:
+    """Give adapter ``name`` a rank, scaling and dropout (its weights: ``init_adapter``), as
+    PEFT's own ``update_layer`` does for a Linear layer."""
     import torch
 
-    for layer in _layers(model):
-        if layer.r[ADAPTER] != rank:
-            old = layer.lora_A[ADAPTER].weight
+    for layer in _layers(model, name):
+        if layer.r[name] != rank:
+            old = layer.lora_A[name].weight
             kw = {"bias": False, "device": old.device, "dtype": old.dtype}
-            layer.lora_A[ADAPTER] = torch.nn.Linear(layer.in_features, rank, **kw)
-            layer.lora_B[ADAPTER] = torch.nn.Linear(rank, layer.out_features, **kw)
-        layer.r[ADAPTER] = rank
-        layer.lora_alpha[ADAPTER] = alpha
-        layer.scaling[ADAPTER] = alpha / (math.sqrt(rank) if use_rslora else rank)
-        layer.use_rslora[ADAPTER] = use_rslora
-        layer.lora_dropout[ADAPTER] = (
+            layer.lora_A[name] = torch.nn.Linear(layer.in_features, rank, **kw)
+            layer.lora_B[name] = torch.nn.Linear(rank, layer.out_features, **kw)
+        layer.r[name] = rank
+        layer.lora_alpha[name] = alpha
+        layer.scaling[name] = alpha / (math.sqrt(rank) if use_rslora else rank)
+        layer.use_rslora[name] = use_rslora
+        layer.lora_dropout[name] = (
             torch.nn.Dropout(p=dropout) if dropout > 0.0 else torch.nn.Identity()
         )
-    config = model.peft_config[ADAPTER]
+    config = model.peft_config[name]
     config.r, config.lora_alpha, config.lora_dropout = rank, alpha, dropout
     config.use_rslora = use_rslora
 
 
 def init_adapter(model, seed: int) -> None:
-    """Draw the adapter's starting weights from ``seed``: A Kaiming-uniform (a=sqrt(5), the
-    nn.Linear default PEFT uses), B zero, so the adapter starts as the identity update."""
+    """Draw the active adapter's starting weights from ``seed``: A Kaiming-uniform (a=sqrt(5),
+    the nn.Linear default PEFT uses), B zero, so the adapter starts as the identity update."""
     import torch
 
     generators: dict = {}  # one stream per device, so the draw does not depend on the layout
+    name = getattr(model, _SET_ATTR)
     with torch.no_grad():
-        for layer in _layers(model):
-            a, b = layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight
+        for layer in _layers(model, name):
+            a, b = layer.lora_A[name].weight, layer.lora_B[name].weight
             if a.device not in generators:
                 generators[a.device] = torch.Generator(device=a.device).manual_seed(seed)
             torch.nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generators[a.device])
             torch.nn.init.zeros_(b)
+
+
+def save_adapter(model, out_dir) -> None:
+    """The active adapter as PEFT saves an adapter named "default": its config (in inference
+    mode) and its weights, keys without the adapter's name."""
+    import copy
+    from pathlib import Path
+
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    name = getattr(model, _SET_ATTR)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    state = get_peft_model_state_dict(model, adapter_name=name)
+    save_file(
+        {k: v.contiguous() for k, v in state.items()},
+        str(out / "adapter_model.safetensors"),
+        metadata={"format": "pt"},
+    )
+    config = copy.deepcopy(model.peft_config[name])
+    config.inference_mode = True
+    if config.base_model_name_or_path is None:  # an added adapter: PEFT fills it in on saving
+        config.base_model_name_or_path = model.get_base_model().__dict__.get("name_or_path")
+    config.save_pretrained(str(out))

@@ -134,8 +134,14 @@ class Steps:
             picks = self._step().tolist()
         torch.cuda.current_stream().wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, stream=stream):
-            self.picks = self._step()
+        # not torch.cuda.graph(): it first synchronizes and empties the allocator's cache, which
+        # the capture does not need and the training steps after this eval would pay for again
+        with torch.cuda.stream(stream):
+            self.graph.capture_begin()
+            try:
+                self.picks = self._step()
+            finally:
+                self.graph.capture_end()
         return picks
 
     def close(self) -> None:

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from workers import evaluate, fast, model_cache, packing
+from workers import evaluate, fast, lora, model_cache, packing
 from workers.data import encode_for_training, pad_batch, read_examples
 from workers.methods import cache_key, setup_model
 from workers.model import load_tokenizer
@@ -248,7 +248,10 @@ def _eval_and_save(model, tokenizer, val, cfg: TrialConfig, clock: _Clock, out_d
         )
     clock.phases_s["eval"] += time.monotonic() - t
     t = time.monotonic()
-    model.save_pretrained(out_dir, safe_serialization=True)
+    if hasattr(model, "peft_config"):
+        lora.save_adapter(model, out_dir)
+    else:
+        model.save_pretrained(out_dir, safe_serialization=True)
     clock.phases_s["checkpoint"] += time.monotonic() - t
     model.train()
     return {
