@@ -1,15 +1,15 @@
 """Record the tabular benchmark behind ``bench/search_efficiency.py``: real learning curves.
 
-    python3 bench/record_curves.py --device cuda --shard 0/2 --out curves-0.jsonl
-    python3 bench/record_curves.py --merge curves-0.jsonl curves-1.jsonl \
-        --out bench/data/curves.json
+    python3 bench/record_curves.py --device cuda --grid v2 --shard 0/3 --out curves-0.jsonl
+    python3 bench/record_curves.py --grid v2 --merge curves-*.jsonl --out bench/data/curves.json
 
 Runs ``workers.train.run_trial`` (the worker's own loop, no Ray) on the embedded model and the
-embedded demo task for every config of a grid: 48 LoRA configs (learning rate x rank x
-target-module set) and 4 full-FT runs (learning rates), each for ``MAX_STEPS`` steps with an eval
-every ``EVAL_EVERY`` steps. Every eval records the score, eval loss, billed seconds and cost, so a
-replay can stop a config at any rung and know what it would have cost. One JSON line per config is
-appended as soon as it finishes (a killed run keeps what it finished).
+embedded demo task for every config of a grid (``GRIDS``): LoRA configs (learning rate x rank x
+target-module set) and full-FT runs (learning rates), each for the grid's ``max_steps`` with an
+eval every ``eval_every`` steps. Every eval records the score, eval loss, billed seconds and cost,
+so a replay can stop a config at any rung and know what it would have cost. One JSON line per
+config is appended as soon as it finishes (a killed run keeps what it finished). Configs run one
+at a time, so billed seconds are a trial's own.
 """
 
 from __future__ import annotations
@@ -25,22 +25,40 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-LORA_LRS = (2e-4, 6e-4, 2e-3, 6e-3)
-LORA_RANKS = (4, 8, 16, 64)
-LORA_TARGETS = ("attn", "attn_mlp", "all_linear")
-FULL_LRS = (1e-5, 3e-5, 1e-4, 3e-4)
-MAX_STEPS, EVAL_EVERY, BATCH, SEQ = 60, 12, 8, 192
+GRIDS = {
+    # the first table (2026-11-23): 60 steps, every LoRA config near the best from lr 2e-3 up
+    "v1": {
+        "lora_lrs": (2e-4, 6e-4, 2e-3, 6e-3),
+        "ranks": (4, 8, 16, 64),
+        "targets": ("attn", "attn_mlp", "all_linear"),
+        "full_lrs": (1e-5, 3e-5, 1e-4, 3e-4),
+        "max_steps": 60,
+        "eval_every": 12,
+    },
+    # the default search space at the spec's default trial length (30 steps): lr log-even over
+    # the default range 1e-4..1e-2, full FT at a tenth of each LoRA rate
+    "v2": {
+        "lora_lrs": (1e-4, 2.5e-4, 6.3e-4, 1.6e-3, 4e-3, 1e-2),
+        "ranks": (4, 16, 64),
+        "targets": ("attn", "attn_mlp", "all_linear"),
+        "full_lrs": (1e-5, 2.5e-5, 6.3e-5, 1.6e-4, 4e-4, 1e-3),
+        "max_steps": 30,
+        "eval_every": 6,
+    },
+}
+BATCH, SEQ = 8, 192
 EVAL_EXAMPLES, MAX_NEW_TOKENS = 24, 80
 
 
-def grid() -> list[dict]:
+def grid(name: str = "v1") -> list[dict]:
+    g = GRIDS[name]
     lora = [
         {"method": "lora", "learning_rate": lr, "rank": r, "alpha": 32, "target_modules": t}
-        for lr, r, t in itertools.product(LORA_LRS, LORA_RANKS, LORA_TARGETS)
+        for lr, r, t in itertools.product(g["lora_lrs"], g["ranks"], g["targets"])
     ]
     full = [
         {"method": "full", "learning_rate": lr, "rank": 0, "alpha": 0, "target_modules": "all"}
-        for lr in FULL_LRS
+        for lr in g["full_lrs"]
     ]
     configs = lora + full
     for i, c in enumerate(configs):
@@ -48,7 +66,9 @@ def grid() -> list[dict]:
     return configs
 
 
-def record(config: dict, device: str, price_usd_per_hour: float) -> dict:
+def record(
+    config: dict, device: str, price_usd_per_hour: float, grid_name: str, steps: int | None = None
+) -> dict:
     from workers import demo_task
     from workers.model import resolve_model
     from workers.train import TrialConfig, run_trial
@@ -75,8 +95,8 @@ def record(config: dict, device: str, price_usd_per_hour: float) -> dict:
         model=resolve_model("embedded"),
         train_path=str(demo_task.split_path("train")),
         validation_path=str(demo_task.split_path("validation")),
-        max_steps=MAX_STEPS,
-        eval_every=EVAL_EVERY,
+        max_steps=steps or GRIDS[grid_name]["max_steps"],
+        eval_every=steps or GRIDS[grid_name]["eval_every"],
         batch_size=BATCH,
         max_seq_len=SEQ,
         eval_examples=EVAL_EXAMPLES,
@@ -123,6 +143,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--accelerator", default="H100", help="price catalog row for billed cost")
+    ap.add_argument("--grid", default="v1", choices=sorted(GRIDS))
     ap.add_argument("--shard", default="0/1", help="i/n: record every n-th config from i")
     ap.add_argument("--out", required=True)
     ap.add_argument("--skip", nargs="*", default=[], help="JSONL files of configs already done")
@@ -136,12 +157,14 @@ def main() -> None:
         rows = [json.loads(line) for p in args.merge for line in Path(p).read_text().splitlines()]
         rows.sort(key=lambda r: r["config_id"])
         table = {
-            "command": "python3 bench/record_curves.py --device cuda --shard i/n (see docstring)",
+            "command": f"python3 bench/record_curves.py --device cuda --grid {args.grid} "
+            "--shard i/n (see docstring)",
             "machine": rows[0]["machine"],
             "accelerator": args.accelerator,
             "price_usd_per_hour": price,
-            "max_steps": MAX_STEPS,
-            "eval_every": EVAL_EVERY,
+            "grid": args.grid,
+            "max_steps": GRIDS[args.grid]["max_steps"],
+            "eval_every": GRIDS[args.grid]["eval_every"],
             "batch_size": BATCH,
             "max_seq_len": SEQ,
             "eval_examples": EVAL_EXAMPLES,
@@ -155,9 +178,11 @@ def main() -> None:
     i, n = map(int, args.shard.split("/"))
     machine = _machine(args.device)
     done = {json.loads(line)["config_id"] for p in args.skip for line in open(p)}
-    for config in [c for c in grid() if c["config_id"] not in done][i::n]:
+    # the process's imports and first CUDA use, paid once per worker, stay out of the table
+    record(grid(args.grid)[0], args.device, price, args.grid, steps=2)
+    for config in [c for c in grid(args.grid) if c["config_id"] not in done][i::n]:
         t = time.time()
-        row = record(config, args.device, price)
+        row = record(config, args.device, price, args.grid)
         row.update(machine=machine, date=time.strftime("%Y-%m-%d"))
         with open(args.out, "a") as f:
             f.write(json.dumps(row) + "\n")

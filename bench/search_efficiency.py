@@ -340,7 +340,7 @@ def main() -> None:
         )
         for s in STRATEGIES
     }
-    Path(args.out).with_name("search_efficiency_to_target.json").write_text(
+    Path(args.out).with_name(Path(args.out).stem + "_to_target.json").write_text(
         json.dumps(
             {
                 "oracle_score": table.oracle,

@@ -31,7 +31,12 @@ SAFETY = 1.25  # headroom on every prediction that reserves money
 PRIOR_FLOPS_PER_S = {"cpu": 2.5e10, "H100": 6e13, "H200": 6e13}
 PRIOR_GPU_FLOPS_PER_S = 2e13
 PRIOR_STARTUP_S = {"cpu": 15.0}  # actor start, imports, model load
-PRIOR_GPU_STARTUP_S = 60.0
+# On a GPU: actor start, imports and first CUDA use, then the weights. Measured cold on the H100
+# (2026-11-24): 5.6-8.3 s for the first trial's imports, CUDA start and the 135M model's load, plus
+# a few seconds of Ray actor start. The weights at 0.5 GB/s (bf16: 2 bytes per matmul weight):
+# the demo model 20.5 s, 7B 48 s, 70B 300 s. (A flat 60 s refused small budgets on small models.)
+PRIOR_GPU_STARTUP_BASE_S = 20.0
+PRIOR_LOAD_BYTES_PER_S = 0.5e9
 PRIOR_RELEASE_S = 2.0  # billed after a trial's last report, until its resources are released
 # FLOP/s of a method relative to LoRA on the same hardware (QLoRA dequantises every weight)
 METHOD_RATE = {"lora": 1.0, "qlora": 1 / 1.4, "full": 1.0}
@@ -127,11 +132,14 @@ class CostModel:
         step = self.flops_per_step(hp) / self.flops_per_s(hp.get("method", "lora"), measured)
         # eval = loss pass + greedy generation; prior: ~1.5 train steps per eval batch
         closing = measured.get("closing_s") or 1.5 * step * self.eval_batches
-        startup = measured.get("startup_s") or PRIOR_STARTUP_S.get(
-            self.accelerator, PRIOR_GPU_STARTUP_S
-        )
+        startup = measured.get("startup_s") or self.startup_prior_s()
         release = measured.get("release_s") or PRIOR_RELEASE_S
         return {"step_s": step, "closing_s": closing, "startup_s": startup, "release_s": release}
+
+    def startup_prior_s(self) -> float:
+        if self.accelerator in PRIOR_STARTUP_S:
+            return PRIOR_STARTUP_S[self.accelerator]
+        return PRIOR_GPU_STARTUP_BASE_S + 2 * self.dims.n_matmul / PRIOR_LOAD_BYTES_PER_S
 
     def seconds(self, hp: dict, steps: int, evals: int, measured: dict[str, float]) -> float:
         """Billed seconds: startup, steps, evals, and the release after the last report (which the

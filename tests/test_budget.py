@@ -218,3 +218,15 @@ def test_predictions_are_per_config():
         < model.usd(big, 10, 1, {})
         < model.usd({"method": "full"}, 10, 1, {})
     )
+
+
+def test_gpu_startup_prior_grows_with_the_weights_to_load():
+    """Until a trial measures it, a GPU trial's startup is priced as actor start + imports + CUDA
+    start (20 s) plus its bf16 weights at 0.5 GB/s: small models are not priced like 70B ones."""
+    from dataclasses import replace
+
+    small = replace(_cost_model(), accelerator="H100", units=1)  # 100M matmul weights
+    big = replace(small, dims=ModelDims(n_matmul=7_000_000_000, layers=32, d_model=4096))
+    assert small.timings({"method": "lora"}, {})["startup_s"] == pytest.approx(20.0 + 0.4)
+    assert big.timings({"method": "lora"}, {})["startup_s"] == pytest.approx(20.0 + 28.0)
+    assert small.timings({"method": "lora"}, {"startup_s": 3.0})["startup_s"] == 3.0
