@@ -2,6 +2,8 @@
 
     python3 bench/search_efficiency.py            # ~2 min on 2 cores, no GPU
     python3 bench/search_efficiency.py --seeds 20 --out bench/results/search_efficiency.json
+    python3 bench/search_efficiency.py --table bench/data/curves-v2.json \
+        --out bench/results/search_efficiency_v2.json   # the second table (v2 grid)
 
 The table (``bench/data/curves.json``, made by ``bench/record_curves.py``) holds, for 48 LoRA
 configs and 4 full-FT runs of the demo task, the score and billed cost at every eval. A strategy
