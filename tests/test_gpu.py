@@ -108,3 +108,56 @@ def test_compiled_trials_replay_cuda_graphs_like_the_plain_step(trial_config):
     assert reports[-1]["base_model_reused"] == 1
     assert graphed == pytest.approx(plain, rel=3e-2)
     assert again == pytest.approx(graphed, rel=3e-2)
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_kept_adapters_on_cuda_match_a_fresh_attach(trial_config, monkeypatch, method):
+    """On CUDA (bf16 base; 4-bit NF4 for QLoRA): a worker that trained other target sets
+    re-initialises its kept adapter exactly as a fresh attach draws it, and trains the same
+    (to bf16 rounding: CUDA kernels need not add in the same order twice)."""
+    if method == "qlora" and importlib.util.find_spec("bitsandbytes") is None:
+        pytest.skip("qlora needs bitsandbytes")
+    from workers import lora, model_cache, train
+
+    starts = []
+
+    def recording(cfg):
+        model, groups = setup_model(cfg)
+        starts.append(
+            {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        )
+        return model, groups
+
+    setup_model = train.setup_model
+    monkeypatch.setattr(train, "setup_model", recording)
+
+    def short(**kw):
+        return trial_config(
+            **{"max_steps": 4, "eval_every": 2, "device": "cuda", "method": method, **kw}
+        )
+
+    def reports(cfg):
+        out = []
+        train.run_trial(cfg, lambda m, d: out.append(m))
+        return out
+
+    cfg = short(target_modules="attn", rank=4, alpha=8, seed=7)
+    model_cache.clear()
+    reports(short(target_modules="attn", rank=8))
+    reports(short(target_modules="all_linear", rank=16))
+    attached, kept = lora.stats["attached"], lora.stats["reinitialised"]
+    reused = reports(cfg)
+    assert (lora.stats["attached"], lora.stats["reinitialised"]) == (attached, kept + 1)
+    model_cache.clear()
+    fresh = reports(cfg)
+    model_cache.clear()
+    assert lora.stats["attached"] == attached + 1
+    reused_start, fresh_start = starts[2], starts[3]
+    assert reused_start.keys() == fresh_start.keys() and reused_start
+    assert all(torch.equal(reused_start[k], fresh_start[k]) for k in reused_start)
+    assert [r["step"] for r in reused] == [r["step"] for r in fresh] == [2, 4]
+    for a, b in zip(reused, fresh, strict=True):
+        assert a["tokens"] == b["tokens"]
+        assert a["eval_loss"] == pytest.approx(b["eval_loss"], rel=2e-2)
+        losses = [loss for _, loss in b["train_loss_steps"]]
+        assert [loss for _, loss in a["train_loss_steps"]] == pytest.approx(losses, rel=2e-2)
