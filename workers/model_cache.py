@@ -5,8 +5,8 @@ Under Ray Tune a function trainable's actor is reused for the next trial with th
 the next. LoRA and QLoRA trials leave the base weights untouched: at the end of a trial training
 hooks and gradients are taken off and the model stays here for the next trial of the same model,
 dtype and device; only the adapter and the optimizer are new (``workers.lora.attach_lora``
-re-initialises the kept adapter in place when the next trial targets the same modules, and
-unloads it otherwise: PEFT ``unload``, no merge).
+re-initialises the kept adapter of the trial's target set in place, or adds one for a set the
+worker has not met; DoRA unloads them all: PEFT ``unload``, no merge).
 Compiled decoder layers stay compiled. Full FT changes every weight, so it never uses the cache and
 clears it (its memory is needed). One model is kept at a time.
 
@@ -47,8 +47,7 @@ def acquire(key: tuple, load: Callable[[], object]):
 def release(key: tuple, model) -> None:
     """Take the training state off ``model`` and keep it for the next trial."""
     _held.pop(key, None)
-    base = model  # a PEFT model keeps its adapter layers: the next trial's attach_lora re-uses
-    # them when it targets the same modules and unloads them otherwise (``workers.lora``)
+    base = model  # a PEFT model keeps its adapters for the next trial (``workers.lora``)
     if getattr(base, "is_gradient_checkpointing", False):
         base.gradient_checkpointing_disable()
     if hasattr(base, "disable_input_require_grads"):
