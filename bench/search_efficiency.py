@@ -10,10 +10,11 @@ configs and 4 full-FT runs of the demo task, the score and billed cost at every 
 "runs" a config by reading its curve: it pays the cost up to the last eval it reaches and may use
 the adapter saved at any eval it reached. Trials run one at a time.
 
-Every strategy searches the same space: method (lora | full), learning rate (4 levels; full FT
-uses the table's full-FT rate of the same level, ~20x lower), rank (4, 8, 16, 64), target modules
-(attn, attn_mlp, all_linear; rank and targets mean nothing to full FT): read from the table
-(``Table.space``), so a table recorded on another grid needs no change here.
+Every strategy searches the same space, read from the table (``Table.space``): method
+(lora | full), learning-rate level (full FT uses the table's full-FT rate of the same level),
+rank and target modules (rank and targets mean nothing to full FT). In ``curves.json``: 4 levels
+(full FT ~20x lower), ranks 4/8/16/64, attn/attn_mlp/all_linear; in ``curves-v2.json``: 6 levels
+(full FT 10x lower), ranks 4/16/64, the same targets.
 
 - ``random``: random configs, each run to the end, launched while spent < budget (the usual
   "stop when the budget is gone" rule: the last trial may overrun).
@@ -91,6 +92,8 @@ class Table:
     def space(self) -> dict[str, list]:
         """The searched space, as the table recorded it: method, learning-rate level (LoRA's
         levels, and full FT's of the same index), rank and target modules."""
+        from workers.lora import TARGET_MODULES  # its named sets, in their order
+
         lora = [k for k in self.configs if k[0] == "lora"]
         levels = sorted({k[1] for k in lora})
         full = sorted(k[1] for k in self.configs if k[0] == "full")
@@ -100,11 +103,8 @@ class Table:
             "method": sorted({k[0] for k in self.configs}, key=["lora", "full"].index),
             "lr": levels,
             "rank": sorted({k[2] for k in lora}),
-            "target_modules": sorted({k[3] for k in lora}, key=_TARGETS_ORDER.index),
+            "target_modules": sorted({k[3] for k in lora}, key=list(TARGET_MODULES).index),
         }
-
-
-_TARGETS_ORDER = ["qv", "attn", "mlp", "attn_mlp", "all_linear"]
 
 
 def suggest(trial, table: Table) -> dict:

@@ -20,13 +20,13 @@ def short(trial_config):
     return lambda **kw: trial_config(**{"max_steps": 4, **kw})
 
 
+REPORT_KEYS = ("step", "eval_loss", "score", "train_loss_steps", "tokens")
+
+
 def _run(cfg: TrialConfig) -> list[dict]:
     reports: list[dict] = []
     run_trial(cfg, lambda m, d: reports.append(m))
-    return [
-        {k: r[k] for k in ("step", "eval_loss", "score", "train_loss_steps", "tokens")}
-        for r in reports
-    ]
+    return [{k: r[k] for k in REPORT_KEYS} for r in reports]
 
 
 def test_reused_base_gives_the_results_of_a_fresh_load(short):
@@ -55,8 +55,7 @@ def _run_saving(cfg: TrialConfig) -> tuple[list[dict], dict]:
 
     reports: list[dict] = []
     run_trial(cfg, lambda m, d: (reports.append(m), keep(m, d)))
-    keys = ("step", "eval_loss", "score", "train_loss_steps", "tokens")
-    return [{k: r[k] for k in keys} for r in reports], saved
+    return [{k: r[k] for k in REPORT_KEYS} for r in reports], saved
 
 
 @pytest.mark.parametrize(
