@@ -8,8 +8,10 @@ embedded demo task for every config of a grid (``GRIDS``): LoRA configs (learnin
 target-module set) and full-FT runs (learning rates), each for the grid's ``max_steps`` with an
 eval every ``eval_every`` steps. Every eval records the score, eval loss, billed seconds and cost,
 so a replay can stop a config at any rung and know what it would have cost. One JSON line per
-config is appended as soon as it finishes (a killed run keeps what it finished). Configs run one
-at a time, so billed seconds are a trial's own.
+config is appended as soon as it finishes (a killed run keeps what it finished). A process runs
+its configs one at a time, after an unrecorded 2-step warm-up trial (its imports and first CUDA
+use); shards run side by side share the GPU and bill that sharing (v1 ran six at once, v2 its two
+shards one after the other).
 """
 
 from __future__ import annotations
