@@ -50,7 +50,22 @@ sys.path.insert(0, str(ROOT))
 
 STRATEGIES = ("random", "tpe", "asha_random", "lorasweep")
 FRACTIONS = (0.1, 0.25, 0.5)
-TARGET_FRACTIONS = (0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5)
+TARGET_FRACTIONS = (
+    0.01,
+    0.015,
+    0.02,
+    0.025,
+    0.03,
+    0.035,
+    0.04,
+    0.045,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.25,
+    0.5,
+)
 
 
 @dataclass
@@ -197,6 +212,32 @@ def _measured(row: dict) -> dict:
     }
 
 
+def first_point(table: Table) -> dict:
+    """The sweep's first trial (``orchestrator.priors``) on the table's grid: the space the table
+    recorded, as a spec's search space, and the chosen learning rate as its level."""
+    from orchestrator.priors import first_config
+    from orchestrator.spec import Dim, SearchSpace
+
+    space, raw = table.space(), table.raw
+    lora_lrs = sorted({c["learning_rate"] for c in raw["configs"] if c["method"] == "lora"})
+    full_lrs = sorted({c["learning_rate"] for c in raw["configs"] if c["method"] == "full"})
+    search = SearchSpace(
+        method=Dim(choices=space["method"]),
+        learning_rate=Dim(choices=lora_lrs),
+        rank=Dim(choices=space["rank"]),
+        target_modules=Dim(choices=space["target_modules"]),
+        full_lr_scale=statistics.geometric_mean(f / l for f, l in zip(full_lrs, lora_lrs)),
+    )
+    shape = raw["model_shape"]
+    point = first_config(search, shape["hidden"], "llama", raw["max_steps"])  # a Llama shape
+    return {
+        "method": point["method"],
+        "lr": lora_lrs.index(point["learning_rate"]),
+        "rank": point["rank"],
+        "target_modules": point["target_modules"],
+    }
+
+
 def _hp(hp: dict) -> dict:
     """The cost model's view of a replay config."""
     return {"method": hp["method"], "rank": hp["rank"], "target_modules": hp["target_modules"]}
@@ -231,6 +272,8 @@ def run_lorasweep(table: Table, budget: float, seed: int, **engine) -> Outcome:
         n_startup_trials=engine.get("n_startup_trials", 4),
     )
     study = optuna.create_study(direction="maximize", sampler=sampler)
+    if engine.get("first_trial", "prior") == "prior":
+        study.enqueue_trial(first_point(table))
     cheapest = {"method": "lora", "rank": 4, "target_modules": "attn"}
     out = Outcome()
     while True:

@@ -21,6 +21,7 @@ imports, model load) and closing (eval + adapter save) times are measured the sa
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 SAFETY = 1.25  # headroom on every prediction that reserves money
@@ -51,18 +52,20 @@ class ModelDims:
     layers: int
     d_model: int
     shape: object | None = None  # workers.memory.ModelShape when the config is Llama-shaped
+    model_type: str = ""  # the config's model_type (``llama``, ``qwen2``...), where known
 
     @classmethod
     def from_config(cls, config, n_params: int) -> ModelDims:
         from workers.memory import ModelShape
 
+        kind = getattr(config, "model_type", "") or ""
         try:
             shape = ModelShape.from_config(config)
         except AttributeError:
             d = getattr(config, "hidden_size", 0) or getattr(config, "n_embd", 0)
             layers = getattr(config, "num_hidden_layers", 0) or getattr(config, "n_layer", 0)
-            return cls(n_matmul=n_params, layers=int(layers), d_model=int(d))
-        return cls.from_shape(shape)
+            return cls(n_matmul=n_params, layers=int(layers), d_model=int(d), model_type=kind)
+        return dataclasses.replace(cls.from_shape(shape), model_type=kind)
 
     @classmethod
     def from_shape(cls, shape) -> ModelDims:

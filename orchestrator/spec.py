@@ -98,6 +98,11 @@ class SearchSpace(_Strict):
         le=1,
         description="full-FT lr = sampled lr x this (best full-FT lr is ~10x below LoRA's)",
     )
+    first_trial: Literal["prior", "sampled"] = Field(
+        "prior",
+        description="prior: the first trial is the config published evidence expects to do best "
+        "(orchestrator/priors.py), the search proposes the rest; sampled: the search proposes all",
+    )
 
     def fixed_values(self) -> dict:
         """The hyperparameters this space fixes (not searched), by name."""

@@ -156,6 +156,18 @@ def _score_base(spec: SweepSpec, plan: Plan, ledger) -> dict | None:
     return out
 
 
+def _first_points(spec: SweepSpec, plan: Plan, space: SearchSpace) -> list[dict] | None:
+    """The prior's config as the phase's first trial (``orchestrator.priors``), unless the spec
+    asks for every trial to be sampled or nothing is searched."""
+    from orchestrator.priors import first_config
+
+    if space.first_trial != "prior":
+        return None
+    dims = plan.cost_model.dims
+    point = first_config(space, dims.d_model, dims.model_type, spec.trial.max_steps)
+    return [point] if point else None
+
+
 def _make_tuner(
     spec: SweepSpec,
     plan: Plan,
@@ -182,6 +194,7 @@ def _make_tuner(
         space=DefineByRun(space),
         metric=metric,
         mode=mode,
+        points_to_evaluate=_first_points(spec, plan, space),
         sampler=CostAwareTPESampler(
             cost_of=CalibratedCost(
                 functools.partial(

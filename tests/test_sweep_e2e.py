@@ -13,6 +13,7 @@ import pytest
 from rich.console import Console
 
 from orchestrator import leaderboard, registry
+from orchestrator.priors import first_config
 from orchestrator.spec import parse_spec
 from orchestrator.sweep import run_sweep
 
@@ -85,6 +86,16 @@ def test_sweep_records_every_trial_in_mlflow(finished_sweep):
         )
         files = {f.path for f in client.list_artifacts(run.info.run_id, "adapter")}
         assert "adapter/adapter_model.safetensors" in files
+    # the first trial is the priors' config (orchestrator/priors.py): for this hidden-64 Llama the
+    # published lr fit lies above the range, so its top; rank nearest 16; all linear layers
+    first = {"learning_rate": 1e-2, "rank": 4, "target_modules": "all_linear"}
+    assert first_config(spec.search_space, 64, "llama", spec.trial.max_steps) == first
+    assert any(
+        float(r.data.params["learning_rate"]) == pytest.approx(1e-2)
+        and r.data.params["rank"] == "4"
+        and r.data.params["target_modules"] == "all_linear"
+        for r in children
+    )
     # Tune reused a worker process: a later trial trained on the base model an earlier one loaded
     assert any(run.data.metrics.get("base_model_reused") == 1 for run in children)
     parent_files = {f.path for f in client.list_artifacts(parent.info.run_id)}

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from workers import evaluate, fast, lora, model_cache, packing
+from workers import evaluate, fast, gpu_start, lora, model_cache, packing
 from workers.data import encode_for_training, pad_batch, read_examples
 from workers.methods import cache_key, setup_model
 from workers.model import load_tokenizer
@@ -181,8 +181,10 @@ def _setup(cfg: TrialConfig, clock: _Clock):
     if cfg.device == "cpu":
         torch.set_num_threads(cfg.num_threads)
     t = time.monotonic()
+    gpu_start.start(cfg.device)  # a fresh process: the GPU starts while the CPU loads
     tokenizer = load_tokenizer(cfg.model)
     model, groups = setup_model(cfg)
+    gpu_start.wait()
     if cfg.packing and fast.supported(model):
         packing.enable(fast.causal_lm(model))
     if _graphs(cfg, model):
