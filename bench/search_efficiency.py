@@ -226,7 +226,9 @@ def first_point(table: Table) -> dict:
         learning_rate=Dim(choices=lora_lrs),
         rank=Dim(choices=space["rank"]),
         target_modules=Dim(choices=space["target_modules"]),
-        full_lr_scale=statistics.geometric_mean(f / l for f, l in zip(full_lrs, lora_lrs)),
+        full_lr_scale=statistics.geometric_mean(
+            full / lora for full, lora in zip(full_lrs, lora_lrs, strict=True)
+        ),
     )
     shape = raw["model_shape"]
     point = first_config(search, shape["hidden"], "llama", raw["max_steps"])  # a Llama shape
