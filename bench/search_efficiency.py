@@ -28,6 +28,8 @@ rank and target modules (rank and targets mean nothing to full FT). In ``curves.
   (first rung at >= 30% of max steps, reduction factor 3).
 
 Simple regret = best score in the table - best score the strategy found (any eval of any trial).
+lorasweep's first trial is the priors' config (``orchestrator.priors``, as a sweep's is by default),
+mapped to the table's grid; ``--first-trial sampled`` lets the sampler propose it instead.
 Writes rows {"budget_fraction", "strategy", "median_regret", "iqr_regret", "spent_fraction",
 "overruns"} and a second file with the smallest budget at which each strategy's median result is
 within 1% of the best score in the table.
@@ -328,20 +330,20 @@ def run_lorasweep(table: Table, budget: float, seed: int, **engine) -> Outcome:
     return out
 
 
-def run(strategy: str, table: Table, budget: float, seed: int) -> Outcome:
+def run(strategy: str, table: Table, budget: float, seed: int, **engine) -> Outcome:
     import optuna
 
     if strategy == "lorasweep":
-        return run_lorasweep(table, budget, seed)
+        return run_lorasweep(table, budget, seed, **engine)
     if strategy == "tpe":
         return run_plain(table, budget, seed, optuna.samplers.TPESampler(seed=seed), None)
     asha = {"grace": 1, "rf": 4} if strategy == "asha_random" else None
     return run_plain(table, budget, seed, optuna.samplers.RandomSampler(seed=seed), asha)
 
 
-def summarize(table: Table, strategy: str, fraction: float, seeds: int) -> dict:
+def summarize(table: Table, strategy: str, fraction: float, seeds: int, **engine) -> dict:
     budget = fraction * table.grid_cost_usd
-    outs = [run(strategy, table, budget, seed) for seed in range(seeds)]
+    outs = [run(strategy, table, budget, seed, **engine) for seed in range(seeds)]
     regrets = [table.oracle - o.best_score for o in outs]
     q1, q3 = np.percentile(regrets, [25, 75])
     return {
@@ -364,11 +366,17 @@ def main() -> None:
     ap.add_argument("--table", default=str(ROOT / "bench/data/curves.json"))
     ap.add_argument("--seeds", type=int, default=20)
     ap.add_argument("--out", default=str(ROOT / "bench/results/search_efficiency.json"))
+    ap.add_argument(
+        "--first-trial",
+        choices=("prior", "sampled"),
+        default="prior",
+        help="lorasweep's first trial: the priors' config (a spec's default) or sampled",
+    )
     args = ap.parse_args()
     table = Table.load(Path(args.table))
     t0 = time.time()
     rows = {
-        (s, f): summarize(table, s, f, args.seeds)
+        (s, f): summarize(table, s, f, args.seeds, first_trial=args.first_trial)
         for f in sorted(set(FRACTIONS) | set(TARGET_FRACTIONS))
         for s in STRATEGIES
     }
@@ -395,6 +403,18 @@ def main() -> None:
                 "grid_cost_usd": table.grid_cost_usd,
                 "seeds": args.seeds,
                 "budget_fraction_to_target": to_target,
+                "first_trial": args.first_trial,
+                # medians over the seeds at every budget tried: best score and share of the grid
+                # actually spent (a baseline's last trial runs past its cap)
+                "by_budget": [
+                    {
+                        "budget_fraction": f,
+                        "strategy": s,
+                        "median_best_score": r["median_best_score"],
+                        "median_spent_of_grid": round(r["spent_fraction"] * f, 5),
+                    }
+                    for (s, f), r in rows.items()
+                ],
             },
             indent=1,
         )
