@@ -236,7 +236,8 @@ def _gpu_memory(device: str, static_gib: float | None) -> dict:
 
 def _eval_and_save(model, tokenizer, val, cfg: TrialConfig, clock: _Clock, out_dir: Path) -> dict:
     t = time.monotonic()
-    with fast.eager() if _graphs(cfg, model) else contextlib.nullcontext():
+    eager = fast.eager() if _graphs(cfg, model) else contextlib.nullcontext()
+    with eager, lora.merged_for_eval(model):
         result = evaluate.evaluate(
             model,
             tokenizer,
