@@ -161,3 +161,30 @@ def test_kept_adapters_on_cuda_match_a_fresh_attach(trial_config, monkeypatch, m
         assert a["eval_loss"] == pytest.approx(b["eval_loss"], rel=2e-2)
         losses = [loss for _, loss in b["train_loss_steps"]]
         assert [loss for _, loss in a["train_loss_steps"]] == pytest.approx(losses, rel=2e-2)
+
+
+def test_merged_eval_on_cuda_restores_the_bf16_base_exactly(trial_config, monkeypatch):
+    """On CUDA trials evaluate with the adapter merged (``lora.merged_for_eval``): the bf16 base
+    weights come back bit for bit, and the eval loss is the unmerged one up to bf16 rounding."""
+    from workers import lora, model_cache, train
+
+    cfg = trial_config(max_steps=4, eval_every=2, device="cuda", target_modules="all_linear")
+    kept = {}
+
+    def reports(merge: bool):
+        monkeypatch.setattr(lora, "MERGE_FOR_EVAL_DEVICES", {"cuda"} if merge else set())
+        out = []
+        model_cache.clear()
+        train.run_trial(cfg, lambda m, d: out.append(m))
+        model = next(iter(model_cache._cache.values()))
+        kept[merge] = {n: p.detach().clone() for n, p in model.named_parameters()}
+        return out
+
+    plain, merged = reports(False), reports(True)
+    assert kept[True].keys() == kept[False].keys()
+    base = [n for n in kept[True] if "lora_" not in n]
+    assert base and all(torch.equal(kept[True][n], kept[False][n]) for n in base)
+    assert [r["eval_loss"] for r in merged] == pytest.approx(
+        [r["eval_loss"] for r in plain], rel=2e-2
+    )
+    model_cache.clear()
