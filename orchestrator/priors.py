@@ -2,15 +2,16 @@
 
 With a small budget the first trial is much of the sweep, and a config drawn at random from a
 space one decade either side of good learning rates can spend it learning nothing (on the demo
-task a LoRA at lr 1e-4 scores ~0.01 after 30 steps, one at 2e-3 ~0.93). So the first trial is
+task a LoRA at lr 1e-4 scores ~0.01 after 30 steps, one at 1.6e-3 ~0.93). So the first trial is
 the centre of the priors below, clamped into the user's space; the search (TPE) proposes the
 rest, and a user can turn this off (``search_space.first_trial: sampled``).
 
-- Learning rate: ``5e-5 * M * (2000 / hidden_size) ** P``, the fit over Llama and Qwen sweeps
-  in Thinking Machines' "LoRA Without Regret" (2025; tinker-cookbook ``hyperparam_utils``):
-  P = 0.781 for the Llama family, 0.0775 for Qwen; M = 10 for LoRA (the best LoRA lr is about
-  10x the full-FT one), 15 for runs under ~100 steps (short runs favour higher rates), 1 for
-  full FT. Families without a published fit take the geometric centre of the searched range.
+- Learning rate: ``5e-5 * M * (2000 / hidden_size) ** P``, the fit Thinking Machines publish for
+  Llama and Qwen models (tinker-cookbook ``hyperparam_utils.get_lr``, with their "LoRA Without
+  Regret", 2025): P = 0.781 for the Llama family, 0.0775 for Qwen; M = 10 for LoRA (the best
+  LoRA lr is about 10x the full-FT one), 15 for runs under ~100 steps (short runs favour higher
+  rates, ARCHITECTURE.md), 1 for full FT. Families without a published fit take the geometric
+  centre of the searched range.
 - Rank 16, alpha 32 (the best lr barely moves with rank at fixed alpha), all linear layers
   (they beat attention-only at equal parameter count), dropout 0.05, plain LoRA (no rsLoRA,
   DoRA or LoRA+): see ARCHITECTURE.md's search-space priors.
