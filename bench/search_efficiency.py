@@ -228,8 +228,10 @@ def first_point(table: Table) -> dict:
         learning_rate=Dim(choices=lora_lrs),
         rank=Dim(choices=space["rank"]),
         target_modules=Dim(choices=space["target_modules"]),
-        full_lr_scale=statistics.geometric_mean(
-            full / lora for full, lora in zip(full_lrs, lora_lrs, strict=True)
+        full_lr_scale=(  # a table without full FT: the spec's default scale
+            statistics.geometric_mean(f / lo for f, lo in zip(full_lrs, lora_lrs, strict=True))
+            if full_lrs
+            else SearchSpace().full_lr_scale
         ),
     )
     shape = raw["model_shape"]
