@@ -149,14 +149,14 @@ def _picked(model, ids, mask, positions, cache, pick, keep_cache):
         "input_ids": ids,
         "attention_mask": mask,
         "position_ids": positions,
-        "past_key_values": cache,
         "use_cache": keep_cache,
     }
     if fast.supported(model):
-        out = lm.get_decoder()(**kwargs)
-        return at_pick(out.last_hidden_state), out.past_key_values
-    out = lm(**kwargs)
-    return at_pick(out.logits), out.past_key_values
+        decoder = lm.get_decoder()
+        out = decoder(**kwargs, **fast.cache_kwargs(decoder, cache))
+        return at_pick(out.last_hidden_state), fast.returned_cache(out)
+    out = lm(**kwargs, **fast.cache_kwargs(lm, cache))
+    return at_pick(out.logits), fast.returned_cache(out)
 
 
 @dataclass

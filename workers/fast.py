@@ -19,6 +19,9 @@ checks it on CPU).
 
 from __future__ import annotations
 
+import functools
+import inspect
+
 CHUNK_TOKENS = 4096  # rows of logits computed at once in the loss
 # decoders whose logits are plainly lm_head(last hidden state) (no soft-capping or scaling)
 SUPPORTED = {"llama", "mistral", "qwen2", "qwen3"}
@@ -32,6 +35,22 @@ def causal_lm(model):
 
 def supported(model) -> bool:
     return getattr(causal_lm(model).config, "model_type", None) in SUPPORTED
+
+
+@functools.cache
+def _takes_cache(forward_type: type) -> bool:
+    return "cache" in inspect.signature(forward_type.forward).parameters
+
+
+def cache_kwargs(module, cache) -> dict:
+    """The KV-cache keyword ``module``'s forward takes: ``cache`` from transformers 5.24 on,
+    ``past_key_values`` before (5.24 still accepts it, with a deprecation warning)."""
+    return {"cache" if _takes_cache(type(module)) else "past_key_values": cache}
+
+
+def returned_cache(out):
+    """The KV cache in a model output (``cache`` from transformers 5.24, ``past_key_values``)."""
+    return out["cache"] if "cache" in out else out.get("past_key_values")
 
 
 def compile_layers(model, cuda_graphs: bool = False) -> None:

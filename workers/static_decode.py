@@ -45,7 +45,8 @@ class StaticKV:
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return 0  # callers always pass positions and a 4D mask
 
-    def update(self, keys, values, layer_idx: int, cache_kwargs=None):
+    def update(self, keys, values, layer_idx: int, cache_kwargs=None, **_):
+        # transformers <= 5.23 passes ``cache_kwargs``, 5.24 ``kwargs=``: neither is needed here
         import torch
 
         if layer_idx == len(self.keys):
@@ -77,13 +78,15 @@ class StaticKV:
 def forward(decoder, kv: StaticKV, ids, positions):
     """The decoder's last hidden states for ``ids`` at ``positions``, writing their keys and
     values into ``kv`` at the same positions."""
+    from workers import fast
+
     kv.write = positions
     out = decoder(
         input_ids=ids,
         attention_mask=kv.mask(positions),
         position_ids=positions,
-        past_key_values=kv,
         use_cache=True,
+        **fast.cache_kwargs(decoder, kv),
     )
     return out.last_hidden_state
 
