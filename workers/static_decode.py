@@ -93,7 +93,8 @@ def forward(decoder, kv: StaticKV, ids, positions):
 
 class Steps:
     """Greedy picks of fixed-shape decoding steps ([rows, width] tokens in, the argmax at each
-    position out), on a CUDA graph from the ``EAGER_STEPS + 1``-th step on a GPU."""
+    position out). On a GPU the ``EAGER_STEPS + 1``-th step is captured as a CUDA graph, which
+    the steps after it replay."""
 
     def __init__(self, model, kv: StaticKV, rows: int, width: int) -> None:
         import torch
