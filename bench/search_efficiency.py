@@ -70,6 +70,11 @@ TARGET_FRACTIONS = (
 )
 
 
+def _rates(raw: dict, method: str) -> list[float]:
+    """The learning rates a table recorded for ``method``, ascending (index = level)."""
+    return sorted({c["learning_rate"] for c in raw["configs"] if c["method"] == method})
+
+
 @dataclass
 class Table:
     configs: dict[tuple, dict]  # (method, lr level, rank, targets) -> config row with its curve
@@ -78,8 +83,7 @@ class Table:
     @classmethod
     def load(cls, path: Path) -> Table:
         raw = json.loads(path.read_text())
-        lora_lrs = sorted({c["learning_rate"] for c in raw["configs"] if c["method"] == "lora"})
-        full_lrs = sorted({c["learning_rate"] for c in raw["configs"] if c["method"] == "full"})
+        lora_lrs, full_lrs = _rates(raw, "lora"), _rates(raw, "full")
         configs = {}
         for c in raw["configs"]:
             if c["method"] == "full":
@@ -221,8 +225,7 @@ def first_point(table: Table) -> dict:
     from orchestrator.spec import Dim, SearchSpace
 
     space, raw = table.space(), table.raw
-    lora_lrs = sorted({c["learning_rate"] for c in raw["configs"] if c["method"] == "lora"})
-    full_lrs = sorted({c["learning_rate"] for c in raw["configs"] if c["method"] == "full"})
+    lora_lrs, full_lrs = _rates(raw, "lora"), _rates(raw, "full")
     search = SearchSpace(
         method=Dim(choices=space["method"]),
         learning_rate=Dim(choices=lora_lrs),

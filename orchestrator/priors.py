@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 
-from orchestrator.spec import HYPERPARAMETERS, Dim, SearchSpace
+from orchestrator.spec import HYPERPARAMETERS, METHODS, TARGET_MODULE_SETS, Dim, SearchSpace
 
 BASE_LR = 5e-5  # full FT at hidden size 2000
 LR_HIDDEN_REF = 2000
@@ -32,8 +32,8 @@ LR_POWER = {"llama": 0.781, "mistral": 0.781, "qwen2": 0.0775, "qwen3": 0.0775}
 LORA_LR_MULTIPLIER = 10.0
 SHORT_RUN_LORA_LR_MULTIPLIER = 15.0
 SHORT_RUN_STEPS = 100
-METHOD_ORDER = ("lora", "qlora", "full")  # preferred first
-TARGETS_ORDER = ("all_linear", "attn_mlp", "mlp", "attn", "qv")  # most layers adapted first
+METHOD_ORDER = METHODS  # preferred first: lora, qlora, full
+TARGETS_ORDER = tuple(reversed(TARGET_MODULE_SETS))  # the broadest set first: all_linear, ...
 PREFERRED = {
     "rank": 16,
     "alpha": 32,
