@@ -53,14 +53,14 @@ DEFAULT_TRIAL = {  # orchestrator.spec.TrialSpec's defaults
 }
 
 
-def spec_dict(data_dir: Path, trials: int) -> dict:
+def spec_dict(data_dir: Path, trials: int, steps: int) -> dict:
     return {
         "name": "goodput",
         "budget_usd": 1.0,
         "model": {"name_or_path": "embedded"},
         "data": {"source": "embedded"},
         "search_space": {"preset": "default", "rank": {"choices": [4, 8, 16]}},
-        "trial": {**SHORT_TRIAL, "eval_every": SHORT_TRIAL["max_steps"]},
+        "trial": {**SHORT_TRIAL, "max_steps": steps, "eval_every": steps},
         "resources": {"accelerator": "cpu", "cpus_per_trial": 1, "max_concurrent_trials": 2},
         "max_trials": trials,
         "early_stopping": {"enabled": False},
@@ -74,7 +74,9 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "bench/results/goodput.json"))
     ap.add_argument("--no-ray", action="store_true")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument(
+        "--steps", type=int, default=12, help="optimizer steps per trial, evaluated once at the end"
+    )
     ap.add_argument(
         "--trial-defaults",
         action="store_true",
@@ -95,7 +97,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "goodput.yaml"
-        path.write_text(yaml.safe_dump(spec_dict(Path(tmp) / "data", args.trials)))
+        path.write_text(yaml.safe_dump(spec_dict(Path(tmp) / "data", args.trials, args.steps)))
         result = run_sweep(load_spec(path), Console())
         client = MlflowClient(tracking_uri=result.tracking_uri)
         totals = dict.fromkeys(PHASES, 0.0)

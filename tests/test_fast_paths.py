@@ -254,3 +254,57 @@ def test_static_route_on_the_other_supported_decoders(
     got = evaluate.evaluate(model, tokenizer, cases, 256, 16, batch_size=3, chunk_tokens=10**6)
     assert got["generations"] == expected
     assert got["rows_generated"] == 3
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=_CUDA)])
+def test_kept_decoding_graphs_decode_as_fresh_ones(
+    tiny_model, small_data, own_greedy_cases, device, monkeypatch
+):
+    """``keep_graphs``: a batch's static cache and captured decoding steps serve the model's next
+    eval (same shape) after its adapter changed in place, as training changes it between evals:
+    the generations and loss are those of a fresh cache and capture, with other rows decoded each
+    time; a weight that moved (another tensor) drops the kept state. On CUDA the kept steps replay
+    their graph; on CPU they run eagerly. Evals run merged, as trials on a GPU run them."""
+    from workers import lora
+
+    monkeypatch.setattr(evaluate, "STATIC_DEVICES", {device})
+    monkeypatch.setattr(lora, "MERGE_FOR_EVAL_DEVICES", {device})
+    model = _lora_model(tiny_model).to(device).eval()
+    tokenizer = load_tokenizer(str(tiny_model))
+    examples = read_examples(small_data["validation"], "chat", "data.validation")[:4]
+    cases = []
+    for ex in examples[:2]:  # references the model generates exactly: not decoded at first
+        ids = evaluate.generate_ids(model, tokenizer, [encode_prompt(tokenizer, ex)], [24])[0]
+        answer = tokenizer.decode(ids, skip_special_tokens=True)
+        cases.append(dataclasses.replace(ex, answer=answer))
+    cases += own_greedy_cases(model, tokenizer, examples[2:], 24)
+
+    def run(keep: bool) -> dict:
+        with lora.merged_for_eval(model) as merged:
+            assert merged
+            return evaluate.evaluate(
+                model, tokenizer, cases, 256, 24, batch_size=4, chunk_tokens=10**6, keep_graphs=keep
+            )
+
+    kept_steps, decoded = [], []
+    torch.manual_seed(5)
+    for turn in range(4):
+        if turn == 3:  # a base weight replaced by another tensor: the kept graph is stale
+            weight = fast.causal_lm(model).get_decoder().layers[0].mlp.down_proj.base_layer.weight
+            weight.data = weight.data.clone()
+        fresh, kept = run(False), run(True)
+        assert kept["generations"] == fresh["generations"]
+        assert kept["eval_loss"] == pytest.approx(fresh["eval_loss"], rel=1e-6)
+        assert kept["tokens_generated"] == fresh["tokens_generated"] > 0
+        decoded.append(fresh["rows_generated"])
+        (entry,) = static_decode._kept[model].values()
+        kept_steps.append(entry.steps)
+        if device == "cuda":
+            assert entry.steps.graph is not None
+        with torch.no_grad():  # the adapter moves in place, as an optimizer step moves it
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.add_(torch.randn_like(p) * 0.2)
+    assert kept_steps[0] is kept_steps[1] is kept_steps[2]  # captured once, then replayed
+    assert kept_steps[3] is not kept_steps[2]
+    assert decoded[0] < 4 and max(decoded) == 4  # the kept steps first ran with rows left out

@@ -75,11 +75,20 @@ def test_merged_eval_gives_the_unmerged_results_and_restores_the_base_exactly(
     assert merged["eval_loss"] == pytest.approx(plain["eval_loss"], rel=1e-5)
 
 
-def test_not_merged_off_its_devices_nor_for_dora(tiny_model, small_data, monkeypatch):
+def test_not_merged_off_its_devices_short_of_memory_nor_for_dora(
+    tiny_model, small_data, monkeypatch
+):
     model = _model(tiny_model)
-    with lora.merged_for_eval(model):  # default devices: CUDA only
-        assert _merged_layers(model) == 0
+    with lora.merged_for_eval(model) as merged:  # default devices: CUDA and CPU
+        assert merged and _merged_layers(model) == 2 * 7
+    monkeypatch.setattr(lora, "MERGE_FOR_EVAL_DEVICES", {"cuda"})
+    with lora.merged_for_eval(model) as merged:
+        assert not merged and _merged_layers(model) == 0
     monkeypatch.setattr(lora, "MERGE_FOR_EVAL_DEVICES", {"cpu"})
+    monkeypatch.setattr(lora, "_free_bytes", lambda device: 0)
+    with lora.merged_for_eval(model) as merged:  # no room for the copy of the weights
+        assert not merged and _merged_layers(model) == 0
+    monkeypatch.undo()
     dora = _model(tiny_model, use_dora=True)
     before = _base_weights(dora)
     with lora.merged_for_eval(dora):
@@ -96,8 +105,9 @@ def test_trials_with_merged_eval_train_exactly_as_without(trial_config, monkeypa
         run_trial(cfg, lambda m, d: out.append(m))
         return out
 
+    monkeypatch.setattr(lora, "MERGE_FOR_EVAL_DEVICES", set())
     plain = reports()
-    monkeypatch.setattr(lora, "MERGE_FOR_EVAL_DEVICES", {"cpu"})
+    monkeypatch.setattr(lora, "MERGE_FOR_EVAL_DEVICES", {"cpu"})  # the default
     merged = reports()
     assert [r["train_loss_steps"] for r in merged] == [r["train_loss_steps"] for r in plain]
     assert [r["score"] for r in merged] == [r["score"] for r in plain]

@@ -180,11 +180,18 @@ def _rows(tokenizer, examples, max_seq_len: int) -> list[_Row]:
     return rows
 
 
-def _teacher_forced(model, tokenizer, rows: list[_Row], keep_cache, static_room=None):
+def _static_length(rows: list[_Row], room: int) -> int:
+    """Positions of a ``StaticKV`` for ``rows``: the teacher-forced pass's, and ``room`` beyond
+    the longest prompt."""
+    width = max(len(r.prompt) + len(r.answer) for r in rows)
+    return max(width, max(len(r.prompt) for r in rows) + room)
+
+
+def _teacher_forced(model, tokenizer, rows: list[_Row], keep_cache, static_room=None, kv=None):
     """One right-padded forward pass over prompt + reference answer of ``rows``, which gives
     their loss and picks, and the pass's KV cache (None unless ``keep_cache``). With
     ``static_room`` the cache is a ``StaticKV`` with that many positions beyond the longest
-    prompt (at least the pass's)."""
+    prompt (at least the pass's): ``kv`` when given (a kept one of that length), else a new one."""
     import torch
     import torch.nn.functional as F
 
@@ -203,8 +210,7 @@ def _teacher_forced(model, tokenizer, rows: list[_Row], keep_cache, static_room=
         pos[j, : len(r.answer)] = torch.arange(len(r.prompt) - 1, n - 1)
     cache, positions = None, None
     if static_room is not None:
-        longest = max(len(r.prompt) for r in rows) + static_room
-        cache = static_decode.StaticKV(max(width, longest))
+        cache = kv or static_decode.StaticKV(_static_length(rows, static_room))
         positions = torch.arange(width).expand(len(rows), -1).to(device)
     with torch.no_grad():
         out, cache = _picked(
@@ -241,16 +247,27 @@ def evaluate(
     max_new_tokens: int,
     batch_size: int,
     chunk_tokens: int | None = None,
+    *,
+    keep_graphs: bool = False,
 ) -> dict:
     """``{"eval_loss", "generations", "rows_generated", "tokens_generated", "decode_steps"}``:
     the mean answer cross-entropy and the greedy generations of every example (see the module's
     notes), with how many rows were decoded, how many tokens and in how many forward steps.
     Rows go ``batch_size`` at a time, or up to ``MAX_CHUNK_ROWS`` where decoding goes on from
     the teacher-forced cache and ``chunk_tokens`` (rows x their prompt, answer and decoding room)
-    allows."""
+    allows. ``keep_graphs``: on the static route, keep each batch's cache and captured decoding
+    steps for the next eval of this model (``static_decode.keep``); only where the forward reads
+    no adapter weights (merged, or none) and no compiled layers run in between."""
     with _without_cudnn_attention(model):
         return _evaluate(
-            model, tokenizer, examples, max_seq_len, max_new_tokens, batch_size, chunk_tokens
+            model,
+            tokenizer,
+            examples,
+            max_seq_len,
+            max_new_tokens,
+            batch_size,
+            chunk_tokens,
+            keep_graphs,
         )
 
 
@@ -277,7 +294,7 @@ def _chunks(rows: list[_Row], batch_size: int, chunk_tokens: int | None, room: i
 
 
 def _evaluate(
-    model, tokenizer, examples, max_seq_len, max_new_tokens, batch_size, chunk_tokens
+    model, tokenizer, examples, max_seq_len, max_new_tokens, batch_size, chunk_tokens, keep_graphs
 ) -> dict:
     model.eval()
     forced = _rows(tokenizer, examples, max_seq_len)
@@ -293,9 +310,14 @@ def _evaluate(
     most = DRAFT_TOKENS.get(device.type, DRAFT_TOKENS["cpu"])
     decoding = max_new_tokens + 1 + most if reuse else None  # positions a row may still take
     room = decoding if device.type in STATIC_DEVICES else None  # on the static route
+    keep = keep_graphs and room is not None
     rows_generated, tokens_generated, steps = 0, 0, 0
     for rows in _chunks(forced, batch_size, chunk_tokens, decoding):
-        cache, width = _teacher_forced(model, tokenizer, rows, reuse, room)
+        shape = (len(rows), _static_length(rows, room), 1 + most) if keep else None
+        kept = static_decode.kept(model, *shape) if keep else None
+        cache, width = _teacher_forced(
+            model, tokenizer, rows, reuse, room, kept.steps.kv if kept else None
+        )
         pending = []  # (row, answer tokens greedy decoding reproduces) of rows still to decode
         for j, r in enumerate(rows):
             answer = r.answer[:max_new_tokens]
@@ -307,17 +329,23 @@ def _evaluate(
             continue
         todo = [rows[j] for j, _ in pending]
         if reuse:
-            kept = [len(rows[j].prompt) + first for j, first in pending]
+            kept_len = [len(rows[j].prompt) + first for j, first in pending]
             index = [j for j, _ in pending]
-            if room is not None:
+            if keep:  # every row of the batch steps (one shape for the kept graph)
+                rows_n, _, width_n = shape
+                found = kept.steps if kept else static_decode.Steps(model, cache, rows_n, width_n)
+                stepper = _StaticSteps(found, index, own=False)
+            elif room is not None:
                 cache.select(index)
-                stepper = _StaticSteps(model, cache, len(todo), 1 + most)
+                stepper = _StaticSteps(static_decode.Steps(model, cache, len(todo), 1 + most))
             else:
-                stepper = _CacheSteps(model, cache, width, index, kept)
+                stepper = _CacheSteps(model, cache, width, index, kept_len)
             try:
-                tokens, n_steps = _continue(stepper, todo, kept, max_new_tokens, eos, most)
+                tokens, n_steps = _continue(stepper, todo, kept_len, max_new_tokens, eos, most)
             finally:
                 stepper.close()
+            if keep and kept is None and not static_decode.keep(model, *shape, stepper.steps):
+                stepper.steps.close()
         else:
             tokens, n_steps = _generate_onwards(todo, model, tokenizer, max_new_tokens)
         rows_generated += len(pending)
@@ -460,31 +488,37 @@ class _CacheSteps:
 
 
 class _StaticSteps:
-    """Decoding steps of one fixed shape on a ``StaticKV`` (every row, ``width`` tokens each),
-    replayed as a CUDA graph on a GPU (``workers/static_decode.py``)."""
+    """Decoding steps of one fixed shape on a ``StaticKV`` (every row of ``steps``, ``width``
+    tokens each), replayed as a CUDA graph on a GPU (``workers/static_decode.py``). The rows
+    decoded are the cache's rows ``rows_at`` (all of them by default); the others (rows not
+    decoded, finished rows) are fed what they were fed last, and only ever write their own row
+    of the cache. ``own=False``: the steps belong to the caller (kept for the next eval)."""
 
-    def __init__(self, model, kv, rows: int, width: int) -> None:
+    def __init__(self, steps, rows_at: list[int] | None = None, own: bool = True) -> None:
         import torch
 
-        self.fixed = width
-        self.steps = static_decode.Steps(model, kv, rows, width)
-        self.ids = torch.zeros((rows, width), dtype=torch.long)
+        self.steps, self.own = steps, own
+        rows, self.fixed = steps.ids.shape
+        self.rows_at = list(range(rows)) if rows_at is None else rows_at
+        self.ids = torch.zeros((rows, self.fixed), dtype=torch.long)
         self.pos = torch.zeros_like(self.ids)  # finished rows keep their last positions
 
     def width(self, needed: int) -> int:
         return self.fixed
 
     def __call__(self, live, ids, fed, pos) -> list[list[int]]:
-        self.ids[live] = ids
-        self.pos[live] = pos
+        at = [self.rows_at[j] for j in live]
+        self.ids[at] = ids
+        self.pos[at] = pos
         picks = self.steps(self.ids, self.pos)
-        return [picks[j] for j in live]
+        return [picks[j] for j in at]
 
     def keep(self, kept, still: list[int]) -> None:
         pass  # the next step overwrites rejected positions
 
     def close(self) -> None:
-        self.steps.close()
+        if self.own:
+            self.steps.close()
 
 
 def _result(forced: list[_Row], generations, rows_generated, tokens_generated, steps) -> dict:

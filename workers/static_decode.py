@@ -24,13 +24,20 @@ device; tests check the tokens against ``generate`` on CPU, and on CUDA with the
 
 from __future__ import annotations
 
+import weakref
+from dataclasses import dataclass
+
 # steps run eagerly before the one that also captures the graph. 0: the first step runs eagerly
 # (the capture's warm-up) and is captured; the H100 eval profile (seventh session) showed the extra
 # eager step cost 0.05-0.15 s of a ~0.4 s eval, with the same generations
 EAGER_STEPS = 0
-# A graph lives for one decoding run only. Keeping it for a trial's next eval was tried: after the
-# training steps in between (compiled layers recording their own CUDA graphs) its replay hit an
-# illegal memory access on the H100, so every decoding run captures anew.
+# A graph may outlive its decoding run (``keep``): the next eval of the same model and shape, in
+# this trial or the worker's next one, replays it without capturing again. Callers keep graphs
+# only where the forward reads nothing but weights updated in place (an adapter merged into the
+# base, or full fine-tuning) and no compiled layers record CUDA graphs of their own in between:
+# with ``trial.compile`` a kept graph's replay after compiled training steps hit an illegal memory
+# access on the H100 (fifth session).
+KEEP_MEMORY_FRACTION = 0.05  # most of the GPU's memory a kept cache may hold between evals
 
 
 class StaticKV:
@@ -155,3 +162,54 @@ class Steps:
         """Free the graph's memory pool and the cache."""
         self.graph = self.picks = None
         self.kv.keys, self.kv.values = [], []
+
+
+@dataclass
+class Kept:
+    """A decoding run's captured steps (with their cache), kept for the next eval of the same
+    shape."""
+
+    steps: Steps
+    fingerprint: tuple
+
+
+# per model (weakly: a dropped model drops its graphs): {(rows, length, width): Kept}
+_kept: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def fingerprint(model) -> tuple:
+    """Addresses of the tensors a merged (or adapter-free) forward reads: a kept graph replays
+    against these, so any that moved makes it stale. Adapter weights are left out: merged, the
+    forward does not read them."""
+    named = [*model.named_parameters(), *model.named_buffers()]
+    return tuple(t.data_ptr() for name, t in named if "lora_" not in name)
+
+
+def kept(model, rows: int, length: int, width: int) -> Kept | None:
+    """The kept decoding state of ``model`` for this shape, if it is still valid (stale state is
+    freed)."""
+    entries = _kept.get(model)
+    entry = entries.get((rows, length, width)) if entries else None
+    if entry is None:
+        return None
+    if entry.fingerprint != fingerprint(model):
+        entry.steps.close()
+        del entries[(rows, length, width)]
+        return None
+    return entry
+
+
+def keep(model, rows: int, length: int, width: int, steps: Steps) -> bool:
+    """Keep ``steps`` (its graph and cache) for the next eval of ``model`` at this shape, unless
+    its cache would hold more than ``KEEP_MEMORY_FRACTION`` of the GPU between evals."""
+    import torch
+
+    kv = steps.kv
+    held = sum(t.numel() * t.element_size() for t in kv.keys + kv.values)
+    device = kv.keys[0].device
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+        if held > KEEP_MEMORY_FRACTION * total:
+            return False
+    _kept.setdefault(model, {})[(rows, length, width)] = Kept(steps, fingerprint(model))
+    return True

@@ -237,7 +237,9 @@ def _gpu_memory(device: str, static_gib: float | None) -> dict:
 def _eval_and_save(model, tokenizer, val, cfg: TrialConfig, clock: _Clock, out_dir: Path) -> dict:
     t = time.monotonic()
     eager = fast.eager() if _graphs(cfg, model) else contextlib.nullcontext()
-    with eager, lora.merged_for_eval(model):
+    with eager, lora.merged_for_eval(model) as merged:
+        # decoding graphs outlive the eval where the forward reads only weights updated in place
+        adapter_free = merged or not hasattr(model, "peft_config")
         result = evaluate.evaluate(
             model,
             tokenizer,
@@ -248,6 +250,7 @@ def _eval_and_save(model, tokenizer, val, cfg: TrialConfig, clock: _Clock, out_d
             evaluate.token_allowance(
                 cfg.micro_batch or cfg.batch_size, cfg.max_seq_len, cfg.gradient_checkpointing
             ),
+            keep_graphs=adapter_free and not _graphs(cfg, model),
         )
     clock.phases_s["eval"] += time.monotonic() - t
     t = time.monotonic()
