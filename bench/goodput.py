@@ -83,7 +83,17 @@ def main() -> None:
         help="--no-ray trials shaped as a spec's defaults: 30 steps of batch 8 (max_seq_len 256), "
         "an eval every 10 steps of 24 rows x 96 new tokens",
     )
+    ap.add_argument(
+        "--keep-graphs",
+        choices=("on", "off"),
+        default="on",
+        help="--no-ray on CUDA, off: every eval captures its decoding graph anew (as before)",
+    )
     args = ap.parse_args()
+    if args.keep_graphs == "off":
+        from workers import static_decode
+
+        static_decode.KEEP_MEMORY_FRACTION = 0.0  # nothing fits: never kept
     if args.no_ray:
         shape = DEFAULT_TRIAL if args.trial_defaults else {**SHORT_TRIAL, "max_steps": args.steps}
         totals, billed, n = in_process(args.trials, args.device, shape)
