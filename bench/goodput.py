@@ -1,11 +1,12 @@
 """Goodput of a real sweep: the share of billed seconds spent in optimizer steps.
 
-    .venv/bin/python bench/goodput.py --out bench/results/goodput.json      # CPU, ~10 min
+    .venv/bin/python bench/goodput.py --out bench/results/goodput.json      # CPU, ~20 min
 
 Runs ``lorasweep`` itself (local Ray, sqlite MLflow and Optuna, the budget ledger) on the embedded
-model and demo task: 16 short LoRA trials, 2 at a time, 1 core each.
+model and demo task: 16 short LoRA trials (30 steps of batch 4, the spec's default length,
+evaluated once at the end), 2 at a time, 1 core each.
 
-    python3 bench/goodput.py --no-ray --device cuda --out goodput_gpu.json    # GPU machine
+    python3 bench/goodput.py --no-ray --device cuda --steps 60 --out goodput_gpu.json  # GPU
     python3 bench/goodput.py --no-ray --device cuda --trial-defaults --out goodput_gpu_defaults.json
 
 runs the same number of trials one after another in one process with the worker's own loop (no
@@ -36,7 +37,7 @@ PHASES = ("load", "data", "step", "eval", "checkpoint", "report", "idle")
 
 
 SHORT_TRIAL = {
-    "max_steps": 12,
+    "max_steps": 30,
     "eval_every": None,  # once, at the end
     "batch_size": 4,
     "max_seq_len": 192,
@@ -75,7 +76,10 @@ def main() -> None:
     ap.add_argument("--no-ray", action="store_true")
     ap.add_argument("--device", default="cpu")
     ap.add_argument(
-        "--steps", type=int, default=12, help="optimizer steps per trial, evaluated once at the end"
+        "--steps",
+        type=int,
+        default=SHORT_TRIAL["max_steps"],
+        help="optimizer steps per trial, evaluated once at the end",
     )
     ap.add_argument(
         "--trial-defaults",
