@@ -37,7 +37,8 @@ EAGER_STEPS = 0
 # base, or full fine-tuning) and no compiled layers record CUDA graphs of their own in between:
 # with ``trial.compile`` a kept graph's replay after compiled training steps hit an illegal memory
 # access on the H100 (fifth session).
-KEEP_MEMORY_FRACTION = 0.05  # most of the GPU's memory a kept cache may hold between evals
+KEEP_MEMORY_FRACTION = 0.02  # most of the GPU's memory a kept cache may hold between evals (the
+# memory check keeps 10% of it free for what its estimate leaves out: this takes a fifth at most)
 
 
 class StaticKV:
