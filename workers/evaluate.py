@@ -187,11 +187,10 @@ def _static_length(rows: list[_Row], room: int) -> int:
     return max(width, max(len(r.prompt) for r in rows) + room)
 
 
-def _teacher_forced(model, tokenizer, rows: list[_Row], keep_cache, static_room=None, kv=None):
+def _teacher_forced(model, tokenizer, rows: list[_Row], keep_cache, static_kv=None):
     """One right-padded forward pass over prompt + reference answer of ``rows``, which gives
-    their loss and picks, and the pass's KV cache (None unless ``keep_cache``). With
-    ``static_room`` the cache is a ``StaticKV`` with that many positions beyond the longest
-    prompt (at least the pass's): ``kv`` when given (a kept one of that length), else a new one."""
+    their loss and picks, and the pass's KV cache (None unless ``keep_cache``): ``static_kv``
+    when given (a ``StaticKV`` of at least the pass's positions), else transformers' own."""
     import torch
     import torch.nn.functional as F
 
@@ -208,9 +207,8 @@ def _teacher_forced(model, tokenizer, rows: list[_Row], keep_cache, static_room=
         ids[j, :n] = torch.tensor(r.prompt + r.answer)
         mask[j, :n] = 1
         pos[j, : len(r.answer)] = torch.arange(len(r.prompt) - 1, n - 1)
-    cache, positions = None, None
-    if static_room is not None:
-        cache = kv or static_decode.StaticKV(_static_length(rows, static_room))
+    cache, positions = static_kv, None
+    if static_kv is not None:
         positions = torch.arange(width).expand(len(rows), -1).to(device)
     with torch.no_grad():
         out, cache = _picked(
@@ -313,11 +311,11 @@ def _evaluate(
     keep = keep_graphs and room is not None
     rows_generated, tokens_generated, steps = 0, 0, 0
     for rows in _chunks(forced, batch_size, chunk_tokens, decoding):
-        shape = (len(rows), _static_length(rows, room), 1 + most) if keep else None
+        length = _static_length(rows, room) if room is not None else None
+        shape = (len(rows), length, 1 + most)  # of the static route's steps
         kept = static_decode.kept(model, *shape) if keep else None
-        cache, width = _teacher_forced(
-            model, tokenizer, rows, reuse, room, kept.steps.kv if kept else None
-        )
+        kv = kept.steps.kv if kept else None if length is None else static_decode.StaticKV(length)
+        cache, width = _teacher_forced(model, tokenizer, rows, reuse, kv)
         pending = []  # (row, answer tokens greedy decoding reproduces) of rows still to decode
         for j, r in enumerate(rows):
             answer = r.answer[:max_new_tokens]
@@ -332,8 +330,9 @@ def _evaluate(
             kept_len = [len(rows[j].prompt) + first for j, first in pending]
             index = [j for j, _ in pending]
             if keep:  # every row of the batch steps (one shape for the kept graph)
-                rows_n, _, width_n = shape
-                found = kept.steps if kept else static_decode.Steps(model, cache, rows_n, width_n)
+                found = (
+                    kept.steps if kept else static_decode.Steps(model, cache, len(rows), 1 + most)
+                )
                 stepper = _StaticSteps(found, index, own=False)
             elif room is not None:
                 cache.select(index)

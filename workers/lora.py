@@ -188,7 +188,6 @@ MERGE_MEMORY_FACTOR = 2.0  # merge only when free memory holds this many copies 
 def _merge_candidates(model) -> list:
     """The layers of the active plain-LoRA adapter whose base weights can be merged into and
     restored exactly (floating-point weights; not DoRA, not 4-bit); empty where not worth it."""
-
     if not hasattr(model, "peft_config") or not hasattr(model, _SET_ATTR):
         return []
     name = getattr(model, _SET_ATTR)
