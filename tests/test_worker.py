@@ -51,3 +51,34 @@ def test_trial_keeps_room_for_its_release_inside_the_ceiling(trial_config):
     last = run_trial(cfg, lambda m, d: None, budget)
     assert last["status"] == "budget_stopped"
     assert last["cost_usd"] + 2.0 * 0.01 <= budget.ceiling_usd
+
+
+def test_trial_refused_at_its_first_step_runs_no_eval_and_no_save(trial_config):
+    """Setup (load, tokenise) took longer than predicted: at $1/s the 10-cent ceiling is gone
+    before the first step. The trial must close at once: no eval, no save, no report (today's
+    code ran a full eval and save after 0 steps and reported $0.50)."""
+    reports = []
+    budget = FixedBudget(ceiling_usd=0.10)
+    cfg = trial_config(price_usd_per_hour=3600.0, prior_step_s=0.01, prior_closing_s=0.01)
+    last = run_trial(cfg, lambda m, d: reports.append(m), budget)
+    assert reports == []
+    assert last["status"] == "budget_stopped" and last["step"] == 0
+    assert last.get("phases_s", {}).get("eval", 0.0) == 0.0
+    assert last.get("phases_s", {}).get("checkpoint", 0.0) == 0.0
+
+
+def test_trial_that_cannot_pay_its_startup_does_not_load(trial_config):
+    """``FixedBudget`` tiny at a high price: the predicted startup alone passes the ceiling, so
+    the trial returns before loading anything; elapsed x price, by the test's own clock, stays
+    under the ceiling."""
+    import time
+
+    reports = []
+    budget = FixedBudget(ceiling_usd=0.10)
+    cfg = trial_config(price_usd_per_hour=3600.0, prior_startup_s=0.5, release_s=0.0)
+    t0 = time.monotonic()
+    last = run_trial(cfg, lambda m, d: reports.append(m), budget)
+    elapsed_s = time.monotonic() - t0
+    assert reports == [] and last["status"] == "budget_stopped" and last["step"] == 0
+    assert elapsed_s * 3600.0 / 3600 <= budget.ceiling_usd
+    assert last["cost_usd"] <= budget.ceiling_usd

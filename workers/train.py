@@ -3,11 +3,17 @@
 Callable without Ray: ``run_trial(cfg, report=print_report)``. Under Ray, the orchestrator passes a
 ``report`` that calls ``tune.report`` and a ``budget`` backed by the sweep's ledger actor.
 
-Billing starts when this function starts (the trial holds its resources) and covers model load,
-training, eval and checkpointing. Budget safety: before each interval, and before every step, the
-trial checks that its spend so far + the next chunk of work + a closing eval and save fit under the
-ceiling the ledger granted it; if not, it asks for more, and when refused it trains on only while
-a step and the closing still fit, then closes (final eval and adapter save) inside the ceiling.
+Billing starts when the trial acquired its resources (``billing_start_monotonic``, on this
+process's monotonic clock; default: when this function starts) and covers model load, training,
+eval and checkpointing. Budget safety: before loading, the trial checks that its predicted
+startup, one step and a closing fit under the ceiling the ledger granted it; before each interval,
+and before every step, that its spend so far + the next chunk of work + a closing eval and save
+fit; if not, it asks for more, and when refused it trains on only while a step and the closing
+still fit, then closes (final eval and adapter save) inside the ceiling. A trial refused before
+its first step closes at once: nothing trained, nothing to evaluate or save. A revoked grant
+(``budget.revoked``, set by the sweep's watchdog) stops the trial before its next step, without
+a closing. What cooperation cannot stop (a hung step, load or eval) the watchdog outside the
+trial stops (``orchestrator/watchdog.py``).
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from workers import evaluate, fast, gpu_start, lora, model_cache, packing
+from workers import evaluate, fast, faults, gpu_start, lora, model_cache, packing
 from workers.data import encode_for_training, pad_batch, read_examples
 from workers.methods import cache_key, setup_model
 from workers.model import load_tokenizer
@@ -83,17 +89,23 @@ class TrialConfig:
     num_threads: int = 1
     prior_step_s: float = 5.0  # time estimates until this trial has measured its own
     prior_closing_s: float = 30.0
+    prior_startup_s: float = 0.0  # predicted load before the first step (checked before loading)
     # billed after the last report until the sweep releases the trial's resources (measured by
     # the sweep); kept inside the ceiling like the closing eval and save
     release_s: float = 2.0
-    billing_start_unix: float | None = None  # when the trial acquired its resources; default now
+    # when the trial acquired its resources, on this process's time.monotonic(); default now
+    billing_start_monotonic: float | None = None
+    # fault injection for tests and bench/fault_injection.py (off by default): "hang@STEP" sleeps
+    # 600 s in that step, "nan@STEP" makes that step's loss NaN (see workers/faults.py)
+    fault: str | None = None
 
     def hyperparameters(self) -> dict:
         return {k: getattr(self, k) for k in HYPERPARAMETERS}
 
 
 class Budget(Protocol):
-    """The ledger's view from a trial: a ceiling it may spend up to, raised on request."""
+    """The ledger's view from a trial: a ceiling it may spend up to, raised on request, and
+    ``revoked`` once the sweep's watchdog withdrew the grant (optional attribute)."""
 
     ceiling_usd: float
 
@@ -113,8 +125,11 @@ class FixedBudget:
 
 @dataclass
 class _Clock:
+    """Billed time of one trial on this process's monotonic clock (never a difference of two
+    hosts' clocks)."""
+
     price_usd_per_hour: float
-    t0_unix: float = field(default_factory=time.time)
+    t0_monotonic: float = field(default_factory=time.monotonic)
     phases_s: dict = field(
         default_factory=lambda: dict.fromkeys(
             ("load", "data", "step", "eval", "checkpoint", "report"), 0.0
@@ -123,7 +138,7 @@ class _Clock:
 
     @property
     def billed_s(self) -> float:
-        return time.time() - self.t0_unix
+        return time.monotonic() - self.t0_monotonic
 
     def cost_usd(self, extra_s: float = 0.0) -> float:
         return self.price_usd_per_hour * (self.billed_s + extra_s) / 3600.0
@@ -285,15 +300,41 @@ def _room_after_closing(
     return _needed_usd(clock, 1, step_s, 2, closing_s, release_s) <= budget.ceiling_usd
 
 
+class NonFiniteLoss(RuntimeError):
+    """A step's loss was NaN or inf: the trial fails (its lr is too high, or the data is bad)."""
+
+
+def _unpaid_metrics(clock: _Clock, status: str) -> dict:
+    """What a trial that trained nothing reports: its bill, no eval, no adapter."""
+    return {
+        "step": 0,
+        "tokens": 0,
+        "status": status,
+        "billed_s": clock.billed_s,
+        "cost_usd": clock.cost_usd(),
+        "phases_s": {k: round(v, 3) for k, v in clock.phases_s.items()},
+    }
+
+
+def _startup_fits(cfg: TrialConfig, clock: _Clock, budget: Budget) -> bool:
+    """Before loading anything: can the predicted startup, one step and a closing be paid?"""
+    need = _needed_usd(clock, 1, cfg.prior_step_s, 1, cfg.prior_closing_s, cfg.release_s)
+    need += clock.price_usd_per_hour * SAFETY * cfg.prior_startup_s / 3600.0
+    return need <= budget.ceiling_usd or budget.request(need)
+
+
 def run_trial(
     cfg: TrialConfig, report: Callable[[dict, Path], None], budget: Budget | None = None
 ) -> dict:
     """Train one adapter; calls ``report(metrics, adapter_dir)`` after every eval and returns the
-    last metrics. ``metrics["status"]`` is ``completed`` or ``budget_stopped``."""
+    last metrics. ``metrics["status"]`` is ``completed`` or ``budget_stopped``; a trial refused
+    before its first step (or before loading) reports nothing and returns step 0."""
     import torch
 
-    clock = _Clock(cfg.price_usd_per_hour, cfg.billing_start_unix or time.time())
+    clock = _Clock(cfg.price_usd_per_hour, cfg.billing_start_monotonic or time.monotonic())
     budget = budget or FixedBudget()
+    if not _startup_fits(cfg, clock, budget):
+        return _unpaid_metrics(clock, "budget_stopped")
     if cfg.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     reuses = model_cache.stats["reuses"]
@@ -303,12 +344,29 @@ def run_trial(
     key = cache_key(cfg) if cfg.reuse_base_model else None
     if key is not None:
         model_cache.hold(key, model)
+    try:
+        return _train(cfg, clock, budget, report, tokenizer, model, optimizer, train, val, reused)
+    finally:
+        del optimizer
+        if key is not None:
+            model_cache.release(key, model)
+        del model
+        if cfg.device == "cuda":
+            torch.cuda.empty_cache()
+        model_cache.return_freed_memory()
+
+
+def _train(cfg, clock, budget, report, tokenizer, model, optimizer, train, val, reused) -> dict:
+    """The training loop of ``run_trial`` once the model is loaded."""
+    import torch
+
     static_gib = torch.cuda.memory_allocated() / 2**30 if cfg.device == "cuda" else None
     model.train()
     batches = _batches(train, cfg.batch_size, cfg.seed)
     step_s, closing_s = cfg.prior_step_s, cfg.prior_closing_s
     tokens, losses, metrics = 0, [], {}
     status = "completed"
+    revoked = False
     step = 0
     while step < cfg.max_steps:
         interval = min(cfg.eval_every - step % cfg.eval_every, cfg.max_steps - step)
@@ -317,13 +375,20 @@ def run_trial(
             budget.request(need)  # if refused, train on while the ceiling allows, then close
         start_step = step
         for _ in range(interval):
-            if _needed_usd(clock, 1, step_s, 1, closing_s, cfg.release_s) > budget.ceiling_usd:
+            revoked = bool(getattr(budget, "revoked", False))
+            if revoked or (
+                _needed_usd(clock, 1, step_s, 1, closing_s, cfg.release_s) > budget.ceiling_usd
+            ):
                 status = "budget_stopped"  # close now, inside the ceiling
                 break
             t = time.monotonic()
             for group in optimizer.param_groups:
                 group["lr"] = _lr_at(step, cfg) * group.get("lr_scale", 1.0)
+            faults.before_step(cfg.fault, step + 1)
             loss, n_tokens = _train_step(model, next(batches), tokenizer.pad_token_id, cfg)
+            loss = faults.loss(cfg.fault, step + 1, loss)
+            if not math.isfinite(loss):
+                raise NonFiniteLoss(f"loss is {loss} at step {step + 1}: the trial failed")
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             losses.append((step + 1, loss))
@@ -332,10 +397,10 @@ def run_trial(
             clock.phases_s["step"] += dt
             step_s = dt if step == 0 else 0.7 * step_s + 0.3 * dt
             step += 1
-        if step == start_step and metrics:
-            # stopped right after an eval (its closing ran long): that report holds the adapter
-            metrics = {**metrics, "status": status}
-            break
+        if revoked or step == start_step:
+            # nothing trained since the last report (or at all): close without an eval; the
+            # last report, if any, holds the adapter
+            return {**metrics, "status": status} if metrics else _unpaid_metrics(clock, status)
         if status != "budget_stopped" and step < cfg.max_steps:
             next_interval = min(cfg.eval_every, cfg.max_steps - step)
             if not _room_after_closing(
@@ -367,21 +432,6 @@ def run_trial(
             clock.phases_s["report"] += time.monotonic() - t
         if status == "budget_stopped":
             break
-    if not metrics:  # refused before the first interval: nothing trained, nothing to save
-        metrics = {
-            "step": 0,
-            "tokens": 0,
-            "status": status,
-            "billed_s": clock.billed_s,
-            "cost_usd": clock.cost_usd(),
-        }
-    del optimizer
-    if key is not None:
-        model_cache.release(key, model)
-    del model
-    if cfg.device == "cuda":
-        torch.cuda.empty_cache()
-    model_cache.return_freed_memory()
     return metrics
 
 
