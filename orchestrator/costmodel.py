@@ -312,7 +312,8 @@ class CostModel:
         """A teacher-forced pass over the eval rows and ``max_new_tokens`` decoding steps."""
         rows = self.eval_batches * self.batch_size
         forward = 2 * self.dims.n_matmul + 4 * self.dims.layers * self.dims.d_model * self.seq_len
-        loss_pass = rows * self.seq_len * forward / self._train_rate(hp.get("method", "lora"))
+        # the same forward for every method (adapters are merged for eval): only the save differs
+        loss_pass = rows * self.seq_len * forward / self._train_rate("lora")
         chunks = math.ceil(rows / max(MAX_DECODE_ROWS, self.batch_size))
         steps = chunks * self.max_new_tokens
         compute = rows * self.max_new_tokens * 2 * self.dims.n_matmul

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from orchestrator.costmodel import CostModel, ModelDims
+from orchestrator.costmodel import CostModel, ModelDims, stored_calibration
 from orchestrator.errors import BudgetError, LorasweepError
 from orchestrator.memory_check import MemoryFit
 from orchestrator.prices import load_catalog, trial_price_usd_per_hour
@@ -139,6 +139,10 @@ def make_plan(spec: SweepSpec) -> Plan:
         seq_len=tokens,
         batch_size=t.batch_size,
         eval_batches=-(-t.eval_examples // t.batch_size),
+        max_new_tokens=t.max_new_tokens,
+        dtype=spec.model.dtype,
+        compile=t.compile,
+        stored=stored_calibration(spec),  # earlier sweeps' measurements price this one
     )
     evals = spec.eval_steps
     if spec.early_stopping.enabled:
