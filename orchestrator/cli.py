@@ -116,6 +116,7 @@ def validate(spec: Annotated[Path, typer.Argument(help="Sweep YAML to check.")])
         f"[green]ok[/] {spec}: model {plan.model_ref}, trial resources "
         f"${plan.price_usd_per_hour:.4f}/h"
     )
+    console.print(_calibration_line(sweep_spec, plan.cost_model))
     extremes = plan.extremes(sweep_spec.search_space)
     for label, hp in zip(("cheapest", "dearest"), extremes, strict=True):
         what = config_label(hp)
@@ -123,6 +124,30 @@ def validate(spec: Annotated[Path, typer.Argument(help="Sweep YAML to check.")])
             f"  {label} trial ({what}): predicted ${plan.admission_usd({}, hp):.5f} to the first "
             f"rung, ${plan.trial_usd({}, hp, sweep_spec.trial.max_steps, steps):.5f} in full"
         )
+        console.print(f"    {_timings_line(plan.cost_model, hp)}")
+
+
+def _calibration_line(spec, cost_model) -> str:
+    """Where the predictions' timings come from: this spec's stored calibration, or priors."""
+    from orchestrator.costmodel import spec_calibration_key
+
+    model, accelerator = spec_calibration_key(spec)
+    if not cost_model.stored:
+        return f"  timings: priors (no stored calibration for {model} on {accelerator})"
+    names = ", ".join(sorted(cost_model.stored))
+    return f"  timings: calibrated for {model} on {accelerator} by earlier sweeps ({names})"
+
+
+def _timings_line(cost_model, hp: dict) -> str:
+    """Each term of a trial's prediction, marked measured (with the name it was stored under)
+    or prior."""
+    parts = []
+    for term, t in cost_model.explain(hp).items():
+        if term == "compile_s" and not t.seconds:
+            continue
+        origin = f"measured {t.source}" if t.measured else "prior"
+        parts.append(f"{term[:-2]} {t.seconds:.3g} s ({origin})")
+    return "; ".join(parts)
 
 
 @app.command()
@@ -136,26 +161,11 @@ def status(
 ) -> None:
     """Sweeps and their spend, or one sweep's spent / reserved / remaining and its trials'
     predicted vs actual cost."""
-    from rich.table import Table
 
     from orchestrator import leaderboard
 
     if sweep is None:
-        table = Table(title="sweeps")
-        for col in ("sweep", "status", "trials", "spent_usd", "budget_usd", "best_score"):
-            table.add_column(col)
-        for run in leaderboard.sweep_runs(tracking_uri):
-            m, p, t = run.data.metrics, run.data.params, run.data.tags
-            best = m.get("best_score")
-            table.add_row(
-                run.info.run_name,
-                t.get("lorasweep.status", "?"),
-                str(int(m.get("trials", 0))) if "trials" in m else "-",
-                f"{m.get('budget_spent_usd', m.get('spent_usd', 0.0)):.5f}",
-                p.get("budget_usd", "-"),
-                "-" if best is None else f"{best:.3f}",
-            )
-        console.print(table)
+        console.print(_sweeps_table(tracking_uri, service_db))
         return
     parent = leaderboard.find_sweep(tracking_uri, sweep)
     rows = leaderboard.trial_rows(tracking_uri, parent)
@@ -189,14 +199,54 @@ def status(
         console.print(_predicted_vs_actual(rows, accounts))
 
 
-def _ledger_status(service_db: str, sweep_id: str):
-    """(totals, accounts by key) from the SQL ledger, or None when it has no such sweep."""
+def _sweeps_table(tracking_uri: str, service_db: str):
+    """All sweeps with the ledger's spend (the one figure every view shows); MLflow's last
+    logged spend, marked, for sweeps the ledger here does not hold."""
+    from rich.table import Table
+
+    from orchestrator import leaderboard
+
+    store = _ledger_store(service_db)
+    in_ledger = set(store.sweep_ids()) if store is not None else set()
+    table = Table(title="sweeps")
+    for col in ("sweep", "status", "trials", "spent_usd", "budget_usd", "best_score"):
+        table.add_column(col)
+    from_mlflow = False
+    for run in leaderboard.sweep_runs(tracking_uri):
+        m, p, t = run.data.metrics, run.data.params, run.data.tags
+        best = m.get("best_score")
+        if run.info.run_name in in_ledger:
+            spent = f"{store.totals(run.info.run_name).spent_usd:.5f}"
+        else:
+            spent = f"{m.get('spent_usd', m.get('budget_spent_usd', 0.0)):.5f}*"
+            from_mlflow = True
+        table.add_row(
+            run.info.run_name,
+            t.get("lorasweep.status", "?"),
+            str(int(m.get("trials", 0))) if "trials" in m else "-",
+            spent,
+            p.get("budget_usd", "-"),
+            "-" if best is None else f"{best:.3f}",
+        )
+    if from_mlflow:
+        table.caption = "* from MLflow: the ledger at --service-db does not hold this sweep"
+    return table
+
+
+def _ledger_store(service_db: str):
+    """The SQL ledger, or None where its sqlite file does not exist (none is created)."""
+    from orchestrator.costmodel import sqlite_file_missing
     from orchestrator.store import Store
 
-    if service_db.startswith("sqlite:///") and not Path(service_db[10:]).is_file():
+    if sqlite_file_missing(service_db):
         return None
-    store = Store(service_db)
-    if sweep_id not in store.sweep_ids():
+    return Store(service_db)
+
+
+def _ledger_status(service_db: str, sweep_id: str):
+    """(totals, accounts by key) from the SQL ledger, or None when it has no such sweep."""
+    store = _ledger_store(service_db)
+    if store is None or sweep_id not in store.sweep_ids():
         return None
     return store.totals(sweep_id), {a.key: a for a in store.accounts(sweep_id)}
 

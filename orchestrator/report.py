@@ -93,9 +93,32 @@ def pareto_front(rows: list[Row]) -> list[Row]:
     return front
 
 
+def spend_rows(
+    summary: dict[str, dict], baseline_usd: float | None, spent_usd: float | None
+) -> list[tuple[str, float]]:
+    """What the sweep spent, line by line: each method's trials, the base-model eval, any other
+    charge of the ledger (the difference to its ``spent_usd``), so the lines add up to the
+    ledger's total."""
+    rows = [(f"{method} trials", m["total_cost_usd"]) for method, m in sorted(summary.items())]
+    if baseline_usd:
+        rows.append(("base-model eval", baseline_usd))
+    if spent_usd is not None:
+        other = spent_usd - sum(usd for _, usd in rows)
+        if abs(other) > 5e-7:  # what the trials' own records and the ledger do not agree on
+            rows.append(("other ledger spend (unsettled or not logged)", other))
+    return rows
+
+
 def render_markdown(
-    summary: dict[str, dict], line: str | None, gate_reason: str, skipped: list[str]
+    summary: dict[str, dict],
+    line: str | None,
+    gate_reason: str,
+    skipped: list[str],
+    baseline_usd: float | None = None,
+    spent_usd: float | None = None,
 ) -> str:
+    """The parent run's report.md. ``baseline_usd`` is the base-model eval's charge and
+    ``spent_usd`` the ledger's total: the spend table adds up to it."""
     lines = [
         "# Method report",
         "",
@@ -106,6 +129,11 @@ def render_markdown(
         best = "-" if m["best_score"] is None else f"{m['best_score']:.3f}"
         cost = "-" if m["best_cost_usd"] is None else f"{m['best_cost_usd']:.5f}"
         lines.append(f"| {method} | {m['trials']} | {best} | {cost} | {m['total_cost_usd']:.5f} |")
+    spend = spend_rows(summary, baseline_usd, spent_usd)
+    total = spent_usd if spent_usd is not None else sum(usd for _, usd in spend)
+    lines += ["", "## Spend", "", "| what | USD |", "|---|---|"]
+    lines += [f"| {what} | {usd:.5f} |" for what, usd in spend]
+    lines.append(f"| **total spent** | **{total:.5f}** |")
     lines += ["", f"Full fine-tuning: {gate_reason}."]
     if line:
         lines += ["", line[0].upper() + line[1:] + "."]
