@@ -6,10 +6,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from orchestrator.costmodel import CostModel, ModelDims, stored_calibration
-from orchestrator.errors import BudgetError, LorasweepError
+from orchestrator.errors import BudgetError, LorasweepError, SpecError
 from orchestrator.memory_check import MemoryFit
 from orchestrator.prices import load_catalog, trial_price_usd_per_hour
 from orchestrator.spec import SearchSpace, SweepSpec
+from orchestrator.storage_check import check_storage
 
 
 @dataclass(frozen=True)
@@ -56,38 +57,120 @@ def data_paths(spec: SweepSpec) -> tuple[Path, Path, Path | None]:
     return spec.data.train, spec.data.validation, spec.data.test
 
 
-def _check_data(spec: SweepSpec, paths: tuple[Path, Path, Path | None]):
+DATA_FIELDS = ("data.train", "data.validation", "data.test")
+
+
+def _check_data(spec: SweepSpec, paths: tuple[Path, Path, Path | None]) -> dict[str, list]:
+    """Every row of every data file, read and checked; by spec field."""
     from workers.data import DataError, read_examples
 
-    out = []
-    for field, path in zip(("data.train", "data.validation", "data.test"), paths, strict=True):
+    out = {}
+    for field, path in zip(DATA_FIELDS, paths, strict=True):
         if path is None:
             continue
         try:
-            out.append(read_examples(path, spec.data.format, field))
+            out[field] = read_examples(path, spec.data.format, field)
         except DataError as exc:
             raise LorasweepError(str(exc)) from None
-    return out[0]
+    return out
 
 
-def _model_dims(model_ref: str) -> ModelDims:
-    """Sizes for the FLOPs count, from the config alone (model built on the meta device)."""
+def _meta_model(model_ref: str):
+    """The model's config and the model built from it on the meta device (no weights)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(model_ref)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
+    return config, model
+
+
+def _model_dims(config, model) -> ModelDims:
+    """Sizes for the FLOPs count, from the config and the meta-device model."""
     return ModelDims.from_config(config, sum(p.numel() for p in model.parameters()))
 
 
-def _tokens_per_example(model_ref: str, examples, max_seq_len: int) -> int:
+def target_sets_of(model) -> list[str]:
+    """The named target-module sets (``workers.lora.TARGET_MODULES``) ``model`` has: a set of
+    module names needs every one of them (as the worker's attach does), ``all_linear`` needs a
+    linear layer other than the output head."""
+    from workers.lora import TARGET_MODULES
+
+    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    linear = any(
+        type(m).__name__ in ("Linear", "Conv1D") and m is not model.get_output_embeddings()
+        for m in model.modules()
+    )
+    return [
+        key
+        for key, targets in TARGET_MODULES.items()
+        if (linear if isinstance(targets, str) else set(targets) <= names)
+    ]
+
+
+def available_target_sets(model_ref: str) -> list[str]:
+    """The target-module sets the model at ``model_ref`` has (built on the meta device)."""
+    return target_sets_of(_meta_model(model_ref)[1])
+
+
+def _check_target_modules(spec: SweepSpec, model) -> None:
+    """Refuse a search space that can propose a target set the model lacks, so TPE never
+    proposes one; the preset's defaults included (the fix names the sets to keep)."""
+    space = spec.search_space
+    if not [m for m in space.method.candidates() if m != "full"]:
+        return  # full fine-tuning only: no adapter, no targets
+    have = target_sets_of(model)
+    missing = [t for t in space.target_modules.candidates() if t not in have]
+    if not missing:
+        return
+    keep = [t for t in space.target_modules.candidates() if t in have] or have
+    raise SpecError(
+        "search_space.target_modules",
+        f"this model has no modules for {missing} (from your spec or its preset); the sets it "
+        f"has are {have}. Set search_space.target_modules: {{choices: {keep}}}",
+    )
+
+
+def _check_room(spec: SweepSpec, model_ref: str, paths, rows: dict[str, list]) -> int:
+    """Every training row, and every validation row scored, fits ``trial.max_seq_len`` (or is
+    left-truncated, ``data.truncation: left``); returns the tokens per example the cost model
+    uses (the longest of the first 64 training rows: padding makes a batch as long as its
+    longest row)."""
+    from workers.data import DataError, check_room
+    from workers.model import load_tokenizer
+
+    tokenizer = load_tokenizer(model_ref)
+    t, truncation = spec.trial, spec.data.truncation
+    try:
+        lengths = check_room(
+            tokenizer, rows["data.train"], "data.train", paths[0], t.max_seq_len, truncation
+        )
+        scored = rows["data.validation"][: t.eval_examples]
+        check_room(
+            tokenizer,
+            scored,
+            "data.validation",
+            paths[1],
+            t.max_seq_len,
+            truncation,
+            new_tokens=t.max_new_tokens,
+        )
+    except DataError as exc:
+        raise LorasweepError(str(exc)) from None
+    return max(lengths[:64])
+
+
+def _tokens_per_example(
+    model_ref: str, examples, max_seq_len: int, truncation: str = "refuse"
+) -> int:
+    """The longest of the first 64 examples as training encodes them (for the cost model)."""
     from workers.data import encode_for_training
     from workers.model import load_tokenizer
 
     tokenizer = load_tokenizer(model_ref)
     sample = examples[:64]
-    lengths = [len(encode_for_training(tokenizer, ex, max_seq_len)[0]) for ex in sample]
+    lengths = [len(encode_for_training(tokenizer, ex, max_seq_len, truncation)[0]) for ex in sample]
     return max(lengths)  # padding makes every row as long as the longest
 
 
@@ -118,24 +201,27 @@ def make_plan(spec: SweepSpec) -> Plan:
     """Validate everything a sweep needs and predict costs; raises before any spend."""
     from workers.model import ModelNotFound, check_loadable
 
+    check_storage(spec)
     paths = data_paths(spec)
-    train = _check_data(spec, paths)
+    rows = _check_data(spec, paths)
     try:
         model_ref = check_loadable(spec.model.name_or_path)
     except ModelNotFound as exc:
         raise LorasweepError(str(exc)) from None
+    config, meta_model = _meta_model(model_ref)
+    _check_target_modules(spec, meta_model)
     catalog = load_catalog(spec.prices.catalog, spec.prices.overrides, spec.prices.market)
     res = spec.resources
     price = trial_price_usd_per_hour(
         catalog, res.accelerator, res.gpus_per_trial, res.cpus_per_trial
     )
     t = spec.trial
-    tokens = _tokens_per_example(model_ref, train, t.max_seq_len)
+    tokens = _check_room(spec, model_ref, paths, rows)
     cost_model = CostModel(
         price_usd_per_hour=price,
         accelerator=res.accelerator,
         units=res.cpus_per_trial if res.accelerator == "cpu" else res.gpus_per_trial,
-        dims=_model_dims(model_ref),
+        dims=_model_dims(config, meta_model),
         seq_len=tokens,
         batch_size=t.batch_size,
         eval_batches=-(-t.eval_examples // t.batch_size),

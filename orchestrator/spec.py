@@ -1,17 +1,29 @@
 """The sweep spec: one YAML file, validated by these pydantic models.
 
-Every model forbids unknown keys, so a typo fails loudly with the key's dotted path. Relative
-paths inside a spec are resolved against the spec file's folder.
+Every model forbids unknown keys, so a typo fails loudly with the key's dotted path. Numbers
+must be finite (no YAML ``.nan`` / ``.inf``) and are never booleans (YAML reads ``yes``/``no``/
+``on``/``off`` as true/false, which pydantic would otherwise take for 1 and 0). A key given twice
+in the YAML is refused, naming its path. Relative paths inside a spec are resolved against the
+spec file's folder.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from orchestrator.errors import SpecError
 from workers.train import HYPERPARAMETERS  # noqa: F401 - re-exported for the control plane
@@ -21,10 +33,30 @@ TARGET_MODULE_SETS = ("qv", "attn", "mlp", "attn_mlp", "all_linear")
 METHODS = ("lora", "qlora", "full")
 PRESETS_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
 EXAMPLE_SPEC = Path(__file__).resolve().parent.parent / "examples" / "demo.yaml"
+NAME_MAX_CHARS = 64  # a sweep's name goes into folder names, MLflow experiments and SQL rows
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*", re.ASCII)
+URL_FIELDS = ("mlflow_tracking_uri", "optuna_storage", "service_db", "ray_address")
+NOT_A_BOOL = "not true/false (YAML reads yes/no/on/off as booleans)"
+
+
+def _no_bool(v: Any) -> Any:
+    """Refuse a boolean where a number goes (pydantic's lax mode would read true as 1)."""
+    if isinstance(v, bool):
+        raise ValueError(f"must be a number, {NOT_A_BOOL}")
+    return v
+
+
+Num = Annotated[float, BeforeValidator(_no_bool)]  # finite: the models set allow_inf_nan=False
+Int = Annotated[int, BeforeValidator(_no_bool)]
+
+
+def _is_number(v: Any) -> bool:
+    """A finite int or float, not a bool."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class Dim(_Strict):
@@ -33,8 +65,8 @@ class Dim(_Strict):
 
     value: Any = None
     choices: list[Any] | None = None
-    low: float | None = None
-    high: float | None = None
+    low: Num | None = None
+    high: Num | None = None
     log: bool = False
 
     @model_validator(mode="before")
@@ -58,6 +90,8 @@ class Dim(_Strict):
                 raise ValueError("a range needs both `low` and `high` with low < high")
             if self.log and self.low <= 0:
                 raise ValueError("a log range needs low > 0")
+        if any(isinstance(v, float) and not math.isfinite(v) for v in self.candidates()):
+            raise ValueError("every value must be a finite number (not .nan or .inf)")
         return self
 
     def candidates(self) -> list[Any]:
@@ -76,6 +110,13 @@ def config_label(hp: dict) -> str:
     return f"{hp.get('method', 'lora')} r{hp.get('rank')} {hp.get('target_modules')}"
 
 
+def _positive_values(dim: Dim) -> Dim:
+    """``dim`` if every value it can take is a finite number > 0."""
+    if any(not _is_number(v) or v <= 0 for v in dim.candidates()):
+        raise ValueError(f"every value must be a number > 0, {NOT_A_BOOL}")
+    return dim
+
+
 class SearchSpace(_Strict):
     """What Optuna searches. Start from a ``preset`` (a file in ``search_spaces/``); keys given
     here override the preset's."""
@@ -92,7 +133,7 @@ class SearchSpace(_Strict):
     )
     use_dora: Dim = Field(Dim(value=False), description="weight-decomposed LoRA (slower steps)")
     loraplus_lr_ratio: Dim = Field(Dim(value=0), description="LoRA+: B-matrix lr ratio; 0 = off")
-    full_lr_scale: float = Field(
+    full_lr_scale: Num = Field(
         0.1,
         gt=0,
         le=1,
@@ -112,33 +153,56 @@ class SearchSpace(_Strict):
             if getattr(self, name).value is not None
         }
 
-    @model_validator(mode="after")
-    def _check_values(self) -> SearchSpace:
-        bad = [m for m in self.method.candidates() if m not in METHODS]
+    @field_validator("method")
+    @classmethod
+    def _known_methods(cls, dim: Dim) -> Dim:
+        bad = [m for m in dim.candidates() if m not in METHODS]
         if bad:
-            raise ValueError(f"method: unknown {bad}; use {list(METHODS)}")
-        for name in ("use_rslora", "use_dora"):
-            if any(not isinstance(v, bool) for v in getattr(self, name).candidates()):
-                raise ValueError(f"{name}: values must be true or false")
-        if any(
-            not isinstance(v, (int, float)) or v < 0 for v in self.loraplus_lr_ratio.candidates()
-        ):
-            raise ValueError("loraplus_lr_ratio: values must be >= 0 (0 = off; 16 is typical)")
-        for name in ("learning_rate", "alpha"):
-            if any(
-                not isinstance(v, (int, float)) or v <= 0 for v in getattr(self, name).candidates()
-            ):
-                raise ValueError(f"{name}: every value must be a number > 0")
-        if any(not isinstance(v, int) or v < 1 for v in self.rank.candidates()):
-            raise ValueError("rank: every value must be an integer >= 1 (e.g. choices: [8, 16])")
-        if any(
-            not isinstance(v, (int, float)) or not 0 <= v < 1 for v in self.dropout.candidates()
-        ):
-            raise ValueError("dropout: every value must be in [0, 1)")
-        bad = [v for v in self.target_modules.candidates() if v not in TARGET_MODULE_SETS]
+            raise ValueError(f"unknown {bad}; use {list(METHODS)}")
+        return dim
+
+    @field_validator("use_rslora", "use_dora")
+    @classmethod
+    def _booleans(cls, dim: Dim) -> Dim:
+        if any(not isinstance(v, bool) for v in dim.candidates()):
+            raise ValueError("values must be true or false")
+        return dim
+
+    @field_validator("loraplus_lr_ratio")
+    @classmethod
+    def _ratio(cls, dim: Dim) -> Dim:
+        if any(not _is_number(v) or v < 0 for v in dim.candidates()):
+            raise ValueError(f"values must be numbers >= 0 (0 = off; 16 is typical), {NOT_A_BOOL}")
+        return dim
+
+    @field_validator("learning_rate", "alpha")
+    @classmethod
+    def _positive(cls, dim: Dim) -> Dim:
+        return _positive_values(dim)
+
+    @field_validator("rank")
+    @classmethod
+    def _rank(cls, dim: Dim) -> Dim:
+        if any(not _is_number(v) or not isinstance(v, int) or v < 1 for v in dim.candidates()):
+            raise ValueError(
+                f"every value must be an integer >= 1 (e.g. choices: [8, 16]), {NOT_A_BOOL}"
+            )
+        return dim
+
+    @field_validator("dropout")
+    @classmethod
+    def _dropout(cls, dim: Dim) -> Dim:
+        if any(not _is_number(v) or not 0 <= v < 1 for v in dim.candidates()):
+            raise ValueError(f"every value must be in [0, 1), {NOT_A_BOOL}")
+        return dim
+
+    @field_validator("target_modules")
+    @classmethod
+    def _known_sets(cls, dim: Dim) -> Dim:
+        bad = [v for v in dim.candidates() if v not in TARGET_MODULE_SETS]
         if bad:
-            raise ValueError(f"target_modules: unknown set {bad}; use {list(TARGET_MODULE_SETS)}")
-        return self
+            raise ValueError(f"unknown set {bad}; use {list(TARGET_MODULE_SETS)}")
+        return dim
 
 
 class FullSpec(_Strict):
@@ -146,16 +210,21 @@ class FullSpec(_Strict):
     base eval -> LoRA sweep -> full FT only if the gate calls for it and its predicted cost fits
     the remaining budget."""
 
-    max_runs: int = Field(0, ge=0, description="0: never run full FT")
+    max_runs: Int = Field(0, ge=0, description="0: never run full FT")
     gate: Literal["below_target", "always"] = Field(
         "below_target",
         description="below_target: only if the best LoRA score < target_score; "
         "always: compare LoRA with full FT on your data",
     )
-    target_score: float | None = Field(None, description="the score LoRA must reach")
+    target_score: Num | None = Field(None, description="the score LoRA must reach")
     learning_rate: Dim = Field(
         Dim(low=1e-5, high=1e-3, log=True), description="full-FT lr, ~10x below LoRA's"
     )
+
+    @field_validator("learning_rate")
+    @classmethod
+    def _positive(cls, dim: Dim) -> Dim:
+        return _positive_values(dim)
 
     @model_validator(mode="after")
     def _target_given(self) -> FullSpec:
@@ -183,6 +252,12 @@ class DataSpec(_Strict):
     validation: Path | None = None
     test: Path | None = None
     format: Literal["chat", "instruction"] = "chat"
+    truncation: Literal["refuse", "left"] = Field(
+        "refuse",
+        description="a row longer than trial.max_seq_len (prompt + answer; for validation rows "
+        "prompt + trial.max_new_tokens): refuse names it before anything is spent; left drops "
+        "the prompt's oldest tokens so the answer fits",
+    )
 
     @model_validator(mode="after")
     def _files_given(self) -> DataSpec:
@@ -198,14 +273,16 @@ class DataSpec(_Strict):
 class TrialSpec(_Strict):
     """Limits of one trial."""
 
-    max_steps: int = Field(30, ge=1, description="optimizer steps per trial")
-    eval_every: int = Field(10, ge=1, description="steps between evals (and budget checks)")
-    batch_size: int = Field(8, ge=1, description="examples per step; small-medium suits LoRA")
-    max_seq_len: int = Field(256, ge=16, description="longer examples are truncated")
-    eval_examples: int = Field(24, ge=1, description="validation rows scored by generation")
-    max_new_tokens: int = Field(96, ge=1, description="generation length when scoring")
-    warmup_fraction: float = Field(0.1, ge=0, lt=1)
-    seed: int = 0
+    max_steps: Int = Field(30, ge=1, description="optimizer steps per trial")
+    eval_every: Int = Field(10, ge=1, description="steps between evals (and budget checks)")
+    batch_size: Int = Field(8, ge=1, description="examples per step; small-medium suits LoRA")
+    max_seq_len: Int = Field(
+        256, ge=16, description="tokens of a row; longer rows: see data.truncation"
+    )
+    eval_examples: Int = Field(24, ge=1, description="validation rows scored by generation")
+    max_new_tokens: Int = Field(96, ge=1, description="generation length when scoring")
+    warmup_fraction: Num = Field(0.1, ge=0, lt=1)
+    seed: Int = 0
     compile: bool = Field(
         False,
         description="torch.compile decoder layers on GPU and replay them as CUDA graphs: LoRA "
@@ -220,6 +297,12 @@ class TrialSpec(_Strict):
             raise ValueError(
                 f"eval_every ({self.eval_every}) must be <= max_steps ({self.max_steps})"
             )
+        if self.max_new_tokens >= self.max_seq_len:
+            raise ValueError(
+                f"max_new_tokens ({self.max_new_tokens}) must be < max_seq_len "
+                f"({self.max_seq_len}): a validation row's prompt and its generation must fit "
+                "in max_seq_len; lower max_new_tokens or raise max_seq_len"
+            )
         return self
 
 
@@ -227,9 +310,9 @@ class ResourcesSpec(_Strict):
     """What each trial holds, and how many run at once."""
 
     accelerator: str = Field("cpu", description="a key of the price catalog, e.g. cpu, H100, A10G")
-    gpus_per_trial: int = Field(0, ge=0)
-    cpus_per_trial: int = Field(1, ge=1)
-    max_concurrent_trials: int = Field(1, ge=1)
+    gpus_per_trial: Int = Field(0, ge=0)
+    cpus_per_trial: Int = Field(1, ge=1)
+    max_concurrent_trials: Int = Field(1, ge=1)
 
     @model_validator(mode="after")
     def _gpu_matches(self) -> ResourcesSpec:
@@ -247,11 +330,11 @@ class PricesSpec(_Strict):
     market: Literal["on_demand", "spot"] = Field(
         "on_demand", description="bill at on-demand or spot rates (spot trials can be preempted)"
     )
-    overrides: dict[str, float] = Field(default_factory=dict)
+    overrides: dict[str, Num] = Field(default_factory=dict)
 
     @field_validator("overrides")
     @classmethod
-    def _positive(cls, v: dict[str, float]) -> dict[str, float]:
+    def _positive(cls, v: dict[str, float]) -> dict[str, float]:  # finite: Num
         for name, price in v.items():
             if price <= 0:
                 raise ValueError(f"price of {name} must be > 0 (got {price})")
@@ -278,10 +361,10 @@ class EarlyStoppingSpec(_Strict):
     """ASHA: trials are compared at rungs; the worse ones stop."""
 
     enabled: bool = True
-    grace_fraction: float = Field(
+    grace_fraction: Num = Field(
         0.3, ge=0.2, le=1, description="first rung as a share of max_steps (>= 0.2)"
     )
-    reduction_factor: int = Field(3, ge=2)
+    reduction_factor: Int = Field(3, ge=2)
 
 
 class ObjectiveSpec(_Strict):
@@ -299,15 +382,17 @@ class ObjectiveSpec(_Strict):
 class SweepSpec(_Strict):
     """A whole sweep. Only ``name`` and ``budget_usd`` are required."""
 
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-    budget_usd: float = Field(description="hard cap on total spend, US dollars")
+    name: str = Field(
+        description=f"1-{NAME_MAX_CHARS} letters, digits, '_', '.', '-'; names folders and runs"
+    )
+    budget_usd: Num = Field(description="hard cap on total spend, US dollars")
     objective: ObjectiveSpec = ObjectiveSpec()
     model: ModelSpec = ModelSpec()
     data: DataSpec = DataSpec()
     search_space: SearchSpace = SearchSpace(preset="default")
     trial: TrialSpec = TrialSpec()
     resources: ResourcesSpec = ResourcesSpec()
-    max_trials: int = Field(32, ge=1, description="upper bound; the budget usually ends it first")
+    max_trials: Int = Field(32, ge=1, description="upper bound; the budget usually ends it first")
     early_stopping: EarlyStoppingSpec = EarlyStoppingSpec()
     full: FullSpec = FullSpec()
     prices: PricesSpec = PricesSpec()
@@ -323,12 +408,42 @@ class SweepSpec(_Strict):
             )
         return self
 
+    @field_validator("budget_usd", mode="before")
+    @classmethod
+    def _budget_is_a_number(cls, v: Any) -> Any:
+        if isinstance(v, bool):
+            raise ValueError(f"must be an amount in dollars, {NOT_A_BOOL}; e.g. budget_usd: 20")
+        return v
+
     @field_validator("budget_usd")
     @classmethod
     def _positive_budget(cls, v: float) -> float:
-        if not v > 0 or math.isinf(v):
+        if not v > 0:
             raise ValueError(f"must be a finite amount > 0 (got {v}); e.g. budget_usd: 20")
         return v
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, v: str) -> str:
+        if len(v) > NAME_MAX_CHARS or not _NAME.fullmatch(v):
+            raise ValueError(
+                f"{v[:80]!r} will not do: use 1-{NAME_MAX_CHARS} characters, letters (A-Z, a-z), "
+                "digits, '_', '.' or '-', starting with a letter or digit (the name goes into "
+                "folder names, MLflow experiments and database rows), e.g. name: demo-sweep"
+            )
+        return v
+
+    def public_dump(self) -> dict:
+        """``model_dump(mode="json")`` with the password of every storage URL hidden: what may be
+        shown, logged to MLflow or written next to a sweep's results."""
+        from orchestrator.secrets import hide_password
+
+        out = self.model_dump(mode="json")
+        storage = out["storage"]
+        for key in URL_FIELDS:
+            if storage.get(key):
+                storage[key] = hide_password(storage[key])
+        return out
 
     @property
     def eval_steps(self) -> list[int]:
@@ -351,6 +466,8 @@ def _fix_hint(err: dict) -> str:
         return "unknown key; remove it or fix its spelling (see examples/demo.yaml for every key)"
     if kind == "missing":
         return "required key is missing; add it (see examples/demo.yaml)"
+    if kind == "finite_number":
+        return f"must be a finite number, not .nan or .inf (got {err.get('input')!r})"
     return err["msg"].removeprefix("Value error, ")
 
 
@@ -358,6 +475,48 @@ def _raise_first(exc: ValidationError, prefix: str = "") -> None:
     err = exc.errors()[0]
     loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-"))
     raise SpecError(prefix + loc if loc else prefix.rstrip(".") or "spec", _fix_hint(err)) from None
+
+
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
+class _SpecLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a mapping key given twice (PyYAML keeps the last one
+    silently), naming its dotted path and both lines."""
+
+    def construct_document(self, node):
+        _refuse_duplicate_keys(node)
+        return super().construct_document(node)
+
+
+def _refuse_duplicate_keys(root) -> None:
+    """Walk the composed YAML nodes; raise :class:`SpecError` at the first key given twice."""
+    todo, seen = [(root, "")], set()
+    while todo:
+        node, path = todo.pop()
+        if id(node) in seen:  # anchors and aliases share nodes
+            continue
+        seen.add(id(node))
+        if isinstance(node, yaml.SequenceNode):
+            todo += [(item, f"{path}[{i}]") for i, item in enumerate(node.value)]
+        if not isinstance(node, yaml.MappingNode):
+            continue
+        lines: dict[str, int] = {}
+        for key_node, value_node in node.value:
+            if key_node.tag == _MERGE_TAG:  # `<<: *base`: keys next to it override on purpose
+                continue
+            key = key_node.value if isinstance(key_node, yaml.ScalarNode) else "?"
+            where = f"{path}.{key}" if path else str(key)
+            line = key_node.start_mark.line + 1
+            if key in lines and key != "?":
+                raise SpecError(where, f"given twice (lines {lines[key]} and {line}); keep one")
+            lines[key] = line
+            todo.append((value_node, where))
+
+
+def _load_yaml(text: str):
+    """YAML text to Python objects, refusing duplicate keys."""
+    return yaml.load(text, Loader=_SpecLoader)  # noqa: S506 - a SafeLoader subclass
 
 
 def preset_names() -> list[str]:
@@ -371,7 +530,7 @@ def load_preset(name: str) -> dict:
             "search_space.preset",
             f"unknown preset {name!r}; choose one of {', '.join(preset_names())}",
         )
-    data = yaml.safe_load(path.read_text()) or {}
+    data = _load_yaml(path.read_text(encoding="utf-8")) or {}
     try:
         SearchSpace.model_validate(data)
     except ValidationError as exc:
@@ -429,8 +588,17 @@ def load_spec(path: Path | str | None = None) -> SweepSpec:
     path = Path(path) if path is not None else EXAMPLE_SPEC
     if not path.is_file():
         raise SpecError("SPEC", f"file {path} not found; pass the path of a sweep YAML")
+    data = path.read_bytes()
     try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        byte = data[exc.start]
+        raise SpecError(
+            "SPEC", f"{path}:{line} is not UTF-8 text (byte {byte:#04x}); save it as UTF-8"
+        ) from None
+    try:
+        raw = _load_yaml(text)
+    except (yaml.YAMLError, RecursionError) as exc:
         raise SpecError("SPEC", f"{path} is not valid YAML: {exc}") from None
     return parse_spec(raw, path.resolve().parent)

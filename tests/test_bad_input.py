@@ -322,7 +322,9 @@ def test_eval_row_without_room_to_generate_is_refused(tmp_path, command):
 def _gpt2_folder(tmp_path):
     from transformers import GPT2Config
 
-    GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=300).save_pretrained(tmp_path / "gpt2")
+    config = GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=300, bos_token_id=0)
+    config.eos_token_id = 0
+    config.save_pretrained(tmp_path / "gpt2")
     return str(tmp_path / "gpt2")
 
 
@@ -335,7 +337,7 @@ def test_target_modules_the_model_lacks_are_refused(tmp_path, command):
         _spec(tmp_path, model=model),  # the default preset proposes attn, attn_mlp, all_linear
         "search_space.target_modules:",
         "'attn'",
-        "all_linear",
+        "{choices: ['all_linear']}",
     )
     assert "Traceback" not in out
     spec = _spec(tmp_path, model=model, search_space={"target_modules": {"value": "qv"}})

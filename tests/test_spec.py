@@ -80,8 +80,8 @@ def test_defaults_are_embedded_and_prior_centred():
         ),
         (
             {"name": "x", "budget_usd": 1, "search_space": {"rank": {"choices": [0]}}},
-            "search_space",
-            "rank",
+            "search_space.rank",
+            "integer >= 1",
         ),
         (
             {
@@ -89,7 +89,7 @@ def test_defaults_are_embedded_and_prior_centred():
                 "budget_usd": 1,
                 "search_space": {"target_modules": {"value": "everything"}},
             },
-            "search_space",
+            "search_space.target_modules",
             "all_linear",
         ),
         (

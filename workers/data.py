@@ -4,12 +4,17 @@ Two row formats are accepted, one example per line:
 - chat: ``{"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}`` whose last
   message is the assistant's answer (the only tokens trained on);
 - instruction: ``{"instruction": str, "input": str (optional), "output": str}``.
+
+Files are UTF-8. A row longer than ``max_seq_len`` tokens is handled by ``truncation`` (the spec's
+``data.truncation``): ``refuse`` is checked before anything is spent (``check_room``), so encoding
+keeps today's cut of the end for rows that slip through; ``left`` drops the prompt's oldest
+tokens so the whole answer fits.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 _ROLES = {"system", "user", "assistant"}
@@ -23,9 +28,10 @@ class DataError(Exception):
 class Example:
     prompt: list[dict]  # messages before the answer
     answer: str
+    line: int = field(default=0, compare=False)  # line in its file (0: not from a file)
 
 
-def _row_to_example(row: object, fmt: str, where: str) -> Example:
+def _row_to_example(row: object, fmt: str, where: str, line: int = 0) -> Example:
     if not isinstance(row, dict):
         raise DataError(f"{where}: each line must be a JSON object")
     if fmt == "instruction":
@@ -36,7 +42,7 @@ def _row_to_example(row: object, fmt: str, where: str) -> Example:
                     "`instruction` and `output`, `input` optional)"
                 )
         user = row["instruction"] + (f"\n\n{row['input']}" if row.get("input") else "")
-        return Example([{"role": "user", "content": user}], row["output"])
+        return Example([{"role": "user", "content": user}], row["output"], line)
     messages = row.get("messages")
     if not isinstance(messages, list) or len(messages) < 2:
         raise DataError(
@@ -55,7 +61,7 @@ def _row_to_example(row: object, fmt: str, where: str) -> Example:
             )
     if messages[-1]["role"] != "assistant":
         raise DataError(f"{where}: the last message must have role `assistant` (the answer)")
-    return Example([dict(m) for m in messages[:-1]], messages[-1]["content"])
+    return Example([dict(m) for m in messages[:-1]], messages[-1]["content"], line)
 
 
 def read_examples(path: Path, fmt: str = "chat", field: str = "data.train") -> list[Example]:
@@ -66,36 +72,118 @@ def read_examples(path: Path, fmt: str = "chat", field: str = "data.train") -> l
             "resolved against the spec's folder)"
         )
     examples = []
-    with open(path) as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            where = f"{field} ({path}:{lineno})"
+            line = _decode(raw, where, first=lineno == 1)
             if not line.strip():
                 continue
-            where = f"{field} ({path}:{lineno})"
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise DataError(f"{where}: not valid JSON ({exc.msg})") from None
-            examples.append(_row_to_example(row, fmt, where))
+            examples.append(_row_to_example(row, fmt, where, lineno))
     if not examples:
         raise DataError(f"{field}: {path} has no rows")
     return examples
 
 
-def encode_for_training(tokenizer, ex: Example, max_seq_len: int) -> tuple[list[int], list[int]]:
-    """Token ids and labels; prompt tokens are masked with -100 so only the answer is learned."""
+def _decode(raw: bytes, where: str, first: bool) -> str:
+    """One line of a data file as text; a byte that is not UTF-8 names the line and column."""
+    try:
+        return raw.decode("utf-8-sig" if first else "utf-8")  # a BOM may open the file
+    except UnicodeDecodeError as exc:
+        raise DataError(
+            f"{where}: not UTF-8 text (byte {raw[exc.start]:#04x} at column {exc.start + 1}); "
+            "save the file as UTF-8"
+        ) from None
+
+
+def encode_answer(tokenizer, ex: Example) -> list[int]:
+    """The answer's tokens, end-of-sequence included (what training learns)."""
+    return tokenizer(ex.answer + tokenizer.eos_token, add_special_tokens=False)["input_ids"]
+
+
+def encode_for_training(
+    tokenizer, ex: Example, max_seq_len: int, truncation: str = "refuse"
+) -> tuple[list[int], list[int]]:
+    """Token ids and labels; prompt tokens are masked with -100 so only the answer is learned.
+
+    A row over ``max_seq_len``: with ``truncation="left"`` the prompt's oldest tokens go so the
+    whole answer fits (while the answer leaves room for a prompt token); otherwise the end is
+    cut (``refuse`` rows were refused before the sweep, see ``check_room``)."""
     prompt_ids = encode_prompt(tokenizer, ex)
-    answer_ids = tokenizer(ex.answer + tokenizer.eos_token, add_special_tokens=False)["input_ids"]
+    answer_ids = encode_answer(tokenizer, ex)
+    keep = max_seq_len - len(answer_ids)  # prompt tokens that fit next to the whole answer
+    if truncation == "left" and 1 <= keep < len(prompt_ids):
+        prompt_ids = prompt_ids[-keep:]
     ids = (prompt_ids + answer_ids)[:max_seq_len]
     labels = ([-100] * len(prompt_ids) + answer_ids)[:max_seq_len]
     return ids, labels
 
 
-def encode_prompt(tokenizer, ex: Example) -> list[int]:
+def encode_prompt(
+    tokenizer, ex: Example, max_len: int | None = None, truncation: str = "refuse"
+) -> list[int]:
+    """The prompt's tokens, ending where the answer starts. With ``truncation="left"`` and a
+    ``max_len``, only its last ``max_len`` tokens (for generation within ``max_seq_len``:
+    ``max_len = max_seq_len - max_new_tokens``); otherwise all of them."""
     if tokenizer.chat_template:
         out = tokenizer.apply_chat_template(ex.prompt, add_generation_prompt=True, tokenize=True)
-        return list(out["input_ids"] if hasattr(out, "keys") else out)
-    text = "\n".join(f"{m['role']}: {m['content']}" for m in ex.prompt) + "\nassistant: "
-    return tokenizer(text, add_special_tokens=True)["input_ids"]
+        ids = list(out["input_ids"] if hasattr(out, "keys") else out)
+    else:
+        text = "\n".join(f"{m['role']}: {m['content']}" for m in ex.prompt) + "\nassistant: "
+        ids = tokenizer(text, add_special_tokens=True)["input_ids"]
+    if truncation == "left" and max_len is not None and len(ids) > max_len:
+        ids = ids[-max_len:]
+    return ids
+
+
+def check_room(
+    tokenizer,
+    examples: list[Example],
+    field: str,
+    path: Path,
+    max_seq_len: int,
+    truncation: str = "refuse",
+    new_tokens: int | None = None,
+) -> list[int]:
+    """Every row fits ``max_seq_len`` tokens, or raise :class:`DataError` naming the spec
+    ``field``, the file and line, and the fix; returns each row's length as encoded.
+
+    Training rows (``new_tokens`` None) need prompt + answer; validation rows scored by
+    generation need prompt + ``new_tokens``. ``truncation="left"`` lets a long prompt through
+    (its oldest tokens go) as long as the answer alone leaves room for one prompt token."""
+    lengths = []
+    for ex in examples:
+        prompt = len(encode_prompt(tokenizer, ex))
+        answer = new_tokens if new_tokens is not None else len(encode_answer(tokenizer, ex))
+        if prompt + answer > max_seq_len and (truncation != "left" or answer >= max_seq_len):
+            where = f"{field} ({path}:{ex.line})"
+            raise DataError(_no_room(where, prompt, answer, max_seq_len, new_tokens))
+        lengths.append(min(prompt + answer, max_seq_len))
+    return lengths
+
+
+def _no_room(where: str, prompt: int, answer: int, max_seq_len: int, new_tokens) -> str:
+    """The refusal of a row that leaves no room for its answer, with the fix."""
+    need = f"raise trial.max_seq_len to at least {prompt + answer}"
+    if new_tokens is not None:
+        return (
+            f"{where}: prompt of {prompt} tokens + trial.max_new_tokens {new_tokens} exceed "
+            f"trial.max_seq_len {max_seq_len}; {need}, lower trial.max_new_tokens, or set "
+            "data.truncation: left (drops the prompt's oldest tokens)"
+        )
+    if answer >= max_seq_len:
+        return (
+            f"{where}: the answer alone is {answer} tokens, trial.max_seq_len is {max_seq_len}; "
+            f"{need} or shorten the answer"
+        )
+    return (
+        f"{where}: prompt of {prompt} + answer of {answer} tokens exceed trial.max_seq_len "
+        f"{max_seq_len}, so the answer would be cut; {need} or set data.truncation: left "
+        "(drops the prompt's oldest tokens so the answer fits)"
+    )
 
 
 def pad_batch(rows: list[tuple[list[int], list[int]]], pad_id: int):
