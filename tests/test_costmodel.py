@@ -318,3 +318,68 @@ def test_stored_calibration_is_read_and_a_missing_ledger_is_not_created(tmp_path
     assert stored_calibration(spec, url) == {"flops_per_s:lora": 7e10, "startup_s:lora:reused": 0.5}
     # the spec's own default ledger URL (storage.service_db)
     assert stored_calibration(_spec(tmp_path, service_db=url)) == stored_calibration(spec, url)
+
+
+# --- one spend figure in every view ---------------------------------------------------------
+def _recorded_sweep(tmp_path: Path):
+    """A sweep as the driver records it: a sqlite ledger (base eval charge, two settled trials)
+    and a sqlite MLflow (parent run with a stale ``budget_spent_usd`` point, two trial runs)."""
+    from orchestrator.tracking import Tracker
+
+    ledger_url = f"sqlite:///{tmp_path / 'lorasweep.db'}"
+    tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    sweep_id = "views-20261201-000000"
+    ledger = Ledger(cap_usd=0.01, sweep_id=sweep_id, store_url=ledger_url, name="views")
+    tracker = Tracker(tracking_uri, "views", artifact_root=tmp_path / "artifacts")
+    tracker.start_sweep(sweep_id, {"name": "views"}, {"budget_usd": 0.01})
+    ledger.charge("baseline", 0.0011)
+    for i, (method, usd) in enumerate((("lora", 0.0021), ("full", 0.0034)), start=1):
+        ledger.reserve(f"t{i}", 0.004)
+        ledger.update(f"t{i}", usd / 2)
+        tracker.log_sweep_metrics({"budget_spent_usd": ledger.snapshot()["spent_usd"]}, i)
+        ledger.settle(f"t{i}", usd)
+        run = tracker.start_trial(sweep_id, f"trial-{i:03d}", f"t{i}", {"method": method})
+        tracker.end_trial(run, "completed", {"cost_usd": usd, "step": 10, "score": 0.5}, None)
+    return sweep_id, ledger, tracker, ledger_url, tracking_uri
+
+
+def test_every_view_shows_the_ledgers_spend(tmp_path):
+    from typer.testing import CliRunner
+
+    from orchestrator import leaderboard
+    from orchestrator.cli import app
+    from orchestrator.report import method_summary, render_markdown
+
+    sweep_id, ledger, _, ledger_url, tracking_uri = _recorded_sweep(tmp_path)
+    spent = ledger.snapshot()["spent_usd"]
+    assert spent == pytest.approx(0.0066)
+    args = ["--tracking-uri", tracking_uri, "--service-db", ledger_url]
+    listed = CliRunner().invoke(app, ["status", *args])
+    assert listed.exit_code == 0, listed.output
+    row = next(line for line in listed.output.splitlines() if sweep_id in line)
+    assert f"{spent:.5f}" in row  # not the last logged point (0.00215) nor trials alone (0.0055)
+    one = CliRunner().invoke(app, ["status", sweep_id, *args])
+    assert f"spent ${spent:.5f}" in one.output
+    # report.md: the base eval is a line of its own and the table adds up to the ledger
+    rows = leaderboard.trial_rows(tracking_uri, leaderboard.find_sweep(tracking_uri, sweep_id))
+    md = render_markdown(method_summary(rows), None, "gate: always", [], 0.0011, spent)
+    assert "| base-model eval | 0.00110 |" in md
+    assert f"| **total spent** | **{spent:.5f}** |" in md
+    assert "other ledger spend" not in md  # trials + base eval = the ledger, nothing unexplained
+
+
+def test_status_list_falls_back_to_mlflow_where_the_ledger_lacks_the_sweep(tmp_path):
+    from typer.testing import CliRunner
+
+    from orchestrator.cli import app
+
+    sweep_id, _, tracker, _, tracking_uri = _recorded_sweep(tmp_path)
+    tracker.end_sweep("completed", {"spent_usd": 0.0066}, [])
+    missing = tmp_path / "elsewhere" / "lorasweep.db"
+    listed = CliRunner().invoke(
+        app, ["status", "--tracking-uri", tracking_uri, "--service-db", f"sqlite:///{missing}"]
+    )
+    assert listed.exit_code == 0, listed.output
+    row = next(line for line in listed.output.splitlines() if sweep_id in line)
+    assert "0.00660*" in row  # MLflow's final spent_usd, marked as not the ledger's
+    assert not missing.parent.exists()  # looking did not create a ledger
