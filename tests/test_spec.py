@@ -164,3 +164,92 @@ def test_first_rung_is_at_least_a_fifth_of_the_trial():
 def test_spec_round_trips_through_json_dump():
     spec = load_spec(EXAMPLE_SPEC)
     assert SweepSpec.model_validate(spec.model_dump(mode="json")) == spec
+
+
+@pytest.mark.parametrize(
+    "url, shown",
+    [
+        ("postgresql://bob:s3cret@db:5432/x", "postgresql://bob:***@db:5432/x"),
+        ("postgresql+psycopg://bob:p%40ss@db/x", "postgresql+psycopg://bob:***@db/x"),
+        ("mysql+pymysql://u:pw@h/x?charset=utf8", "mysql+pymysql://u:***@h/x?charset=utf8"),
+        (
+            "postgresql://h/db?password=pw&sslmode=require",
+            "postgresql://h/db?password=***&sslmode=require",
+        ),
+        ("http://bob:hunter2@mlflow:5000", "http://bob:***@mlflow:5000"),
+        ("https://mlflow.example.com/?token=abc", "https://mlflow.example.com/?token=***"),
+        ("sqlite:///lorasweep-data/mlflow.db", "sqlite:///lorasweep-data/mlflow.db"),
+        ("postgresql://bob@db/x", "postgresql://bob@db/x"),
+        ("weird scheme://a:b@c", "weird scheme://a:***@c"),
+        ("lorasweep-data/mlruns", "lorasweep-data/mlruns"),
+    ],
+)
+def test_hide_password(url, shown):
+    from orchestrator.secrets import hide_password
+
+    assert hide_password(url) == shown
+
+
+def test_scrub_hides_a_password_quoted_or_not():
+    from orchestrator.secrets import scrub
+
+    url = "postgresql://bob:p%40ss@db/x"
+    assert scrub("auth failed for p@ss and p%40ss", url) == "auth failed for *** and ***"
+    assert scrub("no secret here", "sqlite:///x.db") == "no secret here"
+
+
+def test_public_dump_hides_every_storage_password():
+    spec = parse_spec(
+        {
+            "name": "x",
+            "budget_usd": 1,
+            "storage": {
+                "mlflow_tracking_uri": "http://u:mlpw@mlflow:5000",
+                "optuna_storage": "postgresql://u:optpw@db/optuna",
+                "service_db": "postgresql+psycopg://u:svcpw@db/svc",
+            },
+        }
+    )
+    dumped = spec.public_dump()
+    text = repr(dumped)
+    for secret in ("mlpw", "optpw", "svcpw"):
+        assert secret not in text
+    assert dumped["storage"]["optuna_storage"] == "postgresql://u:***@db/optuna"
+    assert spec.storage.optuna_storage.endswith("u:optpw@db/optuna")  # the spec itself keeps it
+    assert {k: v for k, v in dumped.items() if k != "storage"} == {
+        k: v for k, v in spec.model_dump(mode="json").items() if k != "storage"
+    }
+
+
+def test_duplicate_keys_in_a_file_and_yaml_merge_keys(tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text("name: x\nbudget_usd: 1\nprices:\n  overrides: {cpu: 1, cpu: 2}\n")
+    with pytest.raises(SpecError) as err:
+        load_spec(path)
+    assert err.value.field == "prices.overrides.cpu" and "given twice" in str(err.value)
+    # a merge key's values may be overridden next to it: not a duplicate
+    path.write_text(
+        "name: x\nbudget_usd: 1\ntrial: {<<: {max_steps: 4, eval_every: 2}, max_steps: 6}\n"
+    )
+    assert load_spec(path).trial.max_steps == 6
+
+
+def test_spec_file_that_is_not_utf8(tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_bytes(b"name: x\nbudget_usd: 1  # caf\xe9\n")
+    with pytest.raises(SpecError, match=r"s.yaml:2 is not UTF-8"):
+        load_spec(path)
+
+
+@pytest.mark.parametrize("name", ["a", "demo-sweep_2.1", "x" * 64])
+def test_good_names_pass(name):
+    assert parse_spec({"name": name, "budget_usd": 1}).name == name
+
+
+def test_truncation_defaults_to_refuse_and_generation_fits_max_seq_len():
+    assert parse_spec({"name": "x", "budget_usd": 1}).data.truncation == "refuse"
+    with pytest.raises(SpecError) as err:
+        parse_spec({"name": "x", "budget_usd": 1, "trial": {"max_seq_len": 64}})
+    assert err.value.field == "trial" and "max_new_tokens (96) must be < max_seq_len" in str(
+        err.value
+    )
