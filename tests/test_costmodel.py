@@ -383,3 +383,71 @@ def test_status_list_falls_back_to_mlflow_where_the_ledger_lacks_the_sweep(tmp_p
     row = next(line for line in listed.output.splitlines() if sweep_id in line)
     assert "0.00660*" in row  # MLflow's final spent_usd, marked as not the ledger's
     assert not missing.parent.exists()  # looking did not create a ledger
+
+
+def test_validate_and_the_refusal_floor_price_with_the_stored_calibration(
+    tmp_path, tiny_model, small_data
+):
+    import yaml
+    from typer.testing import CliRunner
+
+    from orchestrator.cli import app
+    from orchestrator.errors import BudgetError
+    from orchestrator.preflight import make_plan
+    from orchestrator.spec import load_spec
+
+    def spec_file(budget: float) -> Path:
+        path = tmp_path / f"spec-{budget}.yaml"
+        spec = {
+            "name": "calibrated",
+            "budget_usd": budget,
+            "model": {"name_or_path": str(tiny_model)},
+            "data": {
+                "source": "files",
+                "train": str(small_data["train"]),
+                "validation": str(small_data["validation"]),
+            },
+            "trial": {"max_steps": 4, "eval_every": 2, "batch_size": 4, "eval_examples": 4},
+            "storage": {"data_dir": str(tmp_path / "data")},
+        }
+        path.write_text(yaml.safe_dump(spec))
+        return path
+
+    priced = make_plan(load_spec(spec_file(1.0)))
+    assert priced.cost_model.stored == {}
+    floor = priced.baseline_usd + priced.admission_usd(
+        {}, priced.extremes(load_spec(spec_file(1.0)).search_space)[0]
+    )
+    out = CliRunner().invoke(app, ["validate", str(spec_file(1.0))]).output
+    assert "timings: priors (no stored calibration" in out and "(prior)" in out
+    assert not (tmp_path / "data").exists()  # validate created no ledger
+    # an earlier sweep measured this model: 10x the prior speed, fast starts and closings
+    spec = load_spec(spec_file(1.0))
+    (tmp_path / "data").mkdir()
+    cm = priced.cost_model
+    Ledger(
+        cap_usd=1,
+        sweep_id="earlier",
+        store_url=f"sqlite:///{tmp_path / 'data' / 'lorasweep.db'}",
+        calibration_key=spec_calibration_key(spec),
+    ).calibrate(
+        **{
+            "flops_per_s:lora": 10 * cm.flops_per_s("lora", {}),
+            "startup_s:lora:fresh": 0.5,
+            "startup_s:full:fresh": 0.5,
+        }
+    )
+    calibrated = make_plan(spec)
+    assert calibrated.cost_model.stored["startup_s:lora:fresh"] == 0.5
+    cheaper = calibrated.baseline_usd + calibrated.admission_usd(
+        {}, priced.extremes(spec.search_space)[0]
+    )
+    assert cheaper < floor / 2
+    out = " ".join(CliRunner().invoke(app, ["validate", str(spec_file(1.0))]).output.split())
+    assert "measured flops_per_s:lora" in out and "measured startup_s:lora:fresh" in out
+    # a budget between the two floors: refused on priors, accepted once calibrated
+    between = (cheaper + floor) / 2
+    make_plan(load_spec(spec_file(between)))
+    (tmp_path / "data" / "lorasweep.db").unlink()
+    with pytest.raises(BudgetError):
+        make_plan(load_spec(spec_file(between)))
