@@ -196,7 +196,7 @@ def spec_calibration_key(spec) -> tuple[str, str]:
     )
 
 
-def _sqlite_file_missing(url: str) -> bool:
+def sqlite_file_missing(url: str) -> bool:
     """True for a sqlite URL whose database file does not exist (or an in-memory one)."""
     if not url.startswith("sqlite:"):
         return False
@@ -212,7 +212,7 @@ def stored_calibration(spec, service_db: str | None = None) -> dict[str, float]:
         from orchestrator.sweep import storage_urls
 
         service_db = storage_urls(spec)[3]
-    if _sqlite_file_missing(service_db):
+    if sqlite_file_missing(service_db):
         return {}
     from orchestrator.store import Store
 
