@@ -1,30 +1,37 @@
-"""The budget engine (first cut): a ledger that never lets commitments exceed the cap.
+"""The budget engine: a ledger that never lets commitments exceed the cap.
 
-Every trial holds a *ceiling*: the most it may spend. The ledger grants ceilings only while
+Every trial holds a *ceiling*: the most it may spend. Each running (unsettled) trial commits
 
-    sum over trials of max(ceiling, spent) + fixed charges <= cap_usd,
+    max(ceiling + allowance, spent)
 
-so the total spent can never pass the cap as long as each trial stays under its ceiling (the
-worker checks that before every step, keeping room for a closing eval and save; see
-``workers/train.py``). Admission reserves a new trial's ceiling up to its first early-stopping
-rung; trials ask for more before each further interval and stop gracefully when refused.
+and settled trials and fixed charges commit what they spent. The ledger admits a trial, or
+raises a ceiling, only while the sum of all commitments stays <= ``cap_usd``.
 
-Worst case overshoot: on the last interval before the cap, a trial's closing eval + save plus
-the release of its resources (the billed time after its last report, measured per trial, the
-longest of the last few kept) taking more than ``SAFETY`` (1.25x) what was measured. Tests and
-the demo measure zero. (Before release time was kept inside the ceilings, a test sweep of many
-sub-second trials did overshoot its cap by 0.2%: each trial's tail after its last report was
-billed outside its ceiling.)
+The *allowance* (``allowance_usd``) is the watchdog's enforcement margin, set by the sweep driver
+as price x (margin + grace) seconds: a trial checks its grant before every step (the worker keeps
+room for its closing eval and save; see ``workers/train.py``), and a watchdog outside the trial
+revokes the grant of one whose held time x price passes its ceiling, then kills it if it has not
+stopped within a grace period. So a running trial's worst case is its ceiling plus the allowance,
+and that is what admission keeps room for: the total spent stays within the cap as long as the
+watchdog stops every trial within its allowance. The only way past the cap is a trial spending
+more than ceiling + allowance (the watchdog late or not running); such a trial then commits its
+spend, and nothing new is admitted until the ledger is back under the cap. Admission reserves a
+new trial's ceiling up to its first early-stopping rung; trials ask for more before each further
+interval and stop gracefully when refused or revoked.
 
-The class is plain Python (unit-testable); the sweep runs it as a Ray actor so workers reach it.
-With ``store_url`` every change is also written to SQL (``orchestrator/store.py``) as it happens,
-so a crash loses nothing that was spent or reserved.
+The class is plain Python (unit-testable); the sweep runs it as a Ray actor (with restarts) so
+workers reach it. With ``store_url`` every change is written to SQL (``orchestrator/store.py``)
+*before* it is applied in memory: if the write fails, the call raises ``StoreError`` and the
+ledger is unchanged. A ``Ledger`` built for a sweep that already has rows reloads them (cap,
+allowance, every account and charge), so a restarted actor comes back exactly as it was after
+its last completed call.
 """
 
 from __future__ import annotations
 
+import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 # measured timings that carry over to later sweeps of the same model and accelerator (closing
 # time depends on the sweep's eval settings, so it does not)
@@ -39,10 +46,33 @@ class TrialAccount:
     started_unix: float | None = None
     settled: bool = False
     predicted_usd: float | None = None
+    revoked: bool = False  # the watchdog stopped its grant: its ceiling never rises again
 
-    @property
-    def committed_usd(self) -> float:
-        return self.spent_usd if self.settled else max(self.ceiling_usd, self.spent_usd)
+    def committed_usd(self, allowance_usd: float = 0.0) -> float:
+        """What the account holds of the cap: a settled trial its spend, a running one its
+        ceiling plus the watchdog's allowance, or its spend once past that."""
+        if self.settled:
+            return self.spent_usd
+        return max(self.ceiling_usd + allowance_usd, self.spent_usd)
+
+    def row(self) -> dict:
+        """The account as the store writes it."""
+        return {
+            "ceiling_usd": self.ceiling_usd,
+            "spent_usd": self.spent_usd,
+            "predicted_usd": self.predicted_usd,
+            "settled": self.settled,
+            "revoked": self.revoked,
+            "started_unix": self.started_unix,
+            "charge": False,
+        }
+
+
+def _usd(name: str, value: float) -> float:
+    value = float(value)
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name}: must be a finite amount >= 0, got {value!r}")
+    return value
 
 
 @dataclass
@@ -57,59 +87,92 @@ class Ledger:
     store_url: str | None = None
     name: str = ""
     calibration_key: tuple[str, str] | None = None  # (model, accelerator) to load and keep
+    allowance_usd: float = 0.0  # the watchdog's enforcement allowance per running trial
 
     def __post_init__(self) -> None:
+        self.allowance_usd = _usd("allowance_usd", self.allowance_usd)
         self._recent: dict[str, list[float]] = {k: [v] for k, v in self.timings.items()}
         self._store = None
         if self.store_url:
             from orchestrator.store import Store
 
             self._store = Store(self.store_url)
-            self._store.create_sweep(self.sweep_id, self.name or self.sweep_id, self.cap_usd)
+            self._load()
             if self.calibration_key:
                 stored = self._store.calibration(*self.calibration_key)
                 self.timings.update(stored)
                 self._recent.update({k: [v] for k, v in stored.items()})
 
-    def _persist(self, key: str, kind: str | None = None, predicted_usd: float | None = None):
-        if self._store is None:
-            return
-        if key in self.charges_usd:
-            usd = self.charges_usd[key]
-            self._store.save_account(
-                self.sweep_id, key, ceiling_usd=usd, spent_usd=usd, settled=True, spend_kind=kind
-            )
-            return
-        a = self.trials[key]
-        self._store.save_account(
-            self.sweep_id,
-            key,
-            ceiling_usd=a.ceiling_usd,
-            spent_usd=a.spent_usd,
-            settled=a.settled,
-            predicted_usd=predicted_usd,
-            spend_kind=kind,
+    def _load(self) -> None:
+        """Create the sweep's rows, or rebuild from them: a sweep that has rows keeps its stored
+        cap and allowance, its accounts and its charges."""
+        from orchestrator.store import account_fields
+
+        sweep = self._store.open_sweep(
+            self.sweep_id, self.name or self.sweep_id, self.cap_usd, self.allowance_usd
         )
+        self.cap_usd = sweep.cap_usd
+        if sweep.allowance_usd is not None:
+            self.allowance_usd = sweep.allowance_usd
+        for key, f in account_fields(self._store.accounts(self.sweep_id)).items():
+            if f.pop("charge"):
+                self.charges_usd[key] = f["spent_usd"]
+            else:
+                self.trials[key] = TrialAccount(**f)
+
+    def close(self) -> None:
+        """Release the store's connections (a stored ledger; nothing to do in memory)."""
+        if self._store is not None:
+            self._store.close()
+
+    # --- SQL first, then memory -------------------------------------------------------------
+    def _apply(self, changes: dict[str, TrialAccount], kind: str | None = None) -> None:
+        """Write the new accounts (all in one transaction), then take them into memory."""
+        if self._store is not None and changes:
+            rows = {k: a.row() for k, a in changes.items()}
+            self._store.save_accounts(self.sweep_id, rows, spend_kind=kind)
+        self.trials.update(changes)
+
+    def _apply_charge(self, key: str, usd: float) -> None:
+        if self._store is not None:
+            row = {"ceiling_usd": usd, "spent_usd": usd, "settled": True, "charge": True}
+            self._store.save_account(self.sweep_id, key, spend_kind="charge", **row)
+        self.charges_usd[key] = usd
+
+    # --- commitments ------------------------------------------------------------------------
+    def _commitments(self, excluding: str | None = None) -> list[float]:
+        a = self.allowance_usd
+        trials = [t.committed_usd(a) for k, t in self.trials.items() if k != excluding]
+        return trials + list(self.charges_usd.values())
 
     def _committed_usd(self, excluding: str | None = None) -> float:
-        trials = sum(a.committed_usd for k, a in self.trials.items() if k != excluding)
-        return trials + sum(self.charges_usd.values())
+        return math.fsum(self._commitments(excluding))  # exact: independent of the order
+
+    def _admits(self, trial_id: str | None, account: TrialAccount) -> bool:
+        """Whether ``account``, in place of ``trial_id``'s (or added, for None), keeps all
+        commitments within the cap."""
+        terms = [*self._commitments(excluding=trial_id), account.committed_usd(self.allowance_usd)]
+        return math.fsum(terms) <= self.cap_usd
 
     def fits(self, usd: float) -> bool:
-        return self._committed_usd() + usd <= self.cap_usd
+        """Whether a new trial with ceiling ``usd`` would be admitted now."""
+        return self._admits(None, TrialAccount(ceiling_usd=usd))
 
+    # --- calls ------------------------------------------------------------------------------
     def charge(self, key: str, usd: float) -> None:
         """Record spend that is not a trial's (e.g. the base-model eval)."""
-        self.charges_usd[key] = self.charges_usd.get(key, 0.0) + usd
-        self._persist(key, "charge")
+        self._apply_charge(key, self.charges_usd.get(key, 0.0) + usd)
 
     def reserve(self, trial_id: str, usd: float, predicted_usd: float | None = None) -> bool:
-        """Admit a new trial with ceiling ``usd`` if it fits under the cap; ``predicted_usd`` is
-        its predicted full cost, kept to compare with what it spends."""
-        if not self.fits(usd):
+        """Admit a new trial with ceiling ``usd`` if it (plus the allowance) fits under the cap;
+        ``predicted_usd`` is its predicted full cost, kept to compare with what it spends. An id
+        already admitted is refused (``resize`` or ``request`` change its ceiling)."""
+        if trial_id in self.trials:
             return False
-        self.trials[trial_id] = TrialAccount(ceiling_usd=usd, predicted_usd=predicted_usd)
-        self._persist(trial_id, predicted_usd=predicted_usd)
+        account = TrialAccount(ceiling_usd=usd, predicted_usd=predicted_usd)
+        if not self._admits(trial_id, account):
+            return False
+        self._apply({trial_id: account})
         return True
 
     def predicted(self, trial_id: str) -> float | None:
@@ -117,28 +180,32 @@ class Ledger:
         return acct.predicted_usd if acct else None
 
     def resize(self, trial_id: str, usd: float, predicted_usd: float | None = None) -> bool:
-        """Set an admitted trial's ceiling to ``usd`` (down always; up only if the cap allows)
-        once its config, and so its own prediction, is known."""
-        acct = self.trials[trial_id]
-        if usd > acct.ceiling_usd and self._committed_usd(excluding=trial_id) + usd > self.cap_usd:
-            return False
-        acct.ceiling_usd = usd
-        if predicted_usd is not None:
-            acct.predicted_usd = predicted_usd
-        self._persist(trial_id, predicted_usd=predicted_usd)
-        return True
-
-    def request(self, trial_id: str, total_usd: float) -> bool:
-        """Raise a running trial's ceiling to ``total_usd`` if the cap allows."""
+        """Set an admitted trial's ceiling to ``usd`` (down always; up only if the cap allows and
+        the trial is not revoked) once its config, and so its own prediction, is known. A settled
+        trial's ceiling no longer moves."""
         acct = self.trials[trial_id]
         if acct.settled:
             return False
+        new = replace(acct, ceiling_usd=usd)
+        if predicted_usd is not None:
+            new.predicted_usd = predicted_usd
+        if usd > acct.ceiling_usd and (acct.revoked or not self._admits(trial_id, new)):
+            return False
+        self._apply({trial_id: new})
+        return True
+
+    def request(self, trial_id: str, total_usd: float) -> bool:
+        """Raise a running trial's ceiling to ``total_usd`` if the cap allows; never for a settled
+        or revoked trial."""
+        acct = self.trials[trial_id]
+        if acct.settled or acct.revoked:
+            return False
         if total_usd <= acct.ceiling_usd:
             return True
-        if self._committed_usd(excluding=trial_id) + total_usd > self.cap_usd:
+        new = replace(acct, ceiling_usd=total_usd)
+        if not self._admits(trial_id, new):
             return False
-        acct.ceiling_usd = total_usd
-        self._persist(trial_id)
+        self._apply({trial_id: new})
         return True
 
     def ceiling(self, trial_id: str) -> float:
@@ -147,23 +214,67 @@ class Ledger:
     def mark_started(self, trial_id: str, unix_s: float | None = None) -> None:
         acct = self.trials.get(trial_id)
         if acct is not None and acct.started_unix is None:
-            acct.started_unix = unix_s if unix_s is not None else time.time()
+            started = unix_s if unix_s is not None else time.time()
+            self._apply({trial_id: replace(acct, started_unix=started)})
 
     def started(self, trial_id: str) -> float | None:
         acct = self.trials.get(trial_id)
         return acct.started_unix if acct else None
 
     def update(self, trial_id: str, spent_usd: float) -> None:
+        """A heartbeat or report: the trial has spent ``spent_usd`` so far (spend never goes
+        down). Past ceiling + allowance the trial commits what it spent."""
         acct = self.trials[trial_id]
-        acct.spent_usd = max(acct.spent_usd, spent_usd)
-        self._persist(trial_id, "report")
+        self._apply({trial_id: replace(acct, spent_usd=max(acct.spent_usd, spent_usd))}, "report")
 
     def settle(self, trial_id: str, final_usd: float) -> None:
-        """The trial released its resources; its commitment becomes what it spent."""
-        acct = self.trials.setdefault(trial_id, TrialAccount(ceiling_usd=0.0))
-        acct.spent_usd = max(acct.spent_usd, final_usd)
-        acct.settled = True
-        self._persist(trial_id, "settle")
+        """The trial released its resources; its commitment becomes what it spent (the larger
+        of its last report and ``final_usd``)."""
+        acct = self.trials.get(trial_id, TrialAccount(ceiling_usd=0.0))
+        new = replace(acct, spent_usd=max(acct.spent_usd, final_usd), settled=True)
+        self._apply({trial_id: new}, "settle")
+
+    def settle_open(self, at: str = "spent") -> list[str]:
+        """Settle every open trial, all in one write: at its spend (``at="spent"``), or at the
+        larger of its spend and its ceiling (``at="ceiling"``: its spend is not known, e.g. when
+        a sweep stops on an error). Returns the settled trials' ids."""
+        if at not in ("spent", "ceiling"):
+            raise ValueError(f"settle_open: at={at!r}; use 'spent' or 'ceiling'")
+        changes = {}
+        for trial_id, acct in self.trials.items():
+            if not acct.settled:
+                final = acct.spent_usd if at == "spent" else max(acct.spent_usd, acct.ceiling_usd)
+                changes[trial_id] = replace(acct, spent_usd=final, settled=True)
+        self._apply(changes, "settle")
+        return list(changes)
+
+    def revoke(self, trial_id: str) -> None:
+        """The watchdog stopped this trial's grant: ``request`` refuses it from now on and its
+        ceiling never rises; it still reports its spend and settles as usual."""
+        acct = self.trials.get(trial_id)
+        if acct is not None and not acct.revoked:
+            self._apply({trial_id: replace(acct, revoked=True)})
+
+    def revoked(self, trial_id: str) -> bool:
+        acct = self.trials.get(trial_id)
+        return bool(acct and acct.revoked)
+
+    def open_accounts(self) -> dict[str, dict]:
+        """Every unsettled trial's ceiling, spend and whether it is revoked (for the watchdog)."""
+        return {
+            k: {"ceiling_usd": a.ceiling_usd, "spent_usd": a.spent_usd, "revoked": a.revoked}
+            for k, a in self.trials.items()
+            if not a.settled
+        }
+
+    def set_allowance(self, usd: float) -> None:
+        """Change the watchdog's allowance per running trial (it applies to trials already
+        running too; a larger one can leave the ledger over the cap until trials settle, and
+        nothing new is admitted meanwhile)."""
+        usd = _usd("allowance_usd", usd)
+        if self._store is not None:
+            self._store.set_allowance(self.sweep_id, usd)
+        self.allowance_usd = usd
 
     def calibrate(self, **timings: float) -> None:
         """Keep a conservative view of recent measurements of each kind: the slowest FLOP/s
@@ -189,7 +300,9 @@ class Ledger:
         return dict(self.timings)
 
     def snapshot(self) -> dict[str, float]:
-        spent = sum(a.spent_usd for a in self.trials.values()) + sum(self.charges_usd.values())
+        spent = math.fsum(
+            [*(a.spent_usd for a in self.trials.values()), *self.charges_usd.values()]
+        )
         committed = self._committed_usd()
         return {
             "cap_usd": self.cap_usd,

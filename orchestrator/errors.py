@@ -18,3 +18,8 @@ class SpecError(LorasweepError):
 
 class BudgetError(LorasweepError):
     """The budget cannot pay for what was asked."""
+
+
+class StoreError(LorasweepError):
+    """The SQL store failed (after retries where the error was transient). The message is one
+    line naming the cause and the store's URL, its password hidden."""

@@ -1,23 +1,67 @@
 """The service's SQL store: the budget ledger, persisted as it happens.
 
-Every reservation, ceiling raise, spend report and settlement is written in its own transaction,
-so a crashed or restarted sweep loses nothing it spent. Works on any SQLAlchemy URL (sqlite by
-default, PostgreSQL in production; keep it in its own database: MLflow's and Optuna's tables
-collide).
+Every reservation, ceiling change, spend report and settlement is written in its own transaction
+before the ledger changes its memory (``orchestrator/budget.py``), so a crashed or restarted
+sweep loses nothing it spent and its ledger is rebuilt from these rows. Works on any SQLAlchemy
+URL (sqlite by default, PostgreSQL in production; keep it in its own database: MLflow's and
+Optuna's tables collide).
+
+Robustness:
+
+- sqlite runs in WAL mode with a busy timeout (``?timeout=SECONDS`` in the URL overrides the
+  default), so several processes can share one ledger file;
+- PostgreSQL connections get a connect timeout and a lock timeout (unless the URL sets
+  ``connect_timeout`` / ``options``), so a stuck server or lock fails loudly instead of hanging;
+- transient errors (sqlite "database is locked", a dropped PostgreSQL connection, a lock timeout,
+  a serialization failure: SQLAlchemy's ``OperationalError``) are retried with exponential
+  backoff; whatever still fails raises ``StoreError``, one line naming the cause and the URL with
+  its password hidden. Writes are whole-state (an account's row is overwritten), so a retry of a
+  write whose commit did reach the server is harmless.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
-from sqlalchemy import Boolean, Float, ForeignKey, Integer, String, create_engine, func, select
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy import (
+    Boolean,
+    Float,
+    ForeignKey,
+    Integer,
+    String,
+    create_engine,
+    event,
+    func,
+    inspect,
+    select,
+    update,
+)
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import (
+    ArgumentError,
+    DBAPIError,
+    IntegrityError,
+    OperationalError,
+    ProgrammingError,
+    SQLAlchemyError,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
-from orchestrator.errors import LorasweepError
+from orchestrator.errors import LorasweepError, StoreError
+
+__all__ = ["Store", "StoreError", "Totals", "AccountRow", "SweepRow", "SpendRow"]
+
+TRIES = 5  # attempts of one operation on transient errors
+BACKOFF_S = 0.05  # first wait between attempts, doubled each time ...
+BACKOFF_CAP_S = 1.0  # ... up to this
+SQLITE_TIMEOUT_S = 2.0  # sqlite busy timeout: how long a write waits for another's lock
+PG_CONNECT_TIMEOUT_S = 10
+PG_LOCK_TIMEOUT_MS = 5000
+
+T = TypeVar("T")
 
 
 class Base(DeclarativeBase):
@@ -30,6 +74,8 @@ class SweepRow(Base):
     name: Mapped[str] = mapped_column(String(200))
     cap_usd: Mapped[float] = mapped_column(Float)
     created_unix: Mapped[float] = mapped_column(Float)
+    # the watchdog's enforcement allowance per running trial (added after the first release)
+    allowance_usd: Mapped[float | None] = mapped_column(Float, nullable=True)
 
 
 class AccountRow(Base):
@@ -43,6 +89,10 @@ class AccountRow(Base):
     predicted_usd: Mapped[float | None] = mapped_column(Float, nullable=True)
     settled: Mapped[bool] = mapped_column(Boolean, default=False)
     updated_unix: Mapped[float] = mapped_column(Float)
+    # added after the first release (nullable: older rows read as False / None)
+    revoked: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
+    started_unix: Mapped[float | None] = mapped_column(Float, nullable=True)
+    charge: Mapped[bool | None] = mapped_column(Boolean, nullable=True)  # a fixed spend
 
 
 class SpendRow(Base):
@@ -69,6 +119,18 @@ class CalibrationRow(Base):
     updated_unix: Mapped[float] = mapped_column(Float)
 
 
+# what an account row holds besides its keys and time: the ledger writes all of it every time
+ACCOUNT_FIELDS = (
+    "ceiling_usd",
+    "spent_usd",
+    "predicted_usd",
+    "settled",
+    "revoked",
+    "started_unix",
+    "charge",
+)
+
+
 @dataclass(frozen=True)
 class Totals:
     cap_usd: float
@@ -80,77 +142,211 @@ class Totals:
         return self.cap_usd - self.spent_usd - self.reserved_usd
 
 
+# --- engines, errors ---------------------------------------------------------------------------
+def hide_password(url: str | URL) -> str:
+    """``url`` as text with its password, if any, shown as ``***``."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return "<unparsable URL>"
+
+
+def _transient(exc: SQLAlchemyError) -> bool:
+    """Worth another try: locks, busy databases, dropped connections, serialization failures."""
+    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+        return True
+    return isinstance(exc, OperationalError)
+
+
+def _cause(exc: BaseException) -> str:
+    """The driver's error in one line: its class and the first line of its message."""
+    orig = getattr(exc, "orig", None) or exc
+    lines = str(orig).strip().splitlines()
+    return f"{type(orig).__name__}: {lines[0].strip()}" if lines else type(orig).__name__
+
+
+def _sqlite_pragmas(busy_ms: int) -> Callable:
+    def on_connect(dbapi_connection, _record) -> None:
+        cursor = dbapi_connection.cursor()
+        try:
+            cursor.execute(f"PRAGMA busy_timeout={busy_ms}")
+            cursor.execute("PRAGMA journal_mode=WAL")
+        finally:
+            cursor.close()
+
+    return on_connect
+
+
+def _engine(url: URL):
+    """An engine for ``url`` with the timeouts above, WAL and busy timeout on sqlite."""
+    if url.get_backend_name() == "sqlite":
+        timeout_s = float(url.query.get("timeout", SQLITE_TIMEOUT_S))
+        engine = create_engine(url, connect_args={"timeout": timeout_s}, pool_pre_ping=True)
+        event.listen(engine, "connect", _sqlite_pragmas(int(timeout_s * 1000)))
+        return engine
+    connect_args: dict[str, Any] = {}
+    if url.get_backend_name() == "postgresql" and url.get_driver_name() in ("psycopg", "psycopg2"):
+        if "connect_timeout" not in url.query:
+            connect_args["connect_timeout"] = PG_CONNECT_TIMEOUT_S
+        if "options" not in url.query:
+            connect_args["options"] = f"-c lock_timeout={PG_LOCK_TIMEOUT_MS}"
+    return create_engine(url, connect_args=connect_args, pool_pre_ping=True)
+
+
 class Store:
-    """Scoped sessions over one SQLAlchemy URL; tables are created on first use."""
+    """Sessions over one SQLAlchemy URL; tables are created (and older ones given the columns
+    added since) on first use."""
 
     def __init__(self, url: str) -> None:
         self.url = url
+        self.safe_url = hide_password(url)
+        self._password = None
         try:
-            self.engine = create_engine(url, pool_pre_ping=True)
-            Base.metadata.create_all(self.engine)
-        except SQLAlchemyError as exc:
-            raise LorasweepError(
-                f"storage.service_db: cannot open {url.split('@')[-1]!r} "
-                f"({type(exc).__name__}); check the URL and that the server "
-                "runs"
+            parsed = make_url(url)
+            self._password = parsed.password
+            self.engine = _engine(parsed)
+        except ArgumentError as exc:
+            raise StoreError(
+                f"storage.service_db: cannot open {self.safe_url} ({_cause(exc)}); check the URL"
             ) from None
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
-
-    @contextmanager
-    def session(self) -> Iterator[Session]:
-        """Commit on success, roll back on error, translate driver errors."""
-        session = self._sessions()
         try:
-            yield session
-            session.commit()
-        except SQLAlchemyError as exc:
-            session.rollback()
-            raise LorasweepError(f"ledger store error: {type(exc).__name__}: {exc}") from exc
-        finally:
-            session.close()
+            self._retry("open", self._create_schema, schema=True)
+        except StoreError as exc:
+            self.engine.dispose()
+            cause = self._scrub(_cause(exc.__cause__)) if exc.__cause__ else str(exc)
+            raise StoreError(
+                f"storage.service_db: cannot open {self.safe_url} ({cause}); "
+                "check the URL and that the server runs"
+            ) from None
 
-    # --- writes ----------------------------------------------------------------------------
-    def create_sweep(self, sweep_id: str, name: str, cap_usd: float) -> None:
-        with self.session() as s:
-            s.merge(
-                SweepRow(sweep_id=sweep_id, name=name, cap_usd=cap_usd, created_unix=time.time())
-            )
+    def close(self) -> None:
+        """Close the pool's connections (the store stays usable: it reconnects on next use)."""
+        self.engine.dispose()
 
-    def save_account(
-        self,
-        sweep_id: str,
-        key: str,
-        *,
-        ceiling_usd: float,
-        spent_usd: float,
-        settled: bool,
-        predicted_usd: float | None = None,
-        spend_kind: str | None = None,
-    ) -> None:
-        now = time.time()
-        with self.session() as s:
-            row = s.get(AccountRow, (sweep_id, key))
-            if row is None:
-                row = AccountRow(sweep_id=sweep_id, key=key, predicted_usd=predicted_usd)
-                s.add(row)
-            row.ceiling_usd, row.spent_usd, row.settled, row.updated_unix = (
-                ceiling_usd,
-                spent_usd,
-                settled,
-                now,
-            )
-            if predicted_usd is not None:
-                row.predicted_usd = predicted_usd
-            if spend_kind:
-                s.add(
-                    SpendRow(
-                        sweep_id=sweep_id, key=key, cost_usd=spent_usd, at_unix=now, kind=spend_kind
+    # --- plumbing ----------------------------------------------------------------------------
+    def _create_schema(self, session: Session) -> None:
+        conn = session.connection()
+        Base.metadata.create_all(conn)
+        inspector = inspect(conn)
+        for table in Base.metadata.sorted_tables:
+            have = {c["name"] for c in inspector.get_columns(table.name)}
+            for column in table.columns:
+                if column.name not in have:
+                    quote = conn.dialect.identifier_preparer.quote
+                    kind = column.type.compile(dialect=conn.dialect)
+                    conn.exec_driver_sql(
+                        f"ALTER TABLE {quote(table.name)} ADD COLUMN {quote(column.name)} {kind}"
                     )
+
+    def _scrub(self, text: str) -> str:
+        """``text`` in one line, the URL's password (should a driver quote it) hidden."""
+        if self._password:
+            text = text.replace(self._password, "***")
+        return " ".join(text.splitlines())
+
+    def _message(self, what: str, exc: BaseException, tries: int) -> str:
+        plural = "try" if tries == 1 else "tries"
+        return self._scrub(
+            f"ledger store: {what} failed after {tries} {plural} on {self.safe_url}: {_cause(exc)}"
+        )
+
+    def _retry(self, what: str, work: Callable[[Session], T], schema: bool = False) -> T:
+        """Run ``work`` in one transaction, again after a backoff while the error is transient
+        (while creating the schema, also another process's concurrent creation)."""
+        delay = BACKOFF_S
+        for attempt in range(1, TRIES + 1):
+            try:
+                with self._sessions() as session, session.begin():
+                    return work(session)
+            except SQLAlchemyError as exc:
+                racing = schema and isinstance(exc, IntegrityError | ProgrammingError)
+                again = _transient(exc) or racing
+                if attempt == TRIES or not again:
+                    raise StoreError(self._message(what, exc, attempt)) from exc
+            time.sleep(delay)
+            delay = min(2 * delay, BACKOFF_CAP_S)
+        raise AssertionError("unreachable")
+
+    # --- writes ------------------------------------------------------------------------------
+    def open_sweep(
+        self, sweep_id: str, name: str, cap_usd: float, allowance_usd: float | None = None
+    ) -> SweepRow:
+        """The sweep's row, created if new; an existing row (a restarted ledger, a resumed sweep)
+        is kept as it is: its cap, allowance and creation time."""
+
+        def work(s: Session) -> SweepRow:
+            row = s.get(SweepRow, sweep_id)
+            if row is None:
+                row = SweepRow(
+                    sweep_id=sweep_id,
+                    name=name,
+                    cap_usd=cap_usd,
+                    created_unix=time.time(),
+                    allowance_usd=allowance_usd,
                 )
+                s.add(row)
+            return row
+
+        return self._retry("open sweep", work)
+
+    def create_sweep(self, sweep_id: str, name: str, cap_usd: float) -> SweepRow:
+        """Kept for callers of the first release: ``open_sweep`` without an allowance."""
+        return self.open_sweep(sweep_id, name, cap_usd)
+
+    def set_allowance(self, sweep_id: str, allowance_usd: float) -> None:
+        def work(s: Session) -> None:
+            s.execute(
+                update(SweepRow)
+                .where(SweepRow.sweep_id == sweep_id)
+                .values(allowance_usd=allowance_usd)
+                .execution_options(synchronize_session=False)
+            )
+
+        self._retry("set allowance", work)
+
+    def save_account(self, sweep_id: str, key: str, *, spend_kind: str | None = None, **fields):
+        """Overwrite one account's row with ``fields`` (those of ``ACCOUNT_FIELDS``), plus a spend
+        row when ``spend_kind`` is given."""
+        self.save_accounts(sweep_id, {key: fields}, spend_kind=spend_kind)
+
+    def save_accounts(
+        self, sweep_id: str, accounts: dict[str, dict], *, spend_kind: str | None = None
+    ) -> None:
+        """Overwrite several accounts' rows in one transaction: all are written or none. One
+        UPDATE per account (an INSERT the first time): cheap enough for a heartbeat per running
+        trial every few seconds."""
+        now = time.time()
+
+        def work(s: Session) -> None:
+            for key, fields in accounts.items():
+                values = {k: fields.get(k) for k in ACCOUNT_FIELDS} | {"updated_unix": now}
+                values["settled"] = bool(values["settled"])
+                changed = s.execute(
+                    update(AccountRow)
+                    .where(AccountRow.sweep_id == sweep_id, AccountRow.key == key)
+                    .values(**values)
+                    .execution_options(synchronize_session=False)
+                ).rowcount
+                if not changed:
+                    s.add(AccountRow(sweep_id=sweep_id, key=key, **values))
+                if spend_kind:
+                    s.add(
+                        SpendRow(
+                            sweep_id=sweep_id,
+                            key=key,
+                            cost_usd=values["spent_usd"],
+                            at_unix=now,
+                            kind=spend_kind,
+                        )
+                    )
+
+        self._retry(f"write of {', '.join(accounts)}", work)
 
     def save_calibration(self, model: str, accelerator: str, timings: dict[str, float]) -> None:
         now = time.time()
-        with self.session() as s:
+
+        def work(s: Session) -> None:
             for name, value in timings.items():
                 s.merge(
                     CalibrationRow(
@@ -162,44 +358,54 @@ class Store:
                     )
                 )
 
-    # --- reads -----------------------------------------------------------------------------
+        self._retry("write of calibration", work)
+
+    # --- reads -------------------------------------------------------------------------------
+    def _all(self, what: str, query) -> list:
+        return self._retry(what, lambda s: list(s.scalars(query).all()))
+
+    def sweep(self, sweep_id: str) -> SweepRow | None:
+        return self._retry("read of sweep", lambda s: s.get(SweepRow, sweep_id))
+
     def calibration(self, model: str, accelerator: str) -> dict[str, float]:
-        with self.session() as s:
-            rows = s.scalars(
-                select(CalibrationRow).where(
-                    CalibrationRow.model == model, CalibrationRow.accelerator == accelerator
-                )
-            ).all()
+        rows = self._all(
+            "read of calibration",
+            select(CalibrationRow).where(
+                CalibrationRow.model == model, CalibrationRow.accelerator == accelerator
+            ),
+        )
         return {r.name: r.value for r in rows}
 
     def totals(self, sweep_id: str) -> Totals:
-        with self.session() as s:
-            sweep = s.get(SweepRow, sweep_id)
-            if sweep is None:
-                raise LorasweepError(f"SWEEP: no ledger for {sweep_id!r} in {self.url}")
-            rows = s.scalars(select(AccountRow).where(AccountRow.sweep_id == sweep_id)).all()
+        """What the sweep spent and what its open accounts still commit (each its ceiling plus
+        the sweep's allowance, or its spend once past that), as the ledger counts them."""
+        sweep = self.sweep(sweep_id)
+        if sweep is None:
+            raise LorasweepError(f"SWEEP: no ledger for {sweep_id!r} in {self.safe_url}")
+        rows = self.accounts(sweep_id)
+        allowance = sweep.allowance_usd or 0.0
         spent = sum(r.spent_usd for r in rows)
-        reserved = sum(max(r.ceiling_usd - r.spent_usd, 0.0) for r in rows if not r.settled)
+        reserved = sum(
+            max(r.ceiling_usd + allowance - r.spent_usd, 0.0) for r in rows if not r.settled
+        )
         return Totals(sweep.cap_usd, spent, reserved)
 
     def accounts(self, sweep_id: str) -> list[AccountRow]:
-        with self.session() as s:
-            return list(
-                s.scalars(
-                    select(AccountRow)
-                    .where(AccountRow.sweep_id == sweep_id)
-                    .order_by(AccountRow.updated_unix)
-                ).all()
-            )
+        return self._all(
+            "read of accounts",
+            select(AccountRow)
+            .where(AccountRow.sweep_id == sweep_id)
+            .order_by(AccountRow.updated_unix, AccountRow.key),
+        )
 
     def spend_history(self, sweep_id: str) -> list[tuple[float, float]]:
         """(unix time, total spent so far) after each recorded spend."""
-        with self.session() as s:
-            rows = s.scalars(
-                select(SpendRow)
-                .where(SpendRow.sweep_id == sweep_id)
-                .order_by(SpendRow.at_unix, SpendRow.id)
-            ).all()
+        rows = self._all(
+            "read of spend history",
+            select(SpendRow)
+            .where(SpendRow.sweep_id == sweep_id)
+            .order_by(SpendRow.at_unix, SpendRow.id),
+        )
         latest: dict[str, float] = {}
         out = []
         for r in rows:
@@ -208,11 +414,17 @@ class Store:
         return out
 
     def sweep_ids(self) -> list[str]:
-        with self.session() as s:
-            return list(
-                s.scalars(
-                    select(SweepRow.sweep_id).order_by(
-                        func.coalesce(SweepRow.created_unix, 0).desc()
-                    )
-                ).all()
-            )
+        return self._all(
+            "read of sweeps",
+            select(SweepRow.sweep_id).order_by(func.coalesce(SweepRow.created_unix, 0).desc()),
+        )
+
+
+def account_fields(rows: Iterable[AccountRow]) -> dict[str, dict]:
+    """Each row's ``ACCOUNT_FIELDS`` by key (older rows' NULL flags read as False)."""
+    out = {}
+    for r in rows:
+        fields = {k: getattr(r, k) for k in ACCOUNT_FIELDS}
+        fields["revoked"], fields["charge"] = bool(r.revoked), bool(r.charge)
+        out[r.key] = fields
+    return out

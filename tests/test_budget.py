@@ -86,6 +86,74 @@ def test_ledger_invariant_holds_under_random_traffic():
     assert ledger.snapshot()["spent_usd"] <= 10.0
 
 
+def test_allowance_is_committed_by_every_unsettled_trial():
+    """Each running trial commits its ceiling plus the watchdog's allowance (or its spend, once
+    past that); charges and settled trials commit what they spent."""
+    ledger = Ledger(cap_usd=1.0, allowance_usd=0.125)
+    ledger.charge("baseline", 0.125)
+    assert ledger.reserve("a", 0.25)  # commits 0.375
+    assert not ledger.reserve("b", 0.5)  # 0.125 + 0.375 + 0.625 > 1
+    assert ledger.reserve("b", 0.375)  # 0.125 + 0.375 + 0.5 = 1
+    assert ledger.snapshot()["remaining_usd"] == 0.0
+    ledger.update("a", 0.75)  # past its ceiling + allowance: it commits what it spent
+    assert ledger.snapshot()["remaining_usd"] == -0.375
+    assert not ledger.request("b", 0.5)
+    ledger.settle("a", 0.75)  # settled: commits its spend, no allowance
+    ledger.set_allowance(0.0)
+    assert ledger.allowance_usd == 0.0
+    assert ledger.snapshot()["remaining_usd"] == 1 - 0.125 - 0.75 - 0.375
+    assert ledger.request("b", 0.25) and ledger.ceiling("b") == 0.375  # already that high
+
+
+def test_a_revoked_trial_gets_no_more():
+    ledger = Ledger(cap_usd=10.0)
+    assert ledger.reserve("a", 1.0)
+    ledger.revoke("a")
+    assert ledger.revoked("a") and not ledger.revoked("b")
+    assert not ledger.request("a", 2.0) and not ledger.request("a", 0.5)
+    assert not ledger.resize("a", 3.0)
+    assert ledger.resize("a", 0.5) and ledger.ceiling("a") == 0.5  # lowering is always allowed
+    ledger.update("a", 0.7)  # it still reports what it spends until it stops
+    assert ledger.open_accounts() == {"a": {"ceiling_usd": 0.5, "spent_usd": 0.7, "revoked": True}}
+
+
+def test_open_accounts_and_settle_open():
+    ledger = Ledger(cap_usd=10.0, allowance_usd=0.5)
+    for tid in ("a", "b", "c"):
+        assert ledger.reserve(tid, 1.0)
+    ledger.update("a", 0.25)
+    ledger.update("b", 1.75)  # past its ceiling
+    ledger.settle("c", 0.5)
+    assert ledger.open_accounts() == {
+        "a": {"ceiling_usd": 1.0, "spent_usd": 0.25, "revoked": False},
+        "b": {"ceiling_usd": 1.0, "spent_usd": 1.75, "revoked": False},
+    }
+    assert sorted(ledger.settle_open(at="ceiling")) == ["a", "b"]
+    assert ledger.open_accounts() == {}
+    assert ledger.trials["a"].spent_usd == 1.0 and ledger.trials["b"].spent_usd == 1.75
+    assert ledger.snapshot()["spent_usd"] == pytest.approx(3.25)
+    assert ledger.snapshot()["reserved_usd"] == 0.0
+    other = Ledger(cap_usd=10.0)
+    assert other.reserve("a", 1.0)
+    other.update("a", 0.25)
+    assert other.settle_open() == ["a"] and other.trials["a"].spent_usd == 0.25
+    with pytest.raises(ValueError, match="at="):
+        other.settle_open(at="later")
+
+
+def test_settled_accounts_are_closed_and_ids_are_admitted_once():
+    """A settled trial's ceiling no longer moves, and admitting an id twice is refused (it
+    would replace an account, and forget what it spent)."""
+    ledger = Ledger(cap_usd=10.0)
+    assert ledger.reserve("a", 1.0)
+    ledger.settle("a", 0.5)
+    assert not ledger.request("a", 2.0) and not ledger.resize("a", 2.0)
+    assert not ledger.reserve("a", 1.0)
+    assert ledger.trials["a"].spent_usd == 0.5 and ledger.ceiling("a") == 1.0
+    ledger.settle("a", 0.75)  # a later, larger final reading is kept: it was spent
+    assert ledger.snapshot()["spent_usd"] == 0.75
+
+
 def test_spot_market_prices_and_sources():
     spot, on_demand = load_catalog(market="spot"), load_catalog()
     assert spot["H100"].price_usd_per_hour == pytest.approx(3.44)
