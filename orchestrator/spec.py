@@ -501,16 +501,17 @@ def _refuse_duplicate_keys(root) -> None:
             todo += [(item, f"{path}[{i}]") for i, item in enumerate(node.value)]
         if not isinstance(node, yaml.MappingNode):
             continue
-        lines: dict[str, int] = {}
+        lines: dict[tuple, int] = {}  # (tag, text) of each key: `1` and `"1"` differ
         for key_node, value_node in node.value:
             if key_node.tag == _MERGE_TAG:  # `<<: *base`: keys next to it override on purpose
                 continue
-            key = key_node.value if isinstance(key_node, yaml.ScalarNode) else "?"
+            scalar = isinstance(key_node, yaml.ScalarNode)
+            key = key_node.value if scalar else "?"
             where = f"{path}.{key}" if path else str(key)
-            line = key_node.start_mark.line + 1
-            if key in lines and key != "?":
-                raise SpecError(where, f"given twice (lines {lines[key]} and {line}); keep one")
-            lines[key] = line
+            line, seen_at = key_node.start_mark.line + 1, lines.get((key_node.tag, key))
+            if scalar and seen_at:
+                raise SpecError(where, f"given twice (lines {seen_at} and {line}); keep one")
+            lines[key_node.tag, key] = line
             todo.append((value_node, where))
 
 

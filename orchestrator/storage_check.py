@@ -102,7 +102,7 @@ def _check_sqlite(field: str, database: str | None, data_dir: Path) -> None:
         if not os.access(path, os.W_OK):
             raise SpecError(field, f"{path} is not writable; fix its permissions or the path")
         return
-    creatable = path.parent.absolute().resolve() == data_dir.expanduser().absolute().resolve()
+    creatable = path.parent.resolve() == data_dir.expanduser().resolve()
     check_folder(field, path.parent, creatable=creatable)
 
 

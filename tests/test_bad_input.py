@@ -388,3 +388,11 @@ def test_validate_with_embedded_storage_creates_nothing(tmp_path):
     result, out = _invoke(tmp_path, "validate", yaml.safe_dump(_spec(tmp_path)))
     assert result.exit_code == 0, out
     assert not (tmp_path / "store").exists()
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_data_dir_that_is_a_file_is_refused(tmp_path, command):
+    (tmp_path / "afile").write_text("")
+    spec = _spec(tmp_path)
+    spec["storage"]["data_dir"] = str(tmp_path / "afile" / "store")
+    _refused(tmp_path, command, spec, "storage.data_dir:", "afile is a file, not a folder")
