@@ -61,8 +61,17 @@ class Run:
         self.trial_spent: dict[str, float] = {}
 
     def committed(self) -> float:
+        """Commitments by the formula, from the accounts' fields (not the ledger's own sums):
+        each unsettled trial max(ceiling + allowance, spent), each settled one its spend."""
+        a = self.ledger.allowance_usd
+        terms = [
+            t.spent_usd if t.settled else max(t.ceiling_usd + a, t.spent_usd)
+            for t in self.ledger.trials.values()
+        ]
+        committed = math.fsum(terms)
         snap = self.ledger.snapshot()
-        return snap["cap_usd"] - snap["remaining_usd"]
+        assert snap["cap_usd"] - snap["remaining_usd"] == pytest.approx(committed, abs=EPS)
+        return committed
 
     def apply(self, op: tuple) -> None:
         kind, *args = op

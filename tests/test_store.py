@@ -118,6 +118,23 @@ def test_totals_and_history_match_the_ledger(store_url):
     store.close()
 
 
+def test_heartbeats_are_cheap(store_url):
+    """A heartbeat is one UPDATE and one spend row: measured ~2-4 ms here (sqlite, PostgreSQL),
+    so one ledger actor keeps up with hundreds of trials beating every 5 s. The bound below is
+    loose for a shared CI machine: 25 ms still carries 200 such trials."""
+    ledger = Ledger(cap_usd=100.0, sweep_id=_sweep(), store_url=store_url)
+    for k in range(20):
+        assert ledger.reserve(f"t{k}", 1.0)
+    n = 200
+    t0 = time.perf_counter()
+    for k in range(n):
+        ledger.update(f"t{k % 20}", k * 1e-4)
+    per_call_s = (time.perf_counter() - t0) / n
+    assert per_call_s < 0.025, f"{per_call_s * 1000:.1f} ms per heartbeat"
+    assert len(Store(store_url).spend_history(ledger.sweep_id)) == n
+    ledger.close()
+
+
 # --- a write that fails leaves memory unchanged -----------------------------------------------
 REFUSE = {
     "sqlite": [
@@ -192,6 +209,44 @@ def test_a_failed_write_leaves_the_ledger_unchanged(store_url):
     ledger.update("a", 0.7)  # the database writes again: so does the ledger
     assert ledger.trials["a"].spent_usd == 0.7
     ledger.close()
+
+
+def _writes_read_only_files(tmp_path: Path) -> bool:
+    """Whether this process may write a file it made read-only (root: CAP_DAC_OVERRIDE)."""
+    probe = tmp_path / "probe"
+    probe.write_text("")
+    probe.chmod(0o444)
+    try:
+        probe.open("a").close()
+        return True
+    except PermissionError:
+        return False
+    finally:
+        probe.unlink()
+
+
+def test_a_read_only_sqlite_file_leaves_the_ledger_unchanged(tmp_path):
+    """The ledger's file made read-only under it (chmod): the next write fails after its
+    retries, names the cause, and the ledger's memory is what it was. (The database-refused
+    writes above cover every call wherever this one has to skip.)"""
+    if _writes_read_only_files(tmp_path):
+        pytest.skip("this process writes read-only files (root with CAP_DAC_OVERRIDE)")
+    path = tmp_path / "ledger.db"
+    ledger = Ledger(cap_usd=5.0, sweep_id=_sweep(), store_url=f"sqlite:///{path}")
+    assert ledger.reserve("a", 1.0)
+    before = state(ledger)
+    ledger.close()  # open connections keep writing; the next one opens the file read-only
+    modes = {p: p.stat().st_mode for p in tmp_path.iterdir()}
+    try:
+        for p in [*modes, tmp_path]:
+            p.chmod(0o555 if p.is_dir() else 0o444)
+        with pytest.raises(StoreError, match="ledger store: write of a failed"):
+            ledger.update("a", 0.5)
+        assert state(ledger) == before
+    finally:
+        tmp_path.chmod(0o755)
+        for p, mode in modes.items():
+            p.chmod(mode)
 
 
 def _hold_write_lock(url: str):
