@@ -165,11 +165,14 @@ class Ledger:
 
     def reserve(self, trial_id: str, usd: float, predicted_usd: float | None = None) -> bool:
         """Admit a new trial with ceiling ``usd`` if it (plus the allowance) fits under the cap;
-        ``predicted_usd`` is its predicted full cost, kept to compare with what it spends. An id
-        already admitted is refused (``resize`` or ``request`` change its ceiling)."""
-        if trial_id in self.trials:
-            return False
+        ``predicted_usd`` is its predicted full cost, kept to compare with what it spends.
+
+        An id already admitted is refused (``resize`` or ``request`` change its ceiling), unless
+        its account is exactly what this call would make: the same call again, retried by Ray
+        after the actor restarted between writing it and answering."""
         account = TrialAccount(ceiling_usd=usd, predicted_usd=predicted_usd)
+        if trial_id in self.trials:
+            return self.trials[trial_id] == account
         if not self._admits(trial_id, account):
             return False
         self._apply({trial_id: account})

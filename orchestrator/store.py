@@ -205,9 +205,10 @@ class Store:
             parsed = make_url(url)
             self._password = parsed.password
             self.engine = _engine(parsed)
-        except ArgumentError as exc:
+        except (ArgumentError, ImportError) as exc:  # a malformed URL, its driver not installed
             raise StoreError(
-                f"storage.service_db: cannot open {self.safe_url} ({_cause(exc)}); check the URL"
+                f"storage.service_db: cannot open {self.safe_url} ({_cause(exc)}); check the URL "
+                "and that its database driver is installed"
             ) from None
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         try:

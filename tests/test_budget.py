@@ -150,6 +150,10 @@ def test_settled_accounts_are_closed_and_ids_are_admitted_once():
     assert not ledger.request("a", 2.0) and not ledger.resize("a", 2.0)
     assert not ledger.reserve("a", 1.0)
     assert ledger.trials["a"].spent_usd == 0.5 and ledger.ceiling("a") == 1.0
+    # the same reservation asked again (Ray retrying a call the restarted actor had written)
+    assert ledger.reserve("b", 2.0, predicted_usd=3.0)
+    assert ledger.reserve("b", 2.0, predicted_usd=3.0) and ledger.snapshot()["reserved_usd"] == 2.0
+    assert not ledger.reserve("b", 2.5)
     ledger.settle("a", 0.75)  # a later, larger final reading is kept: it was spent
     assert ledger.snapshot()["spent_usd"] == 0.75
 

@@ -88,6 +88,8 @@ def test_reload_keeps_the_sweep_row(store_url):
     time.sleep(0.01)
     again = Ledger(cap_usd=5.0, sweep_id=sweep, store_url=store_url, name="x")
     assert again.cap_usd == 3.0 and again.trials["a"].predicted_usd == 2.0
+    assert again.reserve("a", 1.0, predicted_usd=2.0)  # a call retried after the restart
+    assert not again.reserve("a", 1.5)
     assert store.sweep(sweep).created_unix == created and store.sweep(sweep).cap_usd == 3.0
     again.close()
     store.close()
