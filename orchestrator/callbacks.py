@@ -1,24 +1,77 @@
-"""The driver's Tune callback: ledger bookkeeping, MLflow child runs and live progress."""
+"""The driver's Tune callback: ledger bookkeeping, MLflow child runs and live progress.
+
+Nothing here may kill the sweep with accounts open: every hook runs guarded. MLflow calls are
+retried with backoff; a ledger or MLflow error that persists is recorded in ``control.fatal``,
+and :class:`SweepStopper` then stops every trial so the driver can settle and say why.
+"""
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass, field
 
 import ray
-from ray.tune import Callback
+from ray.tune import Callback, Stopper
 
+from orchestrator import remote
 from orchestrator.prices import cost_usd
 from orchestrator.spec import HYPERPARAMETERS
+from orchestrator.tracking import redact
+from orchestrator.watchdog import SweepControl
+
+MLFLOW_TRIES = 4  # 0.5 + 1 + 2 s of backoff: rides out a restarting server or a locked sqlite
+
+
+def retried(fn, *args, what: str = "MLflow", tries: int = MLFLOW_TRIES, **kwargs):
+    """``fn(*args, **kwargs)``, retried with exponential backoff; the last error is raised."""
+    delay_s = 0.5
+    for attempt in range(1, tries + 1):
+        try:
+            return fn(*args, **kwargs)
+        except Exception:
+            if attempt == tries:
+                raise
+            time.sleep(delay_s)
+            delay_s *= 2
+    raise AssertionError("unreachable")
+
+
+def _guarded(hook):
+    """A Tune hook that records its failure in ``self.control`` instead of raising."""
+
+    @functools.wraps(hook)
+    def wrapper(self, *args, **kwargs):
+        try:
+            return hook(self, *args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - named in one line, the sweep then stops
+            self.control.fail(redact(f"{hook.__name__}: {type(exc).__name__}: {exc}"))
+        return None
+
+    return wrapper
+
+
+class SweepStopper(Stopper):
+    """Stops a trial whose grant the watchdog revoked (at its next report) and every trial once
+    the sweep must end (a persistent error, or the user's interrupt)."""
+
+    def __init__(self, control: SweepControl) -> None:
+        self.control = control
+
+    def __call__(self, trial_id: str, result: dict) -> bool:
+        return trial_id in self.control.revoked
+
+    def stop_all(self) -> bool:
+        return self.control.fatal is not None or self.control.interrupted
 
 
 @dataclass
 class _Live:
     run_id: str
     name: str
-    started_unix: float
+    started: float  # driver monotonic time of on_trial_start
     last_result: dict = field(default_factory=dict)
-    last_result_unix: float | None = None
+    last_result_at: float | None = None  # driver monotonic time of the last report
 
 
 def trial_params(config: dict) -> dict:
@@ -47,22 +100,21 @@ def describe(p: dict) -> str:
     ).rstrip()
 
 
-def _startup_s(result: dict) -> float | None:
-    """Billed seconds before training began (actor start, imports, model load), measured at a
-    trial's first report as what its steps, evals and saves do not explain."""
-    if result.get("training_iteration") != 1:
-        return None
-    phases = result.get("phases_s", {})
-    busy = sum(phases.get(k, 0.0) for k in ("step", "eval", "checkpoint", "report"))
-    return result["billed_s"] - busy
+def _kill(trial) -> None:
+    """Kill a trial's actor (the watchdog's last resort); Tune then errors the trial."""
+    actor = trial.temporary_state.ray_actor  # Tune's handle on the trial's worker
+    if actor is not None:
+        ray.kill(actor, no_restart=True)
 
 
 class SweepCallback(Callback):
     """Keeps the ledger, MLflow and the console in step with Tune's view of the trials.
 
-    A trial's final bill runs from when Tune started it to when it completed here: its last
-    reported billed seconds plus the time since that report (an early-stopped trial keeps its
-    resources until Tune releases them).
+    A trial's final bill is the most of: its last reported billed seconds plus the time since
+    that report (an early-stopped trial keeps its resources until Tune releases them), the time
+    since Tune started it, its last heartbeat (the ledger keeps the highest), and what the
+    watchdog settled it at if it was killed. The driver-side times are on this process's
+    monotonic clock.
     """
 
     def __init__(
@@ -76,6 +128,8 @@ class SweepCallback(Callback):
         fixed_params: dict,
         console,
         base_score: float | None,
+        control: SweepControl | None = None,
+        watchdog=None,
     ) -> None:
         self.sweep_id, self.tracker, self.ledger = sweep_id, tracker, ledger
         self.price_usd_per_hour = price_usd_per_hour
@@ -85,43 +139,51 @@ class SweepCallback(Callback):
         self.finished: list[dict] = []
         self._count = 0
         self._reports = 0
+        self.control = control or SweepControl()
+        self.watchdog = watchdog
 
     def __getstate__(self) -> dict:
         # Tune pickles its callbacks with the experiment state; the live MLflow client and the
         # console are not picklable and are re-supplied when a sweep is resumed.
-        return {k: v for k, v in self.__dict__.items() if k not in ("tracker", "console")}
+        live = ("tracker", "console", "watchdog")
+        return {k: v for k, v in self.__dict__.items() if k not in live}
 
     # --- Tune hooks ---------------------------------------------------------------------------
+    @_guarded
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
         self._count += 1
-        now = time.time()
-        ray.get(self.ledger.mark_started.remote(trial.trial_id, now))
+        now = time.monotonic()
         name = f"trial-{self._count:03d}"
+        self.live[trial.trial_id] = _Live("", name, now)
+        if self.watchdog is not None:
+            self.watchdog.watch(trial.trial_id, functools.partial(_kill, trial))
         params = trial_params(trial.config)
-        predicted = ray.get(self.ledger.predicted.remote(trial.trial_id))
+        predicted = remote.call(self.ledger.predicted, trial.trial_id)
         if predicted is not None:
             params["predicted_cost_usd"] = round(predicted, 6)
-        run_id = self.tracker.start_trial(
-            self.sweep_id, name, trial.trial_id, {**params, **self.fixed_params}
+        self.live[trial.trial_id].run_id = retried(
+            self.tracker.start_trial,
+            self.sweep_id,
+            name,
+            trial.trial_id,
+            {**params, **self.fixed_params},
         )
-        self.live[trial.trial_id] = _Live(run_id, name, now)
         self.console.print(f"[bold]{name}[/] started  {describe(params)}")
 
+    @_guarded
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         live = self.live[trial.trial_id]
-        live.last_result, live.last_result_unix = result, time.time()
-        ray.get(self.ledger.update.remote(trial.trial_id, float(result["cost_usd"])))
-        ray.get(
-            self.ledger.calibrate.remote(
-                **self.cost_model.calibration(trial.config, result.get("step_s")),
-                closing_s=result.get("closing_s"),
-                startup_s=_startup_s(result),
-            )
-        )
-        self.tracker.log_trial_result(live.run_id, result)
-        snap = ray.get(self.ledger.snapshot.remote())
+        live.last_result, live.last_result_at = result, time.monotonic()
+        remote.call(self.ledger.update, trial.trial_id, float(result["cost_usd"]))
+        reused = bool(result.get("base_model_reused"))
+        measured = self.cost_model.measurements(trial.config, result, reused=reused)
+        remote.call(self.ledger.calibrate, **measured)
+        if live.run_id:
+            retried(self.tracker.log_trial_result, live.run_id, result)
+        snap = remote.call(self.ledger.snapshot)
         self._reports += 1
-        self.tracker.log_sweep_metrics(
+        retried(
+            self.tracker.log_sweep_metrics,
             {
                 "budget_spent_usd": snap["spent_usd"],
                 "budget_committed_usd": snap["cap_usd"] - snap["remaining_usd"],
@@ -134,27 +196,39 @@ class SweepCallback(Callback):
             f"[dim]sweep spent ${snap['spent_usd']:.5f} of ${snap['cap_usd']:.5f}[/]"
         )
 
+    @_guarded
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
-        last = self.live[trial.trial_id].last_result
-        status = last.get("trial_status", "running")
+        live = self.live.get(trial.trial_id)
+        if live is None:
+            return
+        # no report at all: refused before its first step (or stopped before it)
+        status = live.last_result.get("trial_status", "running" if live.last_result else None)
+        if status is None or trial.trial_id in self.control.revoked:
+            status = "budget_stopped"
         self._finish(trial, {"running": "pruned"}.get(status, status))
 
+    @_guarded
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
-        self._finish(trial, "failed")
+        killed = trial.trial_id in self.control.revoked
+        self._finish(trial, "budget_killed" if killed else "failed")
 
     # --- helpers ------------------------------------------------------------------------------
     def _finish(self, trial, status: str) -> None:
         live = self.live.pop(trial.trial_id, None)
         if live is None:
             return
-        now = time.time()
+        killed_usd = self.watchdog.unwatch(trial.trial_id) if self.watchdog else None
+        now = time.monotonic()
         last = live.last_result
-        tail_s = now - live.last_result_unix if live.last_result_unix else 0.0
-        billed_s = max(last.get("billed_s", 0.0) + tail_s, now - live.started_unix)
-        final_usd = cost_usd(self.price_usd_per_hour, billed_s)
-        ray.get(self.ledger.settle.remote(trial.trial_id, final_usd))
-        if "billed_s" in last:  # what was billed after the last report: later trials keep room
-            ray.get(self.ledger.calibrate.remote(release_s=billed_s - last["billed_s"]))
+        tail_s = now - live.last_result_at if live.last_result_at else 0.0
+        billed_s = max(last.get("billed_s", 0.0) + tail_s, now - live.started)
+        final_usd = max(cost_usd(self.price_usd_per_hour, billed_s), killed_usd or 0.0)
+        remote.call(self.ledger.settle, trial.trial_id, final_usd)
+        if "billed_s" in last and killed_usd is None:  # billed after the last report
+            released = self.cost_model.release_measurement(
+                trial.config, billed_s - last["billed_s"]
+            )
+            remote.call(self.ledger.calibrate, **released)
         checkpoint = trial.checkpoint
         final = {"cost_usd": final_usd, "billed_s": billed_s, "step": last.get("step", 0)}
         for key in ("tokens", "base_model_reused"):
@@ -166,9 +240,14 @@ class SweepCallback(Callback):
         final.update({f"phase_{k}_s": v for k, v in phases.items()})
         if phases:
             final["phase_idle_s"] = max(billed_s - sum(phases.values()), 0.0)
-        self.tracker.end_trial(
-            live.run_id, status, dict(final), checkpoint.path if checkpoint is not None else None
-        )
+        if live.run_id:
+            retried(
+                self.tracker.end_trial,
+                live.run_id,
+                status,
+                dict(final),
+                checkpoint.path if checkpoint is not None and last else None,
+            )
         self.finished.append(
             {"trial": live.name, "status": status, **final, "score": last.get("score")}
         )

@@ -44,6 +44,7 @@ class Prediction:
     trial_usd: float  # all its steps and evals (kept to compare with what it spends)
     step_s: float
     closing_s: float
+    startup_s: float = 0.0
 
 
 class BudgetedSearcher(Searcher):
@@ -87,11 +88,11 @@ class BudgetedSearcher(Searcher):
         return False  # let Tune's ConcurrencyLimiter do it
 
     def suggest(self, trial_id: str):
-        import ray
+        from orchestrator import remote
 
         floor = self.predict(self.cheapest).admission_usd
-        if not ray.get(self.ledger.reserve.remote(trial_id, floor)):
-            snap = ray.get(self.ledger.snapshot.remote())
+        if not remote.call(self.ledger.reserve, trial_id, floor):
+            snap = remote.call(self.ledger.snapshot)
             if snap["running"]:
                 return None  # ask again once a running trial has settled and freed its ceiling
             self.exhausted_reason = (
@@ -101,15 +102,20 @@ class BudgetedSearcher(Searcher):
             return Searcher.FINISHED
         config = self.searcher.suggest(trial_id)
         if config is None or config == Searcher.FINISHED:
-            ray.get(self.ledger.settle.remote(trial_id, 0.0))
+            remote.call(self.ledger.settle, trial_id, 0.0)
             return config
         updates, reason = self.fit_memory(config) if self.fit_memory else ({}, None)
         if reason is None:
             config = {**config, **updates}
             p = self.predict(config)
-            if ray.get(self.ledger.resize.remote(trial_id, p.admission_usd, p.trial_usd)):
+            if remote.call(self.ledger.resize, trial_id, p.admission_usd, p.trial_usd):
                 self._consecutive_skips = 0
-                return {**config, "predicted_step_s": p.step_s, "predicted_closing_s": p.closing_s}
+                return {
+                    **config,
+                    "predicted_step_s": p.step_s,
+                    "predicted_closing_s": p.closing_s,
+                    "predicted_startup_s": p.startup_s,
+                }
             reason = (
                 f"budget: {config_label(config)} needs ${p.admission_usd:.4f} to its first rung, "
                 "more than is left now"
@@ -118,9 +124,9 @@ class BudgetedSearcher(Searcher):
 
     def _skip(self, trial_id: str, reason: str):
         """Never launched, nothing spent: free the reservation, tell Optuna it failed."""
-        import ray
+        from orchestrator import remote
 
-        ray.get(self.ledger.settle.remote(trial_id, 0.0))
+        remote.call(self.ledger.settle, trial_id, 0.0)
         self.searcher.on_trial_complete(trial_id, result=None, error=True)
         self.skipped.append(reason)
         self._consecutive_skips += 1

@@ -13,10 +13,11 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from orchestrator import leaderboard
+from orchestrator import leaderboard, remote
+from orchestrator.errors import LorasweepError
 from orchestrator.preflight import Plan, make_plan
 from orchestrator.spec import Dim, SearchSpace, SweepSpec
-from orchestrator.tracking import Tracker, default_tracking_uri
+from orchestrator.tracking import Tracker, default_tracking_uri, redact
 
 
 @dataclass
@@ -42,18 +43,13 @@ def storage_urls(spec: SweepSpec) -> tuple[Path, str, str, str]:
     return data_dir, tracking, optuna_url, service_db
 
 
+class SweepAborted(LorasweepError):
+    """The sweep stopped before its end on a persistent error; every account was settled."""
+
+
 def _ledger_timings(ledger) -> dict:
     """The ledger's measured timings (a module-level function: Tune pickles the searcher)."""
-    import ray
-
-    return ray.get(ledger.get_timings.remote())
-
-
-def calibration_key(spec: SweepSpec) -> tuple[str, str]:
-    """Measured speeds carry over between sweeps of the same model on the same trial resources."""
-    res = spec.resources
-    units = res.cpus_per_trial if res.accelerator == "cpu" else res.gpus_per_trial
-    return spec.model.name_or_path, f"{res.accelerator}x{units}"
+    return remote.call(ledger.get_timings)
 
 
 def _quiet_libraries() -> None:
@@ -102,6 +98,7 @@ def _base_trial_config(spec: SweepSpec, plan: Plan) -> dict:
         "train_path": str(plan.train_path),
         "validation_path": str(plan.validation_path),
         "data_format": spec.data.format,
+        "truncation": spec.data.truncation,
         "dtype": spec.model.dtype,
         "max_steps": t.max_steps,
         "eval_every": t.eval_every,
@@ -115,6 +112,8 @@ def _base_trial_config(spec: SweepSpec, plan: Plan) -> dict:
         "price_usd_per_hour": plan.price_usd_per_hour,
         "device": "cuda" if res.gpus_per_trial else "cpu",
         "num_threads": res.cpus_per_trial,
+        # fault injection (tests, bench/fault_injection.py); unset for every real sweep
+        "fault": os.environ.get("LORASWEEP_FAULT") or None,
         **{
             f"prior_{k}": v
             for k, v in plan.cost_model.timings(plan.extremes(spec.search_space)[1], {}).items()
@@ -125,34 +124,50 @@ def _base_trial_config(spec: SweepSpec, plan: Plan) -> dict:
 
 def _score_base(spec: SweepSpec, plan: Plan, ledger) -> dict | None:
     """Score the base model on the validation split as a Ray task holding a trial's resources;
-    its cost is charged to the budget like a trial's."""
+    its cost is charged to the budget like a trial's. It runs under a ceiling (twice its
+    prediction where the cap allows): no retries, and past its ceiling plus the watchdog's margin
+    and grace the task is cancelled and the sweep goes on without a base score."""
     import ray
+    from ray.exceptions import GetTimeoutError
 
+    from orchestrator.watchdog import GRACE_S, MARGIN_S
     from workers.scoring import score_split
 
-    if not ray.get(ledger.reserve.remote("baseline", plan.baseline_usd)):
-        return None
+    ceiling_usd = 2 * plan.baseline_usd
+    if not remote.call(ledger.reserve, "baseline", ceiling_usd):
+        ceiling_usd = plan.baseline_usd
+        if not remote.call(ledger.reserve, "baseline", ceiling_usd):
+            return None
     res, t = spec.resources, spec.trial
-    task = ray.remote(score_split).options(num_cpus=res.cpus_per_trial, num_gpus=res.gpus_per_trial)
-    start = time.time()
-    out = ray.get(
-        task.remote(
-            plan.model_ref,
-            plan.validation_path,
-            data_format=spec.data.format,
-            limit=t.eval_examples,
-            max_new_tokens=t.max_new_tokens,
-            max_seq_len=t.max_seq_len,
-            batch_size=t.batch_size,
-            dtype=spec.model.dtype,
-            num_threads=res.cpus_per_trial,
-            device="cuda" if res.gpus_per_trial else "cpu",
-        )
+    task = ray.remote(score_split).options(
+        num_cpus=res.cpus_per_trial, num_gpus=res.gpus_per_trial, max_retries=0
     )
-    billed_s = time.time() - start
-    out["cost_usd"] = plan.price_usd_per_hour * billed_s / 3600
-    ray.get(ledger.settle.remote("baseline", out["cost_usd"]))
-    ray.get(ledger.calibrate.remote(closing_s=out["seconds"]))  # the first trial's eval prior
+    limit_s = ceiling_usd / plan.price_usd_per_hour * 3600 + MARGIN_S + GRACE_S
+    start = time.monotonic()
+    ref = task.remote(
+        plan.model_ref,
+        plan.validation_path,
+        data_format=spec.data.format,
+        limit=t.eval_examples,
+        max_new_tokens=t.max_new_tokens,
+        max_seq_len=t.max_seq_len,
+        batch_size=t.batch_size,
+        dtype=spec.model.dtype,
+        num_threads=res.cpus_per_trial,
+        device="cuda" if res.gpus_per_trial else "cpu",
+    )
+    try:
+        out = ray.get(ref, timeout=limit_s)
+    except GetTimeoutError:
+        ray.cancel(ref, force=True)
+        out = None
+    billed_s = time.monotonic() - start
+    cost = plan.price_usd_per_hour * billed_s / 3600
+    remote.call(ledger.settle, "baseline", cost)
+    if out is None:
+        return {"timed_out": True, "cost_usd": cost, "seconds": billed_s}
+    out["cost_usd"] = cost
+    remote.call(ledger.calibrate, closing_s=out["seconds"])  # the first trial's eval prior
     return out
 
 
@@ -185,6 +200,7 @@ def _make_tuner(
     from ray.tune.search.optuna import OptunaSearch
 
     from orchestrator.acquisition import CalibratedCost, CostAwareTPESampler
+    from orchestrator.callbacks import SweepStopper
     from orchestrator.search import BudgetedSearcher, DefineByRun, Prediction
     from orchestrator.trainable import train_lorasweep
 
@@ -218,6 +234,7 @@ def _make_tuner(
             trial_usd=plan.trial_usd(measured, hp, spec.trial.max_steps, n_evals),
             step_s=t["step_s"],
             closing_s=t["closing_s"],
+            startup_s=t["startup_s"],
         )
 
     cheapest, _ = plan.extremes(space)
@@ -254,6 +271,7 @@ def _make_tuner(
             storage_path=str(storage_path),
             verbose=0,
             callbacks=[callback],
+            stop=SweepStopper(callback.control),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
         ),
     )
@@ -293,7 +311,16 @@ def _summarize(
     line = lora_vs_full(summary)
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(tmp) / "report.md"
-        report.write_text(render_markdown(summary, line, gate_reason, skipped or []))
+        report.write_text(
+            render_markdown(
+                summary,
+                line,
+                gate_reason,
+                skipped or [],
+                baseline_usd=base["cost_usd"] if base else None,
+                spent_usd=snap["spent_usd"],
+            )
+        )
         if line:
             tracker.client.set_tag(tracker.parent_id, "lorasweep.lora_vs_full", line)
         csv_path = leaderboard.write_csv(rows, Path(tmp) / "leaderboard.csv")
@@ -317,13 +344,11 @@ def _run_phase(spec, plan, sweep_id, ledger, callback, optuna_url, space, phase,
 
 def _gate(spec: SweepSpec, plan: Plan, tracking_uri: str, sweep_id: str, ledger):
     """The staged strategy's decision after the LoRA sweep: run full FT or not, and why."""
-    import ray
-
     from orchestrator.report import ADAPTER_METHODS, full_ft_gate
 
     rows = leaderboard.trial_rows(tracking_uri, leaderboard.find_sweep(tracking_uri, sweep_id))
     scores = [r.score for r in rows if r.method in ADAPTER_METHODS and r.score is not None]
-    snap = ray.get(ledger.snapshot.remote())
+    snap = remote.call(ledger.snapshot)
     measured = _ledger_timings(ledger)
     return full_ft_gate(
         max_runs=spec.full.max_runs,
@@ -335,12 +360,84 @@ def _gate(spec: SweepSpec, plan: Plan, tracking_uri: str, sweep_id: str, ledger)
     )
 
 
-def run_sweep(spec: SweepSpec, console, address: str | None = None) -> SweepResult:
-    """Run a whole sweep and return its leaderboard; raises before any spend on bad input."""
+def _start_ledger(spec: SweepSpec, plan: Plan, sweep_id: str, service_db: str):
+    """The sweep's ledger as a Ray actor that comes back after a crash, rebuilt from SQL (it
+    writes SQL before it changes its memory), keeping the watchdog's allowance per trial."""
     import ray
 
     from orchestrator.budget import Ledger
+    from orchestrator.costmodel import spec_calibration_key
+    from orchestrator.watchdog import allowance_usd
+
+    return (
+        ray.remote(Ledger)
+        .options(num_cpus=0, max_restarts=-1, max_task_retries=3)
+        .remote(
+            spec.budget_usd,
+            sweep_id=sweep_id,
+            store_url=service_db,
+            name=spec.name,
+            calibration_key=spec_calibration_key(spec),
+            allowance_usd=allowance_usd(plan.price_usd_per_hour),
+        )
+    )
+
+
+def _settle_everything(spec: SweepSpec, ledger, sweep_id: str, service_db: str) -> dict:
+    """Close every account still open (at its ceiling: its spend is not known) and return the
+    ledger's snapshot; straight from SQL when the ledger actor does not answer."""
+    from orchestrator.budget import Ledger
+
+    try:
+        remote.call(ledger.settle_open, "ceiling", tries=2)
+        return remote.call(ledger.snapshot, tries=2)
+    except remote.ActorUnavailable:
+        local = Ledger(spec.budget_usd, sweep_id=sweep_id, store_url=service_db, name=spec.name)
+        local.settle_open("ceiling")
+        return local.snapshot()
+
+
+def _end_failed(tracker, snap: dict, console) -> None:
+    """Mark the parent run failed; an MLflow error here must not hide the sweep's own cause."""
+    from orchestrator.callbacks import retried
+
+    try:
+        retried(tracker.end_sweep, "failed", snap, [], tries=2)
+    except Exception as exc:  # noqa: BLE001 - reported, the original cause is raised
+        console.print(f"[yellow]MLflow[/] could not mark the sweep failed: {type(exc).__name__}")
+
+
+def _run_phases(spec, plan, sweep_id, ledger, callback, optuna_url, tracking_uri, console):
+    """The LoRA phase, then (if the gate calls for it and nothing stopped the sweep) full FT;
+    returns (end reason, skipped proposals, gate reason)."""
+    run_phase = functools.partial(_run_phase, spec, plan, sweep_id, ledger, callback, optuna_url)
+    searcher = run_phase(spec.search_space, "lora", spec.max_trials)
+    reason = searcher.exhausted_reason or f"max_trials ({spec.max_trials}) reached"
+    skipped = list(searcher.skipped)
+    if callback.control.fatal or callback.control.interrupted:
+        return reason, skipped, ""
+    run_full, gate_reason = _gate(spec, plan, tracking_uri, sweep_id, ledger)
+    console.print(f"[bold]full fine-tuning[/] {'runs' if run_full else 'skipped'}: {gate_reason}")
+    if run_full:
+        full_space = spec.search_space.model_copy(
+            update={
+                "method": Dim(value="full"),
+                "learning_rate": spec.full.learning_rate,
+                "full_lr_scale": 1.0,
+            }
+        )
+        full_searcher = run_phase(full_space, "full", spec.full.max_runs)
+        reason = full_searcher.exhausted_reason or reason
+        skipped += full_searcher.skipped
+    return reason, skipped, gate_reason
+
+
+def run_sweep(spec: SweepSpec, console, address: str | None = None) -> SweepResult:
+    """Run a whole sweep and return its leaderboard; raises before any spend on bad input, and
+    :class:`SweepAborted` (every account settled, the cause in one line) on a persistent error
+    of MLflow, the SQL store or the ledger."""
     from orchestrator.callbacks import SweepCallback
+    from orchestrator.watchdog import SweepControl, Watchdog
 
     t0 = time.time()
     _quiet_libraries()
@@ -355,21 +452,11 @@ def run_sweep(spec: SweepSpec, console, address: str | None = None) -> SweepResu
         f"${plan.admission_usd({}, plan.extremes(spec.search_space)[0]):.5f}"
     )
     _init_ray(spec, address)
-    ledger = (
-        ray.remote(Ledger)
-        .options(num_cpus=0)
-        .remote(
-            spec.budget_usd,
-            sweep_id=sweep_id,
-            store_url=service_db,
-            name=spec.name,
-            calibration_key=calibration_key(spec),
-        )
-    )
+    ledger = _start_ledger(spec, plan, sweep_id, service_db)
     tracker = Tracker(tracking_uri, spec.name, artifact_root=data_dir / "artifacts")
     tracker.start_sweep(
         sweep_id,
-        spec.model_dump(mode="json"),
+        _public_spec(spec),
         {
             "budget_usd": spec.budget_usd,
             "model": spec.model.name_or_path,
@@ -379,68 +466,62 @@ def run_sweep(spec: SweepSpec, console, address: str | None = None) -> SweepResu
             "objective": spec.objective.metric,
         },
     )
-    console.print("[bold]scoring[/] the base model on the validation split ...")
-    base = _score_base(spec, plan, ledger)
-    if base:
-        console.print(
-            f"  base model score {base['score']:.3f}  eval_loss {base['eval_loss']:.4f}  "
-            f"${base['cost_usd']:.5f}"
-        )
-    fixed = {
-        k: v
-        for k, v in _base_trial_config(spec, plan).items()
-        if k
-        in (
-            "max_steps",
-            "eval_every",
-            "batch_size",
-            "max_seq_len",
-            "seed",
-            "dtype",
-            "price_usd_per_hour",
-        )
-    }
-    callback = SweepCallback(
-        sweep_id=sweep_id,
-        tracker=tracker,
-        ledger=ledger,
-        price_usd_per_hour=plan.price_usd_per_hour,
-        cost_model=plan.cost_model,
-        fixed_params={**fixed, "base_model": spec.model.name_or_path},
-        console=console,
-        base_score=base["score"] if base else None,
-    )
+    control = SweepControl()
+    watchdog = Watchdog(ledger, plan.price_usd_per_hour, control).start()
     try:
-        run_phase = functools.partial(
-            _run_phase, spec, plan, sweep_id, ledger, callback, optuna_url
-        )
-        searcher = run_phase(spec.search_space, "lora", spec.max_trials)
-        reason = searcher.exhausted_reason or f"max_trials ({spec.max_trials}) reached"
-        skipped = list(searcher.skipped)
-        run_full, gate_reason = _gate(spec, plan, tracking_uri, sweep_id, ledger)
-        console.print(
-            f"[bold]full fine-tuning[/] {'runs' if run_full else 'skipped'}: {gate_reason}"
-        )
-        if run_full:
-            full_space = spec.search_space.model_copy(
-                update={
-                    "method": Dim(value="full"),
-                    "learning_rate": spec.full.learning_rate,
-                    "full_lr_scale": 1.0,
-                }
+        console.print("[bold]scoring[/] the base model on the validation split ...")
+        base = _score_base(spec, plan, ledger)
+        if base and base.get("timed_out"):
+            console.print(
+                f"  [yellow]base model eval[/] passed its ceiling and was stopped "
+                f"(${base['cost_usd']:.5f}); going on without a base score"
             )
-            full_searcher = run_phase(full_space, "full", spec.full.max_runs)
-            reason = full_searcher.exhausted_reason or reason
-            skipped += full_searcher.skipped
-    except BaseException:
-        tracker.end_sweep("failed", ray.get(ledger.snapshot.remote()), [])
-        raise
+            base = None
+        elif base:
+            console.print(
+                f"  base model score {base['score']:.3f}  eval_loss {base['eval_loss']:.4f}  "
+                f"${base['cost_usd']:.5f}"
+            )
+        callback = SweepCallback(
+            sweep_id=sweep_id,
+            tracker=tracker,
+            ledger=ledger,
+            price_usd_per_hour=plan.price_usd_per_hour,
+            cost_model=plan.cost_model,
+            fixed_params={**_fixed_params(spec, plan), "base_model": spec.model.name_or_path},
+            console=console,
+            base_score=base["score"] if base else None,
+            control=control,
+            watchdog=watchdog,
+        )
+        reason, skipped, gate_reason = _run_phases(
+            spec, plan, sweep_id, ledger, callback, optuna_url, tracking_uri, console
+        )
+    except BaseException as exc:
+        control.fail(f"{type(exc).__name__}: {exc}")
+    finally:
+        watchdog.stop()
+    if control.fatal:
+        snap = _settle_everything(spec, ledger, sweep_id, service_db)
+        _end_failed(tracker, snap, console)
+        raise SweepAborted(
+            f"sweep {sweep_id} stopped: {control.fatal} (spent ${snap['spent_usd']:.5f} of "
+            f"${spec.budget_usd:g}, every account settled)"
+        )
     for reason_skipped in skipped:
         console.print(f"[yellow]not launched[/] {reason_skipped}")  # "budget: ..." or "memory: ..."
-    snap = ray.get(ledger.snapshot.remote())
-    rows, best = _summarize(
-        spec, tracker, tracking_uri, sweep_id, base, snap, reason, gate_reason, skipped
-    )
+    if watchdog.kills:
+        console.print(f"[yellow]watchdog[/] killed {len(watchdog.kills)} trial(s) past their grant")
+    snap = remote.call(ledger.snapshot)
+    try:
+        rows, best = _summarize(
+            spec, tracker, tracking_uri, sweep_id, base, snap, reason, gate_reason, skipped
+        )
+    except Exception as exc:  # every account is settled: say why the summary is missing
+        raise SweepAborted(
+            f"sweep {sweep_id}: its trials ended (spent ${snap['spent_usd']:.5f}) but its "
+            f"summary could not be written to MLflow: {type(exc).__name__}: {redact(str(exc))}"
+        ) from exc
     return SweepResult(
         sweep_id,
         tracking_uri,
@@ -452,3 +533,15 @@ def run_sweep(spec: SweepSpec, console, address: str | None = None) -> SweepResu
         reason,
         time.time() - t0,
     )
+
+
+def _public_spec(spec: SweepSpec) -> dict:
+    """The spec as logged to MLflow: passwords in storage URLs hidden."""
+    return spec.public_dump()
+
+
+def _fixed_params(spec: SweepSpec, plan: Plan) -> dict:
+    """The trial settings every trial shares, logged on each child run."""
+    keep = ("max_steps", "eval_every", "batch_size", "max_seq_len", "seed", "dtype")
+    base = _base_trial_config(spec, plan)
+    return {k: base[k] for k in (*keep, "price_usd_per_hour")}

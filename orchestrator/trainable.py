@@ -1,40 +1,87 @@
-"""The Ray Tune function trainable: glue between Tune, the budget ledger and ``workers.train``."""
+"""The Ray Tune function trainable: glue between Tune, the budget ledger and ``workers.train``.
+
+Billing starts when the trial's worker holds its resources: for the first trial of a worker
+process, when Tune's actor loaded this module (the actor is created once its resources are
+granted); for a later trial of a reused actor, when the previous trial in the process returned,
+so the seconds a kept actor holds its resources while the search decides are billed too (to the
+next trial). All on this process's ``time.monotonic()``. While the trial runs, a heartbeat thread
+sends its billed cost to the ledger every ``HEARTBEAT_S`` and picks up a revoked grant.
+"""
 
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
-from orchestrator.costmodel import PRIOR_RELEASE_S
-from orchestrator.spec import HYPERPARAMETERS
-from workers.train import TrialConfig, run_trial
+_HELD_SINCE = time.monotonic()  # this worker process got its resources (module loaded by the actor)
+_released_at: float | None = None  # when this process's previous trial returned
+
+import threading  # noqa: E402 - after the clock above, which must start first
+from pathlib import Path  # noqa: E402
+
+from orchestrator import remote  # noqa: E402
+from orchestrator.costmodel import PRIOR_RELEASE_S  # noqa: E402
+from orchestrator.spec import HYPERPARAMETERS  # noqa: E402
+from orchestrator.watchdog import HEARTBEAT_S  # noqa: E402
+from workers.train import TrialConfig, run_trial  # noqa: E402
 
 
 class LedgerBudget:
-    """A trial's view of the sweep's ledger actor."""
+    """A trial's view of the sweep's ledger actor: its ceiling, raised on request, and a
+    heartbeat thread that reports its live cost and learns when the grant is revoked."""
 
-    def __init__(self, ledger, trial_id: str) -> None:
-        import ray
-
-        self._ray, self.ledger, self.trial_id = ray, ledger, trial_id
-        self.ceiling_usd = ray.get(ledger.ceiling.remote(trial_id))
+    def __init__(self, ledger, trial_id: str, price_usd_per_hour: float, t0: float) -> None:
+        self.ledger, self.trial_id = ledger, trial_id
+        self.price_usd_per_hour, self.t0 = price_usd_per_hour, t0
+        self.ceiling_usd = remote.call(ledger.ceiling, trial_id)
+        self.revoked = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name="lorasweep-heartbeat", daemon=True)
 
     def request(self, total_usd: float) -> bool:
-        if self._ray.get(self.ledger.request.remote(self.trial_id, total_usd)):
+        if self.revoked:
+            return False
+        if remote.call(self.ledger.request, self.trial_id, total_usd):
             self.ceiling_usd = total_usd
             return True
         return False
 
+    def cost_usd(self) -> float:
+        return self.price_usd_per_hour * (time.monotonic() - self.t0) / 3600.0
+
+    def __enter__(self) -> LedgerBudget:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        try:  # the last word: what the trial cost up to here
+            remote.call(self.ledger.update, self.trial_id, self.cost_usd(), tries=1)
+        except remote.ActorUnavailable:
+            pass  # settled by the driver from its own clock
+
+    def _beat(self) -> None:
+        while not self._stop.wait(HEARTBEAT_S):
+            try:
+                remote.call(self.ledger.update, self.trial_id, self.cost_usd(), tries=1)
+                if remote.call(self.ledger.revoked, self.trial_id, tries=1):
+                    self.revoked = True
+            except remote.ActorUnavailable:
+                continue  # the driver's watchdog sees the silence and acts on it
+
+
+def _billing_start() -> float:
+    return _released_at if _released_at is not None else _HELD_SINCE
+
 
 def train_lorasweep(config: dict, *, base: dict, ledger) -> None:
     """Run one trial of the sweep; ``base`` holds the TrialConfig fields the spec fixes."""
-    import ray
+    global _released_at
     from ray import tune
 
-    started_unix = time.time()
+    t0 = _billing_start()
     trial_id = tune.get_context().get_trial_id()
-    timings = ray.get(ledger.get_timings.remote())
-    scheduled_unix = ray.get(ledger.started.remote(trial_id))
+    timings = remote.call(ledger.get_timings)
     hyper = {k: config[k] for k in HYPERPARAMETERS if k in config}
     hyper["loraplus_lr_ratio"] = hyper.get("loraplus_lr_ratio") or None
     if hyper.get("method") == "full":  # the search samples LoRA-scale lrs; full FT wants ~10x less
@@ -47,11 +94,10 @@ def train_lorasweep(config: dict, *, base: dict, ledger) -> None:
             **memory,
             # the admission's predictions for this config, until the trial measures its own
             "prior_step_s": config.get("predicted_step_s", base.get("prior_step_s", 5.0)),
-            "prior_closing_s": timings.get(
-                "closing_s", config.get("predicted_closing_s", base.get("prior_closing_s", 30.0))
-            ),
+            "prior_closing_s": config.get("predicted_closing_s", base.get("prior_closing_s", 30.0)),
+            "prior_startup_s": config.get("predicted_startup_s", 0.0),
             "release_s": timings.get("release_s", base.get("release_s", PRIOR_RELEASE_S)),
-            "billing_start_unix": min(started_unix, scheduled_unix or started_unix),
+            "billing_start_monotonic": t0,
         }
     )
 
@@ -59,4 +105,9 @@ def train_lorasweep(config: dict, *, base: dict, ledger) -> None:
         metrics = {**metrics, "trial_status": metrics.pop("status")}
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(adapter_dir)))
 
-    run_trial(cfg, report, LedgerBudget(ledger, trial_id))
+    try:
+        # a trial refused before training reports nothing: its bill is its last heartbeat
+        with LedgerBudget(ledger, trial_id, cfg.price_usd_per_hour, t0) as budget:
+            run_trial(cfg, report, budget)
+    finally:
+        _released_at = time.monotonic()

@@ -169,12 +169,16 @@ class _Row:
     head: list[int] = field(default_factory=list)  # the generation so far
 
 
-def _rows(tokenizer, examples, max_seq_len: int) -> list[_Row]:
+def _rows(tokenizer, examples, max_seq_len: int, prompt_limit: int | None = None) -> list[_Row]:
+    """Each example's prompt and reference answer; ``prompt_limit`` keeps only the prompt's last
+    tokens (``data.truncation: left``)."""
     rows = []
     for ex in examples:
         full, labels = encode_for_training(tokenizer, ex, 10**9)
         n_prompt = next(t for t, label in enumerate(labels) if label != -100)
         prompt, answer = full[:n_prompt], full[n_prompt:]
+        if prompt_limit is not None and len(prompt) > prompt_limit:
+            prompt, n_prompt = prompt[-prompt_limit:], prompt_limit
         # loss over the answer tokens training sees (within the first max_seq_len positions)
         rows.append(_Row(prompt, answer, [], 0.0, max(0, min(len(answer), max_seq_len - n_prompt))))
     return rows
@@ -247,6 +251,7 @@ def evaluate(
     chunk_tokens: int | None = None,
     *,
     keep_graphs: bool = False,
+    prompt_limit: int | None = None,
 ) -> dict:
     """``{"eval_loss", "generations", "rows_generated", "tokens_generated", "decode_steps"}``:
     the mean answer cross-entropy and the greedy generations of every example (see the module's
@@ -255,7 +260,8 @@ def evaluate(
     the teacher-forced cache and ``chunk_tokens`` (rows x their prompt, answer and decoding room)
     allows. ``keep_graphs``: on the static route, keep each batch's cache and captured decoding
     steps for the next eval of this model (``static_decode.keep``); only where the forward reads
-    no adapter weights (merged, or none) and no compiled layers run in between."""
+    no adapter weights (merged, or none) and no compiled layers run in between. ``prompt_limit``:
+    prompts keep only their last tokens (``data.truncation: left``)."""
     with _without_cudnn_attention(model):
         return _evaluate(
             model,
@@ -266,6 +272,7 @@ def evaluate(
             batch_size,
             chunk_tokens,
             keep_graphs,
+            prompt_limit,
         )
 
 
@@ -292,10 +299,18 @@ def _chunks(rows: list[_Row], batch_size: int, chunk_tokens: int | None, room: i
 
 
 def _evaluate(
-    model, tokenizer, examples, max_seq_len, max_new_tokens, batch_size, chunk_tokens, keep_graphs
+    model,
+    tokenizer,
+    examples,
+    max_seq_len,
+    max_new_tokens,
+    batch_size,
+    chunk_tokens,
+    keep_graphs,
+    prompt_limit=None,
 ) -> dict:
     model.eval()
-    forced = _rows(tokenizer, examples, max_seq_len)
+    forced = _rows(tokenizer, examples, max_seq_len, prompt_limit)
     if not _plain_greedy(model):  # every row decoded from its prompt, as ``generate`` does
         for c in _chunks(forced, batch_size, None, None):
             _teacher_forced(model, tokenizer, c, False)

@@ -73,6 +73,7 @@ class TrialConfig:
     # torch.compile the decoder layers, replayed as CUDA graphs (GPU; ~30-90 s once per process)
     compile: bool = False
     packing: bool = True  # rows packed end to end, no padding (supported decoders)
+    truncation: str = "refuse"  # data.truncation: "left" drops a long prompt's oldest tokens
     reuse_base_model: bool = True  # keep the base model in this process for the next trial
     # limits
     max_steps: int = 30
@@ -172,12 +173,14 @@ def _encoded_train_rows(tokenizer, cfg: TrialConfig) -> list:
     """The training rows tokenised; a later trial in this process on the same file, tokenizer and
     length limit reuses them (the file's size and modification time are part of the key)."""
     stat = Path(cfg.train_path).stat() if Path(cfg.train_path).is_file() else None
-    key = (cfg.model, cfg.train_path, cfg.data_format, cfg.max_seq_len)
+    key = (cfg.model, cfg.train_path, cfg.data_format, cfg.max_seq_len, cfg.truncation)
     key += (stat.st_size, stat.st_mtime_ns) if stat else ()
     if key not in _encoded:
         rows = read_examples(Path(cfg.train_path), cfg.data_format)
         _encoded.clear()
-        _encoded[key] = [encode_for_training(tokenizer, ex, cfg.max_seq_len) for ex in rows]
+        _encoded[key] = [
+            encode_for_training(tokenizer, ex, cfg.max_seq_len, cfg.truncation) for ex in rows
+        ]
     return _encoded[key]
 
 
@@ -266,6 +269,9 @@ def _eval_and_save(model, tokenizer, val, cfg: TrialConfig, clock: _Clock, out_d
                 cfg.micro_batch or cfg.batch_size, cfg.max_seq_len, cfg.gradient_checkpointing
             ),
             keep_graphs=adapter_free and not _graphs(cfg, model),
+            prompt_limit=(
+                cfg.max_seq_len - cfg.max_new_tokens if cfg.truncation == "left" else None
+            ),
         )
     clock.phases_s["eval"] += time.monotonic() - t
     t = time.monotonic()

@@ -1,0 +1,153 @@
+"""The watchdog outside the trials: a hang cannot bill.
+
+A trial checks its grant before every step (``workers/train.py``), but a step, eval, save or
+model load that hangs never reaches the next check. The watchdog runs in the driver, in a thread,
+and every ``POLL_S`` reads the ledger's open accounts. A trial's live spend is its last heartbeat
+(the trial sends its billed seconds every ``HEARTBEAT_S``) plus the time since that heartbeat was
+first seen, at the trial's price, on the driver's monotonic clock; with no heartbeat yet, the
+time since the trial was registered. When the live spend reaches
+
+    ceiling + MARGIN_S x price    the grant is revoked: the trial stops before its next step
+                                   (no closing eval) and Tune stops it at its next report;
+    ... + GRACE_S x price          the trial's actor is killed (``ray.kill``); its account is
+                                   settled at no less than the watchdog's estimate.
+
+So a trial spends at most its ceiling + ``allowance_usd(price)``, which the ledger keeps
+committed for every running trial: the cap holds whatever a trial does. If the ledger itself
+stops answering, the watchdog kills every watched trial and stops the sweep (``control.fatal``).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from orchestrator import remote
+
+POLL_S = 0.5
+MARGIN_S = 2.0  # over the ceiling before the grant is revoked
+GRACE_S = 5.0  # after revoking, before the actor is killed
+HEARTBEAT_S = 2.0  # a running trial's billed seconds reach the ledger at least this often
+KILL_LATENCY_S = 2.0  # ray.kill until the process is gone, measured well under this here
+
+
+def allowance_usd(price_usd_per_hour: float) -> float:
+    """What a running trial may spend past its ceiling before the watchdog has killed it."""
+    seconds = MARGIN_S + GRACE_S + 2 * POLL_S + KILL_LATENCY_S
+    return price_usd_per_hour * seconds / 3600.0
+
+
+@dataclass
+class SweepControl:
+    """What the driver's parts tell each other: trials whose grant is gone, and why the sweep
+    must stop (None while it may go on). Plain data: Tune pickles its stopper with it."""
+
+    revoked: set[str] = field(default_factory=set)
+    fatal: str | None = None
+    interrupted: bool = False
+
+    def fail(self, cause: str) -> None:
+        if self.fatal is None:
+            self.fatal = cause
+
+
+@dataclass
+class _Watched:
+    kill: Callable[[], None]
+    since: float  # driver monotonic time the trial was registered
+    spent_usd: float = 0.0
+    seen: float = 0.0  # driver monotonic time spent_usd was first seen
+    killed_usd: float | None = None
+
+
+class Watchdog:
+    """Stops, then kills, any trial whose live spend passes its ceiling (see module doc)."""
+
+    def __init__(self, ledger, price_usd_per_hour: float, control: SweepControl) -> None:
+        self.ledger, self.price_usd_per_hour, self.control = ledger, price_usd_per_hour, control
+        self._watched: dict[str, _Watched] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="lorasweep-watchdog", daemon=True)
+        self.kills: list[str] = []
+
+    # --- registration (from the Tune callback) --------------------------------------------
+    def watch(self, trial_id: str, kill: Callable[[], None]) -> None:
+        now = time.monotonic()
+        with self._lock:
+            self._watched[trial_id] = _Watched(kill, since=now, seen=now)
+
+    def unwatch(self, trial_id: str) -> float | None:
+        """Stop watching; returns the spend the watchdog settled a killed trial at, if it did."""
+        with self._lock:
+            w = self._watched.pop(trial_id, None)
+        return None if w is None else w.killed_usd
+
+    def live_usd(self, trial_id: str) -> float | None:
+        with self._lock:
+            w = self._watched.get(trial_id)
+            return None if w is None else self._estimate(w, time.monotonic())
+
+    # --- the thread -------------------------------------------------------------------------
+    def start(self) -> Watchdog:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        while not self._stop.wait(POLL_S):
+            try:
+                self.check()
+            except remote.ActorUnavailable as exc:
+                self.control.fail(str(exc))
+                self._kill_all()
+            except Exception as exc:  # noqa: BLE001 - the watchdog must not die silently
+                self.control.fail(f"watchdog: {type(exc).__name__}: {exc}")
+                self._kill_all()
+
+    def _estimate(self, w: _Watched, now: float) -> float:
+        return w.spent_usd + self.price_usd_per_hour * (now - w.seen) / 3600.0
+
+    def check(self) -> None:
+        """One pass over the watched trials (the thread calls this every ``POLL_S``)."""
+        with self._lock:
+            if not self._watched:
+                return
+        accounts = remote.call(self.ledger.open_accounts, timeout_s=10.0)
+        now = time.monotonic()
+        margin = self.price_usd_per_hour * MARGIN_S / 3600.0
+        grace = self.price_usd_per_hour * GRACE_S / 3600.0
+        to_kill = []
+        with self._lock:
+            for trial_id, w in self._watched.items():
+                acct = accounts.get(trial_id)
+                if acct is None or w.killed_usd is not None:
+                    continue
+                if acct["spent_usd"] > w.spent_usd:
+                    w.spent_usd, w.seen = acct["spent_usd"], now
+                live = self._estimate(w, now)
+                if live >= acct["ceiling_usd"] + margin and trial_id not in self.control.revoked:
+                    self.control.revoked.add(trial_id)
+                    remote.call(self.ledger.revoke, trial_id, timeout_s=10.0)
+                if live >= acct["ceiling_usd"] + margin + grace:
+                    w.killed_usd = max(live, acct["ceiling_usd"])
+                    to_kill.append((trial_id, w))
+        for trial_id, w in to_kill:
+            self.kills.append(trial_id)
+            remote.call(self.ledger.update, trial_id, w.killed_usd, timeout_s=10.0)
+            w.kill()
+
+    def _kill_all(self) -> None:
+        with self._lock:
+            watched = list(self._watched.items())
+        now = time.monotonic()
+        for trial_id, w in watched:
+            if w.killed_usd is None:
+                w.killed_usd = self._estimate(w, now)
+                self.kills.append(trial_id)
+                w.kill()
