@@ -7,7 +7,7 @@ import random
 import pytest
 
 from orchestrator.budget import Ledger
-from orchestrator.costmodel import METHOD_RATE, CostModel, ModelDims, flops_per_token
+from orchestrator.costmodel import CostModel, ModelDims, flops_per_token
 from orchestrator.errors import SpecError
 from orchestrator.prices import cost_usd, load_catalog, trial_price_usd_per_hour
 from workers.memory import ModelShape
@@ -251,36 +251,6 @@ def _cost_model(accelerator="cpu", units=2) -> CostModel:
     )
 
 
-def test_cost_model_prior_then_calibrated_per_method():
-    model = _cost_model()
-    full = {"method": "full"}
-    per_step = (6 * 100_000_000 + 12 * 10 * 512 * 128) * 128 * 8
-    # prior: 2 cores at 2.5e10 FLOP/s each
-    t = model.timings(full, {})
-    assert t["step_s"] == pytest.approx(per_step / 5e10)
-    assert t["closing_s"] == pytest.approx(1.5 * t["step_s"] * 2)
-    assert t["startup_s"] == 15.0
-    assert t["release_s"] == 2.0  # prior for the billed tail after the last report
-    # a full-FT trial measured 2 s per step: its FLOP/s is calibrated for full FT
-    measured = {
-        **model.calibration(full, 2.0),
-        "closing_s": 5.0,
-        "startup_s": 20.0,
-        "release_s": 0.5,
-    }
-    assert measured["flops_per_s:full"] == pytest.approx(per_step / 2.0)
-    assert model.timings(full, measured)["step_s"] == pytest.approx(2.0)
-    # startup + 10 steps + 1 eval + release, x1.25 safety, at $1/s
-    assert model.usd(full, 10, 1, measured) == pytest.approx(1.25 * (20 + 10 * 2.0 + 5 + 0.5))
-    # QLoRA has no measurement yet: derived from full FT's FLOP/s, slower by its method rate
-    qlora = {"method": "qlora", "rank": 8, "target_modules": "all_linear"}
-    derived = measured["flops_per_s:full"] * METHOD_RATE["qlora"]
-    assert model.flops_per_s("qlora", measured) == pytest.approx(derived)
-    assert model.timings(qlora, measured)["step_s"] == pytest.approx(
-        model.flops_per_step(qlora) / derived
-    )
-
-
 def test_predictions_are_per_config():
     model = _cost_model("H100", 1)
     small = {"method": "lora", "rank": 4, "target_modules": "attn"}
@@ -290,15 +260,3 @@ def test_predictions_are_per_config():
         < model.usd(big, 10, 1, {})
         < model.usd({"method": "full"}, 10, 1, {})
     )
-
-
-def test_gpu_startup_prior_grows_with_the_weights_to_load():
-    """Until a trial measures it, a GPU trial's startup is priced as actor start + imports + CUDA
-    start (20 s) plus its bf16 weights at 0.5 GB/s: small models are not priced like 70B ones."""
-    from dataclasses import replace
-
-    small = replace(_cost_model(), accelerator="H100", units=1)  # 100M matmul weights
-    big = replace(small, dims=ModelDims(n_matmul=7_000_000_000, layers=32, d_model=4096))
-    assert small.timings({"method": "lora"}, {})["startup_s"] == pytest.approx(20.0 + 0.4)
-    assert big.timings({"method": "lora"}, {})["startup_s"] == pytest.approx(20.0 + 28.0)
-    assert small.timings({"method": "lora"}, {"startup_s": 3.0})["startup_s"] == 3.0
