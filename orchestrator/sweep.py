@@ -194,13 +194,13 @@ def _make_tuner(
     phase: str,
     num_samples: int,
 ):
-    import optuna
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search.optuna import OptunaSearch
 
     from orchestrator.acquisition import CalibratedCost, CostAwareTPESampler
     from orchestrator.callbacks import SweepStopper
+    from orchestrator.optuna_storage import SecretlessRDBStorage
     from orchestrator.search import BudgetedSearcher, DefineByRun, Prediction
     from orchestrator.trainable import train_lorasweep
 
@@ -222,7 +222,7 @@ def _make_tuner(
             seed=spec.trial.seed,
             n_startup_trials=4,
         ),
-        storage=optuna.storages.RDBStorage(optuna_url),
+        storage=SecretlessRDBStorage(optuna_url),
         study_name=f"{sweep_id}-{phase}",
     )
 
