@@ -33,9 +33,8 @@ import math
 import time
 from dataclasses import dataclass, field, replace
 
-# measured timings that carry over to later sweeps of the same model and accelerator (closing
-# time depends on the sweep's eval settings, so it does not)
-PORTABLE_TIMINGS = ("flops_per_s:", "startup_s")
+from orchestrator.costmodel import is_portable
+
 RECENT = 3  # calibration looks at the last few measurements of each kind
 
 
@@ -295,7 +294,9 @@ class Ledger:
             new = pick(recent)
             if new != self.timings.get(name):
                 self.timings[name] = changed[name] = new
-        portable = {k: v for k, v in changed.items() if k.startswith(PORTABLE_TIMINGS)}
+        # what carries over to later sweeps of the same model and accelerator (closing time
+        # depends on the sweep's eval settings, so it does not): costmodel.PORTABLE_PREFIXES
+        portable = {k: v for k, v in changed.items() if is_portable(k)}
         if self._store is not None and self.calibration_key and portable:
             self._store.save_calibration(*self.calibration_key, portable)
 

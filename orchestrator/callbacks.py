@@ -16,25 +16,18 @@ from ray.tune import Callback, Stopper
 
 from orchestrator import remote
 from orchestrator.prices import cost_usd
+from orchestrator.retry import with_backoff
+from orchestrator.secrets import redact
 from orchestrator.spec import HYPERPARAMETERS
-from orchestrator.tracking import redact
 from orchestrator.watchdog import SweepControl
 
 MLFLOW_TRIES = 4  # 0.5 + 1 + 2 s of backoff: rides out a restarting server or a locked sqlite
 
 
-def retried(fn, *args, what: str = "MLflow", tries: int = MLFLOW_TRIES, **kwargs):
-    """``fn(*args, **kwargs)``, retried with exponential backoff; the last error is raised."""
-    delay_s = 0.5
-    for attempt in range(1, tries + 1):
-        try:
-            return fn(*args, **kwargs)
-        except Exception:
-            if attempt == tries:
-                raise
-            time.sleep(delay_s)
-            delay_s *= 2
-    raise AssertionError("unreachable")
+def retried(fn, *args, tries: int = MLFLOW_TRIES, **kwargs):
+    """``fn(*args, **kwargs)`` (an MLflow call), retried with exponential backoff; the last error
+    is raised."""
+    return with_backoff(lambda: fn(*args, **kwargs), tries=tries, first_s=0.5)
 
 
 def _guarded(hook):
@@ -70,6 +63,7 @@ class _Live:
     run_id: str
     name: str
     started: float  # driver monotonic time of on_trial_start
+    trial: object = None  # Tune's Trial
     last_result: dict = field(default_factory=dict)
     last_result_at: float | None = None  # driver monotonic time of the last report
 
@@ -141,6 +135,7 @@ class SweepCallback(Callback):
         self._reports = 0
         self.control = control or SweepControl()
         self.watchdog = watchdog
+        self.started_ids: set[str] = set()  # every trial Tune started (its spend is real)
 
     def __getstate__(self) -> dict:
         # Tune pickles its callbacks with the experiment state; the live MLflow client and the
@@ -152,22 +147,25 @@ class SweepCallback(Callback):
     @_guarded
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
         self._count += 1
+        self.started_ids.add(trial.trial_id)
         now = time.monotonic()
         name = f"trial-{self._count:03d}"
-        self.live[trial.trial_id] = _Live("", name, now)
+        self.live[trial.trial_id] = _Live("", name, now, trial)
         if self.watchdog is not None:
             self.watchdog.watch(trial.trial_id, functools.partial(_kill, trial))
         params = trial_params(trial.config)
         predicted = remote.call(self.ledger.predicted, trial.trial_id)
         if predicted is not None:
             params["predicted_cost_usd"] = round(predicted, 6)
-        self.live[trial.trial_id].run_id = retried(
-            self.tracker.start_trial,
-            self.sweep_id,
-            name,
-            trial.trial_id,
-            {**params, **self.fixed_params},
-        )
+        remote.call(self.ledger.mark_started, trial.trial_id, time.time())  # for the record
+
+        def start_run() -> str:  # a retry must not make a second child run for the trial
+            made = self.tracker.find_trial(self.sweep_id, trial.trial_id)
+            return made or self.tracker.start_trial(
+                self.sweep_id, name, trial.trial_id, {**params, **self.fixed_params}
+            )
+
+        self.live[trial.trial_id].run_id = retried(start_run)
         self.console.print(f"[bold]{name}[/] started  {describe(params)}")
 
     @_guarded
@@ -211,6 +209,19 @@ class SweepCallback(Callback):
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
         killed = trial.trial_id in self.control.revoked
         self._finish(trial, "budget_killed" if killed else "failed")
+
+    def finish_open(self, status: str) -> list[str]:
+        """Settle and close every trial Tune stopped without a word (an interrupt or an error
+        stops trials without ``on_trial_complete``); returns their ids. A failure here is
+        recorded in ``control`` and the rest go on."""
+        closed = []
+        for trial_id, live in list(self.live.items()):
+            try:
+                self._finish(live.trial, status)
+                closed.append(trial_id)
+            except Exception as exc:  # noqa: BLE001 - the driver settles it from SQL then
+                self.control.fail(f"closing {live.name}: {type(exc).__name__}: {exc}")
+        return closed
 
     # --- helpers ------------------------------------------------------------------------------
     def _finish(self, trial, status: str) -> None:

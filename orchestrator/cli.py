@@ -96,10 +96,17 @@ def run(
             f"[bold]score[/] base model {base} -> best {result.best.score:.3f} "
             f"({result.best.trial}, ${result.best.cost_usd:.5f})"
         )
-    console.print(f"[bold]next[/]  lorasweep promote {result.sweep_id}")
     console.print(
         f"[bold]browse[/] {_ui_command(result.tracking_uri)}   (then open http://127.0.0.1:5000)"
     )
+    if result.interrupted:
+        console.print(
+            f"[bold]interrupted[/] sweep {result.sweep_id}: no trial runs, every account is "
+            f"settled (${result.spent_usd:.5f} spent); its best adapter so far can be promoted "
+            f"with lorasweep promote {result.sweep_id}"
+        )
+        raise typer.Exit(130)
+    console.print(f"[bold]next[/]  lorasweep promote {result.sweep_id}")
 
 
 @app.command()

@@ -7,9 +7,8 @@ with backoff; what still fails is raised as :class:`ActorUnavailable`, one line 
 
 from __future__ import annotations
 
-import time
-
 from orchestrator.errors import LorasweepError
+from orchestrator.retry import with_backoff
 
 TIMEOUT_S = 30.0  # one call, including a ledger actor's restart and reload from SQL
 TRIES = 3
@@ -25,17 +24,19 @@ def call(method, *args, timeout_s: float = TIMEOUT_S, tries: int = TRIES, **kwar
     import ray
     from ray.exceptions import GetTimeoutError, RayActorError
 
-    delay_s = 0.5
-    for attempt in range(1, tries + 1):
-        try:
-            return ray.get(method.remote(*args, **kwargs), timeout=timeout_s)
-        except (GetTimeoutError, RayActorError) as exc:
-            if attempt == tries:
-                name = getattr(method, "_method_name", "call")
-                raise ActorUnavailable(
-                    f"ledger: {name} failed {tries} times ({type(exc).__name__}); the sweep "
-                    "stopped with its accounts settled"
-                ) from exc
-            time.sleep(delay_s)
-            delay_s *= 2
-    raise AssertionError("unreachable")
+    def giveup(exc: Exception, attempts: int) -> Exception | None:
+        if not isinstance(exc, GetTimeoutError | RayActorError):
+            return None
+        name = getattr(method, "_method_name", "call")
+        return ActorUnavailable(
+            f"ledger: {name} failed {attempts} times ({type(exc).__name__}); the sweep stopped "
+            "with its accounts settled"
+        )
+
+    return with_backoff(
+        lambda: ray.get(method.remote(*args, **kwargs), timeout=timeout_s),
+        tries=tries,
+        first_s=0.5,
+        again=lambda exc: isinstance(exc, GetTimeoutError | RayActorError),
+        giveup=giveup,
+    )

@@ -30,6 +30,12 @@ def hide_password(url: str) -> str:
     return _SECRET_PARAMS.sub(rf"\g<1>{MASK}", hidden)
 
 
+def redact(text: str) -> str:
+    """Free text (an error message, a log line, a YAML dump) with the password of every URL in
+    it, and every secret query value, replaced by ``***``."""
+    return _SECRET_PARAMS.sub(rf"\g<1>{MASK}", _USERINFO.sub(rf"\g<1>{MASK}@", text or ""))
+
+
 def password_of(url: str) -> str | None:
     """The password in ``url``'s ``user:password@`` part, if any (to scrub it from messages)."""
     try:

@@ -51,6 +51,7 @@ from sqlalchemy.exc import (
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from orchestrator.errors import LorasweepError, StoreError
+from orchestrator.retry import with_backoff
 
 __all__ = ["Store", "StoreError", "Totals", "AccountRow", "SweepRow", "SpendRow"]
 
@@ -255,19 +256,25 @@ class Store:
     def _retry(self, what: str, work: Callable[[Session], T], schema: bool = False) -> T:
         """Run ``work`` in one transaction, again after a backoff while the error is transient
         (while creating the schema, also another process's concurrent creation)."""
-        delay = BACKOFF_S
-        for attempt in range(1, TRIES + 1):
-            try:
-                with self._sessions() as session, session.begin():
-                    return work(session)
-            except SQLAlchemyError as exc:
-                racing = schema and isinstance(exc, IntegrityError | ProgrammingError)
-                again = _transient(exc) or racing
-                if attempt == TRIES or not again:
-                    raise StoreError(self._message(what, exc, attempt)) from exc
-            time.sleep(delay)
-            delay = min(2 * delay, BACKOFF_CAP_S)
-        raise AssertionError("unreachable")
+
+        def once() -> T:
+            with self._sessions() as session, session.begin():
+                return work(session)
+
+        def again(exc: Exception) -> bool:
+            if not isinstance(exc, SQLAlchemyError):
+                return False
+            racing = schema and isinstance(exc, IntegrityError | ProgrammingError)
+            return _transient(exc) or racing
+
+        def giveup(exc: Exception, attempts: int) -> Exception | None:
+            if not isinstance(exc, SQLAlchemyError):
+                return None
+            return StoreError(self._message(what, exc, attempts))
+
+        return with_backoff(
+            once, tries=TRIES, first_s=BACKOFF_S, cap_s=BACKOFF_CAP_S, again=again, giveup=giveup
+        )
 
     # --- writes ------------------------------------------------------------------------------
     def open_sweep(

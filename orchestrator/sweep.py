@@ -5,9 +5,12 @@ Straight-line on purpose: every step below is one helper a reader can find in se
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+import signal
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -16,8 +19,9 @@ from pathlib import Path
 from orchestrator import leaderboard, remote
 from orchestrator.errors import LorasweepError
 from orchestrator.preflight import Plan, make_plan
+from orchestrator.secrets import redact
 from orchestrator.spec import Dim, SearchSpace, SweepSpec
-from orchestrator.tracking import Tracker, default_tracking_uri, redact
+from orchestrator.tracking import Tracker, default_tracking_uri
 
 
 @dataclass
@@ -31,6 +35,7 @@ class SweepResult:
     rows: list[leaderboard.Row] = field(default_factory=list)
     end_reason: str = ""
     wall_s: float = 0.0
+    interrupted: bool = False
 
 
 def storage_urls(spec: SweepSpec) -> tuple[Path, str, str, str]:
@@ -52,6 +57,28 @@ def _ledger_timings(ledger) -> dict:
     return remote.call(ledger.get_timings)
 
 
+class Predictor:
+    """A config's predicted cost with the sweep's measured timings. A class holding only the plan
+    and the ledger's handle (Tune pickles the searcher that holds it: a closure over the spec
+    would carry its storage URLs, passwords included, into the experiment folder)."""
+
+    def __init__(self, plan: Plan, ledger, max_steps: int, n_evals: int) -> None:
+        self.plan, self.ledger, self.max_steps, self.n_evals = plan, ledger, max_steps, n_evals
+
+    def __call__(self, hp: dict):
+        from orchestrator.search import Prediction
+
+        measured = _ledger_timings(self.ledger)
+        t = self.plan.cost_model.timings(hp, measured)
+        return Prediction(
+            admission_usd=self.plan.admission_usd(measured, hp),
+            trial_usd=self.plan.trial_usd(measured, hp, self.max_steps, self.n_evals),
+            step_s=t["step_s"],
+            closing_s=t["closing_s"],
+            startup_s=t["startup_s"],
+        )
+
+
 def _quiet_libraries() -> None:
     """Our own progress lines replace Tune's tables and Optuna's per-trial logs."""
     import logging
@@ -59,6 +86,10 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the legacy reporter honours verbose=0
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"  # ours stops the sweep (``_interrupts``)
+    # a trial refused before its first step ends without a report (so without the metric):
+    # ASHA skips it and the searcher records it PRUNED, instead of Tune failing the sweep
+    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     logging.getLogger("optuna").setLevel(logging.WARNING)
     logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
 
@@ -128,9 +159,10 @@ def _score_base(spec: SweepSpec, plan: Plan, ledger) -> dict | None:
     prediction where the cap allows): no retries, and past its ceiling plus the watchdog's margin
     and grace the task is cancelled and the sweep goes on without a base score."""
     import ray
-    from ray.exceptions import GetTimeoutError
+    from ray.exceptions import GetTimeoutError, RayError
 
-    from orchestrator.watchdog import GRACE_S, MARGIN_S
+    from orchestrator.prices import cost_usd
+    from orchestrator.watchdog import GRACE_S, KILL_LATENCY_S, MARGIN_S
     from workers.scoring import score_split
 
     ceiling_usd = 2 * plan.baseline_usd
@@ -156,18 +188,21 @@ def _score_base(spec: SweepSpec, plan: Plan, ledger) -> dict | None:
         num_threads=res.cpus_per_trial,
         device="cuda" if res.gpus_per_trial else "cpu",
     )
+    stopped = None
     try:
         out = ray.get(ref, timeout=limit_s)
     except GetTimeoutError:
+        stopped = "passed its ceiling and was stopped"
+    except RayError as exc:  # an OOM, bad data: the sweep can go on without the base score
+        stopped = f"failed ({type(exc).__name__})"
+    if stopped:
         ray.cancel(ref, force=True)
-        out = None
-    billed_s = time.monotonic() - start
-    cost = plan.price_usd_per_hour * billed_s / 3600
+        ray.wait([ref], timeout=KILL_LATENCY_S)  # bill until the process is gone
+    cost = cost_usd(plan.price_usd_per_hour, time.monotonic() - start)
     remote.call(ledger.settle, "baseline", cost)
-    if out is None:
-        return {"timed_out": True, "cost_usd": cost, "seconds": billed_s}
+    if stopped:
+        return {"stopped": stopped, "cost_usd": cost}
     out["cost_usd"] = cost
-    remote.call(ledger.calibrate, closing_s=out["seconds"])  # the first trial's eval prior
     return out
 
 
@@ -201,7 +236,7 @@ def _make_tuner(
     from orchestrator.acquisition import CalibratedCost, CostAwareTPESampler
     from orchestrator.callbacks import SweepStopper
     from orchestrator.optuna_storage import SecretlessRDBStorage
-    from orchestrator.search import BudgetedSearcher, DefineByRun, Prediction
+    from orchestrator.search import BudgetedSearcher, DefineByRun
     from orchestrator.trainable import train_lorasweep
 
     metric, mode = spec.objective.metric, spec.objective.mode
@@ -226,18 +261,8 @@ def _make_tuner(
         study_name=f"{sweep_id}-{phase}",
     )
 
-    def predict(hp: dict) -> Prediction:
-        measured = _ledger_timings(ledger)
-        t = plan.cost_model.timings(hp, measured)
-        return Prediction(
-            admission_usd=plan.admission_usd(measured, hp),
-            trial_usd=plan.trial_usd(measured, hp, spec.trial.max_steps, n_evals),
-            step_s=t["step_s"],
-            closing_s=t["closing_s"],
-            startup_s=t["startup_s"],
-        )
-
     cheapest, _ = plan.extremes(space)
+    predict = Predictor(plan, ledger, spec.trial.max_steps, n_evals)
     searcher = BudgetedSearcher(optuna_search, ledger, predict, cheapest, plan.memory_fit)
     if spec.early_stopping.enabled:
         scheduler = ASHAScheduler(
@@ -330,7 +355,8 @@ def _summarize(
         tracker.client.set_tag(tracker.parent_id, "lorasweep.end_reason", reason)
         if best:
             tracker.client.set_tag(tracker.parent_id, "lorasweep.best_run_id", best.run_id)
-        tracker.end_sweep("completed", metrics, [csv_path, png, report])
+        status = "interrupted" if reason == "interrupted" else "completed"
+        tracker.end_sweep(status, metrics, [csv_path, png, report])
     return rows, best
 
 
@@ -338,7 +364,16 @@ def _run_phase(spec, plan, sweep_id, ledger, callback, optuna_url, space, phase,
     tuner, searcher = _make_tuner(
         spec, plan, sweep_id, ledger, callback, optuna_url, space, phase, num_samples
     )
-    tuner.fit()
+    try:
+        tuner.fit()
+    finally:  # trials Tune stopped without a word (an interrupt, an error) are closed here
+        control = callback.control
+        status = "interrupted" if control.interrupted else "failed" if control.fatal else "stopped"
+        for trial_id in callback.finish_open(status):
+            try:
+                searcher.on_trial_complete(trial_id, result=None)  # PRUNED in Optuna
+            except Exception:  # noqa: BLE001 - the study is told what it can be told
+                pass
     return searcher
 
 
@@ -383,18 +418,34 @@ def _start_ledger(spec: SweepSpec, plan: Plan, sweep_id: str, service_db: str):
     )
 
 
-def _settle_everything(spec: SweepSpec, ledger, sweep_id: str, service_db: str) -> dict:
-    """Close every account still open (at its ceiling: its spend is not known) and return the
-    ledger's snapshot; straight from SQL when the ledger actor does not answer."""
+def _settle_everything(spec: SweepSpec, ledger, sweep_id: str, service_db: str, started) -> dict:
+    """Close every account still open and return the ledger's snapshot: a trial that started
+    at no less than its ceiling (what it spent after its last heartbeat is not known), a
+    reservation that never started at its spend (nothing). Straight from SQL when the ledger
+    actor does not answer (killed first, so that a late call cannot reopen what SQL closed)."""
+    import ray
+
     from orchestrator.budget import Ledger
 
+    def close(accounts: dict, settle) -> None:
+        for trial_id, acct in accounts.items():
+            at = max(acct["spent_usd"], acct["ceiling_usd"]) if trial_id in started else 0.0
+            settle(trial_id, at)
+
     try:
-        remote.call(ledger.settle_open, "ceiling", tries=2)
+        close(
+            remote.call(ledger.open_accounts, tries=2),
+            lambda trial_id, usd: remote.call(ledger.settle, trial_id, usd, tries=2),
+        )
         return remote.call(ledger.snapshot, tries=2)
     except remote.ActorUnavailable:
+        ray.kill(ledger, no_restart=True)
         local = Ledger(spec.budget_usd, sweep_id=sweep_id, store_url=service_db, name=spec.name)
-        local.settle_open("ceiling")
-        return local.snapshot()
+        try:
+            close(local.open_accounts(), local.settle)
+            return local.snapshot()
+        finally:
+            local.close()
 
 
 def _end_failed(tracker, snap: dict, console) -> None:
@@ -451,12 +502,16 @@ def run_sweep(spec: SweepSpec, console, address: str | None = None) -> SweepResu
         f"${plan.price_usd_per_hour:.4f}/h, first rung predicted "
         f"${plan.admission_usd({}, plan.extremes(spec.search_space)[0]):.5f}"
     )
+    if os.environ.get("LORASWEEP_FAULT"):
+        console.print(
+            f"[bold red]fault injection on[/]: LORASWEEP_FAULT={os.environ['LORASWEEP_FAULT']}"
+        )
     _init_ray(spec, address)
     ledger = _start_ledger(spec, plan, sweep_id, service_db)
     tracker = Tracker(tracking_uri, spec.name, artifact_root=data_dir / "artifacts")
     tracker.start_sweep(
         sweep_id,
-        _public_spec(spec),
+        spec.public_dump(),  # passwords in storage URLs hidden
         {
             "budget_usd": spec.budget_usd,
             "model": spec.model.name_or_path,
@@ -468,46 +523,42 @@ def run_sweep(spec: SweepSpec, console, address: str | None = None) -> SweepResu
     )
     control = SweepControl()
     watchdog = Watchdog(ledger, plan.price_usd_per_hour, control).start()
+    callback = None
     try:
-        console.print("[bold]scoring[/] the base model on the validation split ...")
-        base = _score_base(spec, plan, ledger)
-        if base and base.get("timed_out"):
-            console.print(
-                f"  [yellow]base model eval[/] passed its ceiling and was stopped "
-                f"(${base['cost_usd']:.5f}); going on without a base score"
+        with _interrupts(control, console):
+            base = _base_eval(spec, plan, ledger, console)
+            callback = SweepCallback(
+                sweep_id=sweep_id,
+                tracker=tracker,
+                ledger=ledger,
+                price_usd_per_hour=plan.price_usd_per_hour,
+                cost_model=plan.cost_model,
+                fixed_params={**_fixed_params(spec, plan), "base_model": spec.model.name_or_path},
+                console=console,
+                base_score=base["score"] if base else None,
+                control=control,
+                watchdog=watchdog,
             )
-            base = None
-        elif base:
-            console.print(
-                f"  base model score {base['score']:.3f}  eval_loss {base['eval_loss']:.4f}  "
-                f"${base['cost_usd']:.5f}"
+            reason, skipped, gate_reason = _run_phases(
+                spec, plan, sweep_id, ledger, callback, optuna_url, tracking_uri, console
             )
-        callback = SweepCallback(
-            sweep_id=sweep_id,
-            tracker=tracker,
-            ledger=ledger,
-            price_usd_per_hour=plan.price_usd_per_hour,
-            cost_model=plan.cost_model,
-            fixed_params={**_fixed_params(spec, plan), "base_model": spec.model.name_or_path},
-            console=console,
-            base_score=base["score"] if base else None,
-            control=control,
-            watchdog=watchdog,
-        )
-        reason, skipped, gate_reason = _run_phases(
-            spec, plan, sweep_id, ledger, callback, optuna_url, tracking_uri, console
-        )
-    except BaseException as exc:
+    except BaseException as exc:  # noqa: BLE001 - settled below, then raised as SweepAborted
         control.fail(f"{type(exc).__name__}: {exc}")
     finally:
+        if control.fatal or control.interrupted:
+            watchdog.kill_all()  # nothing of this sweep may go on billing
         watchdog.stop()
+    if control.fatal or control.interrupted:
+        started = {"baseline", *(callback.started_ids if callback else ())}
+        snap = _settle_everything(spec, ledger, sweep_id, service_db, started)
     if control.fatal:
-        snap = _settle_everything(spec, ledger, sweep_id, service_db)
         _end_failed(tracker, snap, console)
         raise SweepAborted(
             f"sweep {sweep_id} stopped: {control.fatal} (spent ${snap['spent_usd']:.5f} of "
             f"${spec.budget_usd:g}, every account settled)"
         )
+    if control.interrupted:
+        reason = "interrupted"
     for reason_skipped in skipped:
         console.print(f"[yellow]not launched[/] {reason_skipped}")  # "budget: ..." or "memory: ..."
     if watchdog.kills:
@@ -532,12 +583,52 @@ def run_sweep(spec: SweepSpec, console, address: str | None = None) -> SweepResu
         rows,
         reason,
         time.time() - t0,
+        interrupted=control.interrupted,
     )
 
 
-def _public_spec(spec: SweepSpec) -> dict:
-    """The spec as logged to MLflow: passwords in storage URLs hidden."""
-    return spec.public_dump()
+def _base_eval(spec: SweepSpec, plan: Plan, ledger, console) -> dict | None:
+    """The base model's score, said on the console (None when it was not paid or timed out)."""
+    console.print("[bold]scoring[/] the base model on the validation split ...")
+    base = _score_base(spec, plan, ledger)
+    if base and base.get("stopped"):
+        console.print(
+            f"  [yellow]base model eval[/] {base['stopped']} (${base['cost_usd']:.5f}); going on "
+            "without a base score"
+        )
+        return None
+    if base:
+        console.print(
+            f"  base model score {base['score']:.3f}  eval_loss {base['eval_loss']:.4f}  "
+            f"${base['cost_usd']:.5f}"
+        )
+    return base
+
+
+@contextlib.contextmanager
+def _interrupts(control, console):
+    """Ctrl-C (SIGINT) or SIGTERM: no new trial or phase starts, running trials are stopped and
+    every account settled; a second one stops at once (and still settles). Tune's own SIGINT
+    handler is off (``TUNE_DISABLE_SIGINT_HANDLER``): it makes ``fit()`` return as if done."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        if control.interrupted:
+            raise KeyboardInterrupt
+        control.interrupted = True
+        console.print(
+            f"[yellow]{signal.Signals(signum).name}[/]: stopping the running trials and settling "
+            "every account (again to stop at once)"
+        )
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 def _fixed_params(spec: SweepSpec, plan: Plan) -> dict:

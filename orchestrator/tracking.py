@@ -6,11 +6,12 @@ backend sees a single writer, and metrics are logged in batches, once per eval r
 
 from __future__ import annotations
 
-import re
 import time
 from pathlib import Path
 
 import yaml
+
+from orchestrator.secrets import redact
 
 KIND_TAG, SWEEP_TAG, STATUS_TAG = "lorasweep.kind", "lorasweep.sweep_id", "lorasweep.status"
 PARENT_TAG = "mlflow.parentRunId"
@@ -25,9 +26,10 @@ _TRIAL_METRICS = (
 )
 
 
-def redact(text: str) -> str:
-    """Hide passwords in URLs (``scheme://user:secret@host`` -> ``scheme://user:***@host``)."""
-    return re.sub(r"(://[^:/@\s]+:)[^@\s]+@", r"\1***@", text)
+def run_status(status: str) -> str:
+    """MLflow's run status for a sweep's or trial's own: failed runs FAILED, interrupted ones
+    KILLED, the rest FINISHED."""
+    return {"failed": "FAILED", "interrupted": "KILLED"}.get(status, "FINISHED")
 
 
 def default_tracking_uri(data_dir: Path) -> str:
@@ -76,7 +78,7 @@ class Tracker:
         for path in artifacts:
             self.client.log_artifact(self.parent_id, str(path))
         self.client.set_tag(self.parent_id, STATUS_TAG, status)
-        self.client.set_terminated(self.parent_id, "FINISHED" if status != "failed" else "FAILED")
+        self.client.set_terminated(self.parent_id, run_status(status))
 
     # --- trials (child runs) ----------------------------------------------------------------
     def start_trial(self, sweep_id: str, trial_name: str, trial_id: str, params: dict) -> str:
@@ -93,6 +95,16 @@ class Tracker:
         )
         self._log_params(run.info.run_id, params)
         return run.info.run_id
+
+    def find_trial(self, sweep_id: str, trial_id: str) -> str | None:
+        """The child run already made for ``trial_id`` (a retried create whose reply was lost,
+        or a resumed sweep), if any."""
+        runs = self.client.search_runs(
+            [self.experiment_id],
+            f"tags.`{SWEEP_TAG}` = '{sweep_id}' and tags.`lorasweep.trial_id` = '{trial_id}'",
+            max_results=1,
+        )
+        return runs[0].info.run_id if runs else None
 
     def log_trial_result(self, run_id: str, result: dict) -> None:
         """One eval report: train loss of every step since the last one, and the eval metrics."""
@@ -114,7 +126,7 @@ class Tracker:
         if adapter_dir and Path(adapter_dir).is_dir():
             self.client.log_artifacts(run_id, adapter_dir, "adapter")
         self.client.set_tag(run_id, STATUS_TAG, status)
-        self.client.set_terminated(run_id, "FAILED" if status == "failed" else "FINISHED")
+        self.client.set_terminated(run_id, run_status(status))
 
     # --- helpers --------------------------------------------------------------------------
     def _log_params(self, run_id: str, params: dict) -> None:

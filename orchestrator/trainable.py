@@ -20,6 +20,7 @@ from pathlib import Path  # noqa: E402
 
 from orchestrator import remote  # noqa: E402
 from orchestrator.costmodel import PRIOR_RELEASE_S  # noqa: E402
+from orchestrator.prices import cost_usd  # noqa: E402
 from orchestrator.spec import HYPERPARAMETERS  # noqa: E402
 from orchestrator.watchdog import HEARTBEAT_S  # noqa: E402
 from workers.train import TrialConfig, run_trial  # noqa: E402
@@ -46,7 +47,7 @@ class LedgerBudget:
         return False
 
     def cost_usd(self) -> float:
-        return self.price_usd_per_hour * (time.monotonic() - self.t0) / 3600.0
+        return cost_usd(self.price_usd_per_hour, time.monotonic() - self.t0)
 
     def __enter__(self) -> LedgerBudget:
         self._thread.start()
@@ -61,13 +62,17 @@ class LedgerBudget:
             pass  # settled by the driver from its own clock
 
     def _beat(self) -> None:
-        while not self._stop.wait(HEARTBEAT_S):
+        """At once (what a reused worker held before this trial shows up right away), then every
+        ``HEARTBEAT_S`` until the trial ends."""
+        while True:
             try:
                 remote.call(self.ledger.update, self.trial_id, self.cost_usd(), tries=1)
                 if remote.call(self.ledger.revoked, self.trial_id, tries=1):
                     self.revoked = True
-            except remote.ActorUnavailable:
-                continue  # the driver's watchdog sees the silence and acts on it
+            except Exception:  # noqa: BLE001 - keep beating; the watchdog sees any silence
+                pass
+            if self._stop.wait(HEARTBEAT_S):
+                return
 
 
 def _billing_start() -> float:

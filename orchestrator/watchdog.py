@@ -4,8 +4,9 @@ A trial checks its grant before every step (``workers/train.py``), but a step, e
 model load that hangs never reaches the next check. The watchdog runs in the driver, in a thread,
 and every ``POLL_S`` reads the ledger's open accounts. A trial's live spend is its last heartbeat
 (the trial sends its billed seconds every ``HEARTBEAT_S``) plus the time since that heartbeat was
-first seen, at the trial's price, on the driver's monotonic clock; with no heartbeat yet, the
-time since the trial was registered. When the live spend reaches
+first seen, at the trial's price, on the driver's monotonic clock, and never less than the time
+since the trial was registered (Tune's start of it, after its worker holds its resources). When
+the live spend reaches
 
     ceiling + MARGIN_S x price    the grant is revoked: the trial stops before its next step
                                    (no closing eval) and Tune stops it at its next report;
@@ -25,6 +26,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from orchestrator import remote
+from orchestrator.prices import cost_usd
+from orchestrator.secrets import redact
 
 POLL_S = 0.5
 MARGIN_S = 2.0  # over the ceiling before the grant is revoked
@@ -35,8 +38,7 @@ KILL_LATENCY_S = 2.0  # ray.kill until the process is gone, measured well under 
 
 def allowance_usd(price_usd_per_hour: float) -> float:
     """What a running trial may spend past its ceiling before the watchdog has killed it."""
-    seconds = MARGIN_S + GRACE_S + 2 * POLL_S + KILL_LATENCY_S
-    return price_usd_per_hour * seconds / 3600.0
+    return cost_usd(price_usd_per_hour, MARGIN_S + GRACE_S + 2 * POLL_S + KILL_LATENCY_S)
 
 
 @dataclass
@@ -49,8 +51,9 @@ class SweepControl:
     interrupted: bool = False
 
     def fail(self, cause: str) -> None:
+        """Record the first reason the sweep must stop (passwords in it hidden)."""
         if self.fatal is None:
-            self.fatal = cause
+            self.fatal = redact(cause)
 
 
 @dataclass
@@ -85,6 +88,11 @@ class Watchdog:
             w = self._watched.pop(trial_id, None)
         return None if w is None else w.killed_usd
 
+    def started(self) -> list[str]:
+        """The trials being watched (started by Tune, not finished)."""
+        with self._lock:
+            return list(self._watched)
+
     def live_usd(self, trial_id: str) -> float | None:
         with self._lock:
             w = self._watched.get(trial_id)
@@ -105,13 +113,14 @@ class Watchdog:
                 self.check()
             except remote.ActorUnavailable as exc:
                 self.control.fail(str(exc))
-                self._kill_all()
+                self.kill_all()
             except Exception as exc:  # noqa: BLE001 - the watchdog must not die silently
                 self.control.fail(f"watchdog: {type(exc).__name__}: {exc}")
-                self._kill_all()
+                self.kill_all()
 
     def _estimate(self, w: _Watched, now: float) -> float:
-        return w.spent_usd + self.price_usd_per_hour * (now - w.seen) / 3600.0
+        since_heartbeat = w.spent_usd + cost_usd(self.price_usd_per_hour, now - w.seen)
+        return max(since_heartbeat, cost_usd(self.price_usd_per_hour, now - w.since))
 
     def check(self) -> None:
         """One pass over the watched trials (the thread calls this every ``POLL_S``)."""
@@ -120,10 +129,10 @@ class Watchdog:
                 return
         accounts = remote.call(self.ledger.open_accounts, timeout_s=10.0)
         now = time.monotonic()
-        margin = self.price_usd_per_hour * MARGIN_S / 3600.0
-        grace = self.price_usd_per_hour * GRACE_S / 3600.0
-        to_kill = []
-        with self._lock:
+        margin = cost_usd(self.price_usd_per_hour, MARGIN_S)
+        grace = cost_usd(self.price_usd_per_hour, GRACE_S)
+        to_revoke, to_kill = [], []
+        with self._lock:  # decide under the lock; call the ledger after it (Tune's thread waits)
             for trial_id, w in self._watched.items():
                 acct = accounts.get(trial_id)
                 if acct is None or w.killed_usd is not None:
@@ -133,16 +142,19 @@ class Watchdog:
                 live = self._estimate(w, now)
                 if live >= acct["ceiling_usd"] + margin and trial_id not in self.control.revoked:
                     self.control.revoked.add(trial_id)
-                    remote.call(self.ledger.revoke, trial_id, timeout_s=10.0)
+                    to_revoke.append(trial_id)
                 if live >= acct["ceiling_usd"] + margin + grace:
                     w.killed_usd = max(live, acct["ceiling_usd"])
                     to_kill.append((trial_id, w))
+        for trial_id in to_revoke:
+            remote.call(self.ledger.revoke, trial_id, timeout_s=10.0)
         for trial_id, w in to_kill:
             self.kills.append(trial_id)
             remote.call(self.ledger.update, trial_id, w.killed_usd, timeout_s=10.0)
             w.kill()
 
-    def _kill_all(self) -> None:
+    def kill_all(self) -> None:
+        """Kill every watched trial not killed yet (the sweep is stopping on an error)."""
         with self._lock:
             watched = list(self._watched.items())
         now = time.monotonic()

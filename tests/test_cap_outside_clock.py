@@ -12,6 +12,7 @@ import io
 import time
 
 import pytest
+from _ledger_db import require_pg
 from outside_clock import ProcessMeter
 from rich.console import Console
 from test_sweep_e2e import _spec
@@ -20,6 +21,7 @@ from orchestrator.sweep import run_sweep
 
 pytestmark = pytest.mark.slow
 PRICE = 36.0  # the specs' "cpu" override: one cent per second
+SECRET = "pw-never-stored-4711"
 
 
 def _statuses(result) -> list[str]:
@@ -47,13 +49,18 @@ def test_a_hung_step_is_killed_and_the_sweep_ends_within_the_cap(
 ):
     """Every trial's third step sleeps 600 s (``workers/faults.py``): the cooperative check never
     runs again; the watchdog revokes, then kills, and the sweep ends within its cap by the OS's
-    clock, in a small fraction of the hang."""
+    clock, in a small fraction of the hang. The Optuna study lives in PostgreSQL behind a URL
+    with a password (trust auth ignores it): no file of the sweep's holds that password."""
     monkeypatch.setenv("LORASWEEP_FAULT", "hang@3")
     raw = _spec(tmp_path, tiny_model, small_data, budget_usd=0.60, max_trials=2).model_dump(
         mode="json"
     )
     raw["search_space"].pop("preset")
     raw["resources"]["max_concurrent_trials"] = 1
+    scheme, rest = require_pg().split("://", 1)
+    raw["storage"]["optuna_storage"] = (
+        f"{scheme}://{rest.split('@')[0]}:{SECRET}@{rest.split('@')[1]}"
+    )
     from orchestrator.spec import parse_spec
 
     spec = parse_spec(raw)
@@ -68,3 +75,7 @@ def test_a_hung_step_is_killed_and_the_sweep_ends_within_the_cap(
     assert result.spent_usd <= spec.budget_usd
     assert "budget_killed" in _statuses(result), (_statuses(result), out)
     assert "watchdog" in out and "killed" in out
+    assert SECRET not in out
+    for path in spec.storage.data_dir.rglob("*"):  # Tune's experiment folder, MLflow, the ledger
+        if path.is_file():
+            assert SECRET.encode() not in path.read_bytes(), path

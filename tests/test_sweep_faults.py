@@ -22,6 +22,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from outside_clock import ProcessMeter
 from rich.console import Console
 from test_sweep_e2e import _spec
 
@@ -30,6 +31,7 @@ from orchestrator.store import Store
 from orchestrator.sweep import SweepAborted, run_sweep
 
 pytestmark = pytest.mark.slow
+PRICE = 36.0  # the specs' "cpu" override: one cent per second
 
 
 def _ledger_db(spec) -> str:
@@ -84,8 +86,10 @@ def test_a_killed_ledger_actor_comes_back_from_sql_and_the_sweep_ends_within_its
             killed.append(pid)
 
     watcher = _when(lambda: _reports(url) >= 4, kill_ledger)
-    result = run_sweep(spec, Console(file=io.StringIO()))
+    with ProcessMeter() as meter:
+        result = run_sweep(spec, Console(file=io.StringIO()))
     watcher.join(timeout=1)
+    assert meter.cost_usd(PRICE) <= spec.budget_usd
     assert killed, "the ledger actor was never killed: the sweep ended too early"
     totals = Store(url).totals(result.sweep_id)
     assert totals.spent_usd == pytest.approx(result.spent_usd)
@@ -157,9 +161,10 @@ def test_mlflow_lost_mid_sweep_stops_it_with_every_account_settled(
     watcher = _when(lambda: _reports(ledger_url) >= 3, lambda: os.killpg(proc.pid, signal.SIGKILL))
     console = Console(file=io.StringIO(), width=300)
     t0 = time.monotonic()
-    with pytest.raises(SweepAborted) as err:
+    with ProcessMeter() as meter, pytest.raises(SweepAborted) as err:
         run_sweep(spec, console)
     watcher.join(timeout=1)
+    assert meter.cost_usd(PRICE) <= spec.budget_usd
     message = str(err.value)
     assert "every account settled" in message and "\n" not in message
     assert time.monotonic() - t0 < 240

@@ -53,10 +53,19 @@ def test_trial_keeps_room_for_its_release_inside_the_ceiling(trial_config):
     assert last["cost_usd"] + 2.0 * 0.01 <= budget.ceiling_usd
 
 
-def test_trial_refused_at_its_first_step_runs_no_eval_and_no_save(trial_config):
+def test_trial_refused_at_its_first_step_runs_no_eval_and_no_save(trial_config, monkeypatch):
     """Setup (load, tokenise) took longer than predicted: at $1/s the 10-cent ceiling is gone
-    before the first step. The trial must close at once: no eval, no save, no report (today's
-    code ran a full eval and save after 0 steps and reported $0.50)."""
+    before the first step. The trial must close at once: no eval, no save, no report (the code
+    before issue 16 ran a full eval and save after 0 steps and reported $0.50). The real eval and
+    save are wrapped to count their calls."""
+    from workers import evaluate, lora
+
+    calls = []
+    for module, name in ((evaluate, "evaluate"), (lora, "save_adapter")):
+        real = getattr(module, name)
+        monkeypatch.setattr(
+            module, name, lambda *a, _real=real, _n=name, **k: calls.append(_n) or _real(*a, **k)
+        )
     reports = []
     budget = FixedBudget(ceiling_usd=0.10)
     cfg = trial_config(price_usd_per_hour=3600.0, prior_step_s=0.01, prior_closing_s=0.01)
@@ -65,6 +74,7 @@ def test_trial_refused_at_its_first_step_runs_no_eval_and_no_save(trial_config):
     assert last["status"] == "budget_stopped" and last["step"] == 0
     assert last.get("phases_s", {}).get("eval", 0.0) == 0.0
     assert last.get("phases_s", {}).get("checkpoint", 0.0) == 0.0
+    assert calls == []
 
 
 def test_trial_that_cannot_pay_its_startup_does_not_load(trial_config):
