@@ -283,6 +283,12 @@ class TrialSpec(_Strict):
     max_new_tokens: Int = Field(96, ge=1, description="generation length when scoring")
     warmup_fraction: Num = Field(0.1, ge=0, lt=1)
     seed: Int = 0
+    max_retries: Int = Field(
+        2,
+        ge=0,
+        description="times a trial whose worker was lost (killed, node removed, preempted) is "
+        "retried from its last checkpoint; the lost attempt's spend stays counted",
+    )
     compile: bool = Field(
         False,
         description="torch.compile decoder layers on GPU and replay them as CUDA graphs: LoRA "

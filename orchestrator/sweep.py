@@ -298,6 +298,8 @@ def _make_tuner(
             callbacks=[callback],
             stop=SweepStopper(callback.control),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            # a lost worker's trial is retried from its last checkpoint (workers/train.py)
+            failure_config=tune.FailureConfig(max_failures=spec.trial.max_retries),
         ),
     )
     return tuner, searcher

@@ -6,6 +6,12 @@ granted); for a later trial of a reused actor, when the previous trial in the pr
 so the seconds a kept actor holds its resources while the search decides are billed too (to the
 next trial). All on this process's ``time.monotonic()``. While the trial runs, a heartbeat thread
 sends its billed cost to the ledger every ``HEARTBEAT_S`` and picks up a revoked grant.
+
+A retried trial (its worker was lost; Tune's ``FailureConfig`` starts it again) continues from its
+last checkpoint (``tune.get_checkpoint()``, see ``workers/train.py``), and its clock starts from
+what the earlier attempts billed: the more of the ledger's record of the trial's spend (its last
+heartbeat) and the checkpoint's billed seconds. Reports and heartbeats are the trial's whole cost,
+so the ledger (which keeps the highest) counts the lost attempt once.
 """
 
 from __future__ import annotations
@@ -15,7 +21,9 @@ import time
 _HELD_SINCE = time.monotonic()  # this worker process got its resources (module loaded by the actor)
 _released_at: float | None = None  # when this process's previous trial returned
 
-import threading  # noqa: E402 - after the clock above, which must start first
+import contextlib  # noqa: E402 - after the clock above, which must start first
+import dataclasses  # noqa: E402
+import threading  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 from orchestrator import remote  # noqa: E402
@@ -23,16 +31,19 @@ from orchestrator.costmodel import PRIOR_RELEASE_S  # noqa: E402
 from orchestrator.prices import cost_usd  # noqa: E402
 from orchestrator.spec import HYPERPARAMETERS  # noqa: E402
 from orchestrator.watchdog import HEARTBEAT_S  # noqa: E402
-from workers.train import TrialConfig, run_trial  # noqa: E402
+from workers.train import TrialConfig, checkpoint_billed_s, run_trial  # noqa: E402
 
 
 class LedgerBudget:
     """A trial's view of the sweep's ledger actor: its ceiling, raised on request, and a
     heartbeat thread that reports its live cost and learns when the grant is revoked."""
 
-    def __init__(self, ledger, trial_id: str, price_usd_per_hour: float, t0: float) -> None:
+    def __init__(
+        self, ledger, trial_id: str, price_usd_per_hour: float, t0: float, prior_s: float = 0.0
+    ) -> None:
         self.ledger, self.trial_id = ledger, trial_id
         self.price_usd_per_hour, self.t0 = price_usd_per_hour, t0
+        self.prior_s = prior_s  # billed by the trial's earlier attempts
         self.ceiling_usd = remote.call(ledger.ceiling, trial_id)
         self.revoked = False
         self._stop = threading.Event()
@@ -47,7 +58,7 @@ class LedgerBudget:
         return False
 
     def cost_usd(self) -> float:
-        return cost_usd(self.price_usd_per_hour, time.monotonic() - self.t0)
+        return cost_usd(self.price_usd_per_hour, self.prior_s + time.monotonic() - self.t0)
 
     def __enter__(self) -> LedgerBudget:
         self._thread.start()
@@ -77,6 +88,15 @@ class LedgerBudget:
 
 def _billing_start() -> float:
     return _released_at if _released_at is not None else _HELD_SINCE
+
+
+def _prior_billed_s(ledger, trial_id: str, price_usd_per_hour: float, resume: Path | None) -> float:
+    """Seconds the trial's earlier attempts billed: the more of the ledger's record of its spend
+    (0 for a first attempt) and its checkpoint's billed seconds."""
+    account = remote.call(ledger.open_accounts).get(trial_id, {})
+    spent_usd = float(account.get("spent_usd", 0.0))
+    ledger_s = spent_usd * 3600.0 / price_usd_per_hour if price_usd_per_hour > 0 else 0.0
+    return max(ledger_s, checkpoint_billed_s(resume) if resume is not None else 0.0)
 
 
 def train_lorasweep(config: dict, *, base: dict, ledger) -> None:
@@ -110,9 +130,14 @@ def train_lorasweep(config: dict, *, base: dict, ledger) -> None:
         metrics = {**metrics, "trial_status": metrics.pop("status")}
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(adapter_dir)))
 
+    checkpoint = tune.get_checkpoint()  # set when Tune retries the trial after a lost worker
     try:
-        # a trial refused before training reports nothing: its bill is its last heartbeat
-        with LedgerBudget(ledger, trial_id, cfg.price_usd_per_hour, t0) as budget:
-            run_trial(cfg, report, budget)
+        with checkpoint.as_directory() if checkpoint else contextlib.nullcontext() as resume_dir:
+            resume = Path(resume_dir) if resume_dir else None
+            prior_s = _prior_billed_s(ledger, trial_id, cfg.price_usd_per_hour, resume)
+            cfg = dataclasses.replace(cfg, prior_billed_s=prior_s)
+            # a trial refused before training reports nothing: its bill is its last heartbeat
+            with LedgerBudget(ledger, trial_id, cfg.price_usd_per_hour, t0, prior_s) as budget:
+                run_trial(cfg, report, budget, resume_from=resume)
     finally:
         _released_at = time.monotonic()

@@ -92,3 +92,95 @@ def test_trial_that_cannot_pay_its_startup_does_not_load(trial_config):
     assert reports == [] and last["status"] == "budget_stopped" and last["step"] == 0
     assert elapsed_s * 3600.0 / 3600 <= budget.ceiling_usd
     assert last["cost_usd"] <= budget.ceiling_usd
+
+
+# --- resuming from a checkpoint (a retried trial after its worker was lost) -----------------------
+
+
+def _run_keeping_checkpoints(cfg, tmp_path: Path, name: str, resume_from: Path | None = None):
+    """Run ``cfg``; returns (reports, {step: copy of that report's checkpoint folder})."""
+    import shutil
+
+    reports, kept = [], {}
+
+    def report(metrics: dict, adapter_dir: Path) -> None:
+        reports.append(metrics)
+        kept[metrics["step"]] = Path(shutil.copytree(adapter_dir, tmp_path / f"{name}-{len(kept)}"))
+
+    run_trial(cfg, report, resume_from=resume_from)
+    return reports, kept
+
+
+def _weights(folder: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return {
+        k: v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(str(f)).items()
+    }
+
+
+def _same_results(resumed: list[dict], straight: list[dict]) -> None:
+    keys = ("step", "eval_loss", "score", "train_loss", "train_loss_steps", "tokens", "status")
+    assert [{k: r[k] for k in keys} for r in resumed] == [{k: r[k] for k in keys} for r in straight]
+
+
+def _same_weights(a: Path, b: Path) -> None:
+    import torch
+
+    wa, wb = _weights(a), _weights(b)
+    assert wa.keys() == wb.keys() and wa
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=1e-6, msg=k)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        # dropout draws from torch's RNG; 8 rows a step on 48 rows: the data order's second pass
+        # (a fresh shuffle) starts at step 7, after the resume
+        {"method": "lora", "dropout": 0.1, "batch_size": 8, "loraplus_lr_ratio": 4.0},
+        {"method": "full", "learning_rate": 1e-3, "batch_size": 8},
+    ],
+    ids=["lora", "full"],
+)
+def test_a_trial_resumed_from_its_step_4_checkpoint_ends_as_the_uninterrupted_one(
+    trial_config, tmp_path, overrides
+):
+    """Step 4 of 8 is a checkpoint: resumed from it (a later process would do the same), the trial
+    reports steps 6 and 8 only, with the losses, evals and weights of the run never stopped."""
+    from workers.train import STATE_FILE
+
+    cfg = trial_config(max_steps=8, eval_every=2, **overrides)
+    straight, kept = _run_keeping_checkpoints(cfg, tmp_path, "straight")
+    assert [r["step"] for r in straight] == [2, 4, 6, 8]
+    assert (kept[4] / STATE_FILE).is_file()
+    resumed, resumed_kept = _run_keeping_checkpoints(cfg, tmp_path, "resumed", kept[4])
+    assert [r["step"] for r in resumed] == [6, 8]  # no step reported twice
+    _same_results(resumed, straight[2:])
+    _same_weights(resumed_kept[8], kept[8])
+
+
+def test_a_resumed_trial_bills_on_from_the_earlier_attempts(trial_config, tmp_path):
+    """Billed seconds go on from the checkpoint's, or from what the ledger recorded for the lost
+    attempt (``prior_billed_s``) when that is more: counted once, never from zero."""
+    import dataclasses
+
+    cfg = trial_config(price_usd_per_hour=3.6, max_steps=4, eval_every=2)
+    _, kept = _run_keeping_checkpoints(cfg, tmp_path, "first")
+    from workers.train import checkpoint_billed_s
+
+    at_checkpoint = checkpoint_billed_s(kept[2])
+    assert at_checkpoint > 0
+    resumed, _ = _run_keeping_checkpoints(cfg, tmp_path, "again", kept[2])
+    assert resumed[0]["billed_s"] > at_checkpoint
+    later = dataclasses.replace(cfg, prior_billed_s=at_checkpoint + 100.0)
+    resumed, _ = _run_keeping_checkpoints(later, tmp_path, "ledger", kept[2])
+    assert at_checkpoint + 100.0 < resumed[0]["billed_s"] < at_checkpoint + 200.0
+    assert resumed[0]["cost_usd"] == pytest.approx(3.6 * resumed[0]["billed_s"] / 3600, rel=1e-6)
+
+
+def test_a_checkpoint_resumes_only_the_trial_that_wrote_it(trial_config, tmp_path):
+    cfg = trial_config(max_steps=4, eval_every=2)
+    _, kept = _run_keeping_checkpoints(cfg, tmp_path, "first")
+    with pytest.raises(ValueError, match="learning_rate"):
+        run_trial(trial_config(max_steps=4, learning_rate=1e-4), print, resume_from=kept[2])

@@ -14,6 +14,17 @@ its first step closes at once: nothing trained, nothing to evaluate or save. A r
 (``budget.revoked``, set by the sweep's watchdog) stops the trial before its next step, without
 a closing. What cooperation cannot stop (a hung step, load or eval) the watchdog outside the
 trial stops (``orchestrator/watchdog.py``).
+
+Every report's folder is a checkpoint the trial can continue from (``run_trial(...,
+resume_from=DIR)``, what Tune's ``FailureConfig`` retries do after a lost worker): next to the
+adapter (LoRA: ``adapter_model.safetensors``; full FT: the ``save_pretrained`` weights) it holds
+``trainer_state.pt`` (:data:`STATE_FILE`) with the optimizer state, the step, the tokens so far,
+torch's RNG state (and CUDA's where used), the billed seconds so far and the loop's time
+estimates. The learning rate is a pure function of the step (``_lr_at``) and the data order of
+the seed (``_batches``, fast-forwarded past the steps done), so a resumed trial continues exactly
+where the uninterrupted one would have: same losses, same evals, same adapter. Its billed seconds
+go on from the earlier attempts' (``TrialConfig.prior_billed_s`` or the checkpoint's, whichever
+is more), so the lost attempt's spend is counted once.
 """
 
 from __future__ import annotations
@@ -96,6 +107,9 @@ class TrialConfig:
     release_s: float = 2.0
     # when the trial acquired its resources, on this process's time.monotonic(); default now
     billing_start_monotonic: float | None = None
+    # billed by earlier attempts of this trial (a retry after its worker was lost): the clock
+    # starts here, so reported cost and billed seconds are the trial's, all attempts together
+    prior_billed_s: float = 0.0
     # fault injection for tests and bench/fault_injection.py (off by default): "hang@STEP" sleeps
     # 600 s in that step, "nan@STEP" makes that step's loss NaN (see workers/faults.py)
     fault: str | None = None
@@ -131,6 +145,7 @@ class _Clock:
 
     price_usd_per_hour: float
     t0_monotonic: float = field(default_factory=time.monotonic)
+    prior_s: float = 0.0  # billed by earlier attempts of the trial
     phases_s: dict = field(
         default_factory=lambda: dict.fromkeys(
             ("load", "data", "step", "eval", "checkpoint", "report"), 0.0
@@ -139,7 +154,7 @@ class _Clock:
 
     @property
     def billed_s(self) -> float:
-        return time.monotonic() - self.t0_monotonic
+        return self.prior_s + time.monotonic() - self.t0_monotonic
 
     def cost_usd(self, extra_s: float = 0.0) -> float:
         return self.price_usd_per_hour * (self.billed_s + extra_s) / 3600.0
@@ -164,6 +179,129 @@ def _batches(encoded: list, batch_size: int, seed: int):
             order += fresh
         yield [encoded[i] for i in order[:batch_size]]
         del order[:batch_size]
+
+
+STATE_FILE = "trainer_state.pt"  # next to the adapter in every checkpoint
+STATE_VERSION = 1
+# what must not differ between a checkpoint's trial and the one resuming from it
+_RESUME_KEYS = (*HYPERPARAMETERS, "seed", "batch_size", "max_steps", "warmup_fraction")
+
+
+@dataclass
+class _Progress:
+    """What the training loop carries from one interval to the next (and a checkpoint over to
+    a resumed attempt)."""
+
+    step: int = 0
+    tokens: int = 0
+    step_s: float = 5.0  # time estimates: the cfg's priors until measured
+    closing_s: float = 30.0
+
+
+def _save_state(
+    out_dir: Path, cfg: TrialConfig, optimizer, progress: _Progress, clock: _Clock
+) -> None:
+    """Write :data:`STATE_FILE` next to the adapter: all a resumed attempt needs besides it."""
+    import torch
+
+    state = {
+        "version": STATE_VERSION,
+        "config": {k: getattr(cfg, k) for k in _RESUME_KEYS},
+        **asdict(progress),
+        "billed_s": clock.billed_s,
+        "phases_s": dict(clock.phases_s),
+        "optimizer": optimizer.state_dict(),
+        "torch_rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state() if cfg.device == "cuda" else None,
+    }
+    torch.save(state, Path(out_dir) / STATE_FILE)
+
+
+def load_state(checkpoint_dir: Path) -> dict:
+    """A checkpoint's trainer state (tensors only, no code runs on loading)."""
+    import torch
+
+    path = Path(checkpoint_dir) / STATE_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not a lorasweep checkpoint (no {STATE_FILE})")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if state.get("version") != STATE_VERSION:
+        raise ValueError(
+            f"{path}: trainer state version {state.get('version')!r}, "
+            f"this worker reads {STATE_VERSION}"
+        )
+    return state
+
+
+def checkpoint_billed_s(checkpoint_dir: Path) -> float:
+    """Billed seconds of the trial when this checkpoint was written (0 without a state)."""
+    try:
+        return float(load_state(checkpoint_dir)["billed_s"])
+    except (FileNotFoundError, ValueError):
+        return 0.0
+
+
+def _check_resumable(cfg: TrialConfig, state: dict) -> None:
+    """A checkpoint continues only the trial that wrote it (same config, seed, schedule)."""
+    differ = {k: (v, getattr(cfg, k)) for k, v in state["config"].items() if getattr(cfg, k) != v}
+    if differ:
+        raise ValueError(
+            f"resume_from: the checkpoint was written by another trial config {differ} "
+            "(checkpoint, this trial)"
+        )
+
+
+def _load_weights(model, checkpoint_dir: Path) -> None:
+    """The checkpoint's trained weights into ``model``, in place (the optimizer keeps its
+    parameters): the active LoRA adapter, or every weight of a full fine-tune. Weights a full
+    save leaves out must be tied to saved ones."""
+    from safetensors.torch import load_file
+
+    files = sorted(Path(checkpoint_dir).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{checkpoint_dir}: no saved weights to resume from")
+    weights = {k: v for f in files for k, v in load_file(str(f)).items()}
+    if hasattr(model, "peft_config"):
+        from peft import set_peft_model_state_dict
+
+        result = set_peft_model_state_dict(model, weights, adapter_name=model.active_adapter)
+        if result.unexpected_keys:
+            raise ValueError(
+                f"resume_from: adapter weights this model lacks: {result.unexpected_keys[:5]}"
+            )
+        return
+    result = model.load_state_dict(weights, strict=False)
+    own = model.state_dict()
+    loaded_ptrs = {own[k].data_ptr() for k in weights if k in own}
+    untied = [k for k in result.missing_keys if own[k].data_ptr() not in loaded_ptrs]
+    if result.unexpected_keys or untied:
+        raise ValueError(
+            f"resume_from: weights do not match the model (unexpected "
+            f"{result.unexpected_keys[:5]}, missing {untied[:5]})"
+        )
+
+
+def _restore(cfg: TrialConfig, model, optimizer, checkpoint_dir: Path, state: dict) -> _Progress:
+    """Weights, optimizer and RNG as the checkpoint left them; returns where the loop goes on."""
+    import torch
+
+    _load_weights(model, checkpoint_dir)
+    optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["torch_rng"])
+    if cfg.device == "cuda" and state.get("cuda_rng") is not None:
+        torch.cuda.set_rng_state(state["cuda_rng"])
+    return _Progress(
+        step=int(state["step"]),
+        tokens=int(state["tokens"]),
+        step_s=float(state["step_s"]),
+        closing_s=float(state["closing_s"]),
+    )
+
+
+def _skip(batches, n: int) -> None:
+    """Fast-forward the data order past the ``n`` batches already trained on (one per step)."""
+    for _ in range(n):
+        next(batches)
 
 
 _encoded: dict[tuple, list] = {}  # this process's tokenised training sets (reused by later trials)
@@ -330,14 +468,27 @@ def _startup_fits(cfg: TrialConfig, clock: _Clock, budget: Budget) -> bool:
 
 
 def run_trial(
-    cfg: TrialConfig, report: Callable[[dict, Path], None], budget: Budget | None = None
+    cfg: TrialConfig,
+    report: Callable[[dict, Path], None],
+    budget: Budget | None = None,
+    resume_from: Path | None = None,
 ) -> dict:
     """Train one adapter; calls ``report(metrics, adapter_dir)`` after every eval and returns the
     last metrics. ``metrics["status"]`` is ``completed`` or ``budget_stopped``; a trial refused
-    before its first step (or before loading) reports nothing and returns step 0."""
+    before its first step (or before loading) reports nothing and returns step 0.
+
+    ``resume_from``: a folder an earlier attempt of this trial reported (its checkpoint): the
+    trial continues after that report's step, its reports going on with the next eval's step,
+    and its billed seconds from the larger of the checkpoint's and ``cfg.prior_billed_s``."""
     import torch
 
-    clock = _Clock(cfg.price_usd_per_hour, cfg.billing_start_monotonic or time.monotonic())
+    state = load_state(resume_from) if resume_from is not None else None
+    if state is not None:
+        _check_resumable(cfg, state)
+    prior_s = max(cfg.prior_billed_s, float(state["billed_s"]) if state else 0.0)
+    clock = _Clock(cfg.price_usd_per_hour, cfg.billing_start_monotonic or time.monotonic(), prior_s)
+    if state is not None:  # where the earlier attempts' seconds went
+        clock.phases_s.update({k: float(v) for k, v in state["phases_s"].items()})
     budget = budget or FixedBudget()
     if not _startup_fits(cfg, clock, budget):
         return _unpaid_metrics(clock, "budget_stopped")
@@ -351,7 +502,11 @@ def run_trial(
     if key is not None:
         model_cache.hold(key, model)
     try:
-        return _train(cfg, clock, budget, report, tokenizer, model, optimizer, train, val, reused)
+        progress = _Progress(step_s=cfg.prior_step_s, closing_s=cfg.prior_closing_s)
+        if state is not None:
+            progress = _restore(cfg, model, optimizer, resume_from, state)
+        loaded = (tokenizer, model, optimizer, train, val)
+        return _train(cfg, clock, budget, report, loaded, reused, progress)
     finally:
         del optimizer
         if key is not None:
@@ -362,18 +517,21 @@ def run_trial(
         model_cache.return_freed_memory()
 
 
-def _train(cfg, clock, budget, report, tokenizer, model, optimizer, train, val, reused) -> dict:
-    """The training loop of ``run_trial`` once the model is loaded."""
+def _train(cfg, clock, budget, report, loaded, reused, progress: _Progress) -> dict:
+    """The training loop of ``run_trial`` once the model is loaded (and, resuming, restored):
+    from ``progress.step`` to ``cfg.max_steps``."""
     import torch
 
+    tokenizer, model, optimizer, train, val = loaded
     static_gib = torch.cuda.memory_allocated() / 2**30 if cfg.device == "cuda" else None
     model.train()
     batches = _batches(train, cfg.batch_size, cfg.seed)
-    step_s, closing_s = cfg.prior_step_s, cfg.prior_closing_s
-    tokens, losses, metrics = 0, [], {}
+    _skip(batches, progress.step)
+    step, tokens = progress.step, progress.tokens
+    step_s, closing_s = progress.step_s, progress.closing_s
+    losses, metrics = [], {}
     status = "completed"
     revoked = False
-    step = 0
     while step < cfg.max_steps:
         interval = min(cfg.eval_every - step % cfg.eval_every, cfg.max_steps - step)
         need = _needed_usd(clock, interval, step_s, 1, closing_s, cfg.release_s)
@@ -406,7 +564,7 @@ def _train(cfg, clock, budget, report, tokenizer, model, optimizer, train, val, 
         if revoked or step == start_step:
             # nothing trained since the last report (or at all): close without an eval; the
             # last report, if any, holds the adapter
-            return {**metrics, "status": status} if metrics else _unpaid_metrics(clock, status)
+            return _closed(metrics, clock, status, step, tokens)
         if status != "budget_stopped" and step < cfg.max_steps:
             next_interval = min(cfg.eval_every, cfg.max_steps - step)
             if not _room_after_closing(
@@ -416,6 +574,11 @@ def _train(cfg, clock, budget, report, tokenizer, model, optimizer, train, val, 
         with tempfile.TemporaryDirectory(prefix="adapter-") as tmp:
             t = time.monotonic()
             metrics = _eval_and_save(model, tokenizer, val, cfg, clock, Path(tmp))
+            t_state = time.monotonic()
+            # the RNG as the next step will find it: after the eval, like the uninterrupted run
+            progress = _Progress(step, tokens, step_s, t_state - t)
+            _save_state(Path(tmp), cfg, optimizer, progress, clock)
+            clock.phases_s["checkpoint"] += time.monotonic() - t_state
             closing_s = time.monotonic() - t
             done = status == "budget_stopped" or step >= cfg.max_steps
             interval_losses = [loss for s, loss in losses if s > step - interval]
@@ -438,7 +601,16 @@ def _train(cfg, clock, budget, report, tokenizer, model, optimizer, train, val, 
             clock.phases_s["report"] += time.monotonic() - t
         if status == "budget_stopped":
             break
-    return metrics
+    # no metrics: resumed from the last checkpoint, nothing was left to train or report
+    return metrics or _closed(metrics, clock, status, step, tokens)
+
+
+def _closed(metrics: dict, clock: _Clock, status: str, step: int, tokens: int) -> dict:
+    """What a trial returns when it closes without a further report: its last report's metrics
+    with ``status``, or, with none in this attempt, its bill at the step it reached."""
+    if metrics:
+        return {**metrics, "status": status}
+    return {**_unpaid_metrics(clock, status), "step": step, "tokens": tokens}
 
 
 def print_report(metrics: dict, adapter_dir: Path) -> None:
