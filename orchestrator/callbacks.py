@@ -55,7 +55,8 @@ class SweepStopper(Stopper):
         return trial_id in self.control.revoked
 
     def stop_all(self) -> bool:
-        return self.control.fatal is not None or self.control.interrupted
+        c = self.control
+        return c.fatal is not None or c.interrupted or c.ended is not None
 
 
 @dataclass
@@ -95,7 +96,9 @@ def describe(p: dict) -> str:
 
 
 def _kill(trial) -> None:
-    """Kill a trial's actor (the watchdog's last resort); Tune then errors the trial."""
+    """Kill a trial's actor (the watchdog's last resort); Tune then errors the trial, and does
+    not retry it (``FailureConfig`` retries are for lost workers, not for a spent grant)."""
+    trial.max_failures = 0  # Tune's Trial.should_recover reads it
     actor = trial.temporary_state.ray_actor  # Tune's handle on the trial's worker
     if actor is not None:
         ray.kill(actor, no_restart=True)
@@ -124,6 +127,7 @@ class SweepCallback(Callback):
         base_score: float | None,
         control: SweepControl | None = None,
         watchdog=None,
+        max_consecutive_failures: int = 3,
     ) -> None:
         self.sweep_id, self.tracker, self.ledger = sweep_id, tracker, ledger
         self.price_usd_per_hour = price_usd_per_hour
@@ -136,6 +140,8 @@ class SweepCallback(Callback):
         self.control = control or SweepControl()
         self.watchdog = watchdog
         self.started_ids: set[str] = set()  # every trial Tune started (its spend is real)
+        self.max_consecutive_failures = max_consecutive_failures
+        self._failures_in_a_row = 0
 
     def __getstate__(self) -> dict:
         # Tune pickles its callbacks with the experiment state; the live MLflow client and the
@@ -146,6 +152,9 @@ class SweepCallback(Callback):
     # --- Tune hooks ---------------------------------------------------------------------------
     @_guarded
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
+        if trial.trial_id in self.live:  # a retry after its worker was lost: same run, watched
+            self._restart(trial)
+            return
         self._count += 1
         self.started_ids.add(trial.trial_id)
         now = time.monotonic()
@@ -159,20 +168,44 @@ class SweepCallback(Callback):
             params["predicted_cost_usd"] = round(predicted, 6)
         remote.call(self.ledger.mark_started, trial.trial_id, time.time())  # for the record
 
-        def start_run() -> str:  # a retry must not make a second child run for the trial
+        def start_run() -> str:  # a retry, or a resumed sweep, keeps the trial's one child run
             made = self.tracker.find_trial(self.sweep_id, trial.trial_id)
-            return made or self.tracker.start_trial(
+            if made:
+                self.live[trial.trial_id].name = made[1]
+                return made[0]
+            return self.tracker.start_trial(
                 self.sweep_id, name, trial.trial_id, {**params, **self.fixed_params}
             )
 
         self.live[trial.trial_id].run_id = retried(start_run)
+        name = self.live[trial.trial_id].name
         self.console.print(f"[bold]{name}[/] started  {describe(params)}")
+
+    @_guarded
+    def on_trial_recover(self, iteration, trials, trial, **info) -> None:
+        """The trial's worker was lost (killed, node gone, preempted); Tune retries it from its
+        last checkpoint. Its account stays open: the new attempt's spend adds to the lost one."""
+        live = self.live.get(trial.trial_id)
+        if self.watchdog is not None:  # nothing is held until its new worker starts
+            self.watchdog.unwatch(trial.trial_id)
+        if live is not None:
+            self.console.print(
+                f"[yellow]{live.name}[/] lost its worker; retrying from its checkpoint"
+            )
+
+    def _restart(self, trial) -> None:
+        live = self.live[trial.trial_id]
+        live.trial = trial
+        if self.watchdog is not None:  # watched afresh: the new worker's heartbeats restart
+            self.watchdog.watch(trial.trial_id, functools.partial(_kill, trial))
 
     @_guarded
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         live = self.live[trial.trial_id]
         live.last_result, live.last_result_at = result, time.monotonic()
         remote.call(self.ledger.update, trial.trial_id, float(result["cost_usd"]))
+        if result.get("trial_status") == "failed":  # no eval: the reason, shown at its end
+            return
         reused = bool(result.get("base_model_reused"))
         measured = self.cost_model.measurements(trial.config, result, reused=reused)
         remote.call(self.ledger.calibrate, **measured)
@@ -209,6 +242,16 @@ class SweepCallback(Callback):
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
         killed = trial.trial_id in self.control.revoked
         self._finish(trial, "budget_killed" if killed else "failed")
+
+    def _count_failure(self, failed: bool, error: str | None) -> None:
+        """After ``max_consecutive_failures`` failed trials in a row the sweep stops, saying
+        why (a broken dataset or model fails every config: no point paying for more)."""
+        self._failures_in_a_row = self._failures_in_a_row + 1 if failed else 0
+        if self._failures_in_a_row >= self.max_consecutive_failures and not self.control.ended:
+            self.control.ended = redact(
+                f"failures: {self._failures_in_a_row} trials in a row failed, the last with "
+                f"{error or 'an unknown error'}"
+            )
 
     def finish_open(self, status: str) -> list[str]:
         """Settle and close every trial Tune stopped without a word (an interrupt or an error
@@ -258,13 +301,15 @@ class SweepCallback(Callback):
                 status,
                 dict(final),
                 checkpoint.path if checkpoint is not None and last else None,
+                last.get("error"),
             )
         self.finished.append(
             {"trial": live.name, "status": status, **final, "score": last.get("score")}
         )
+        self._count_failure(status == "failed", last.get("error"))
         score = last.get("score")
         self.console.print(
             f"[bold]{live.name}[/] {status}  score "
             f"{'-' if score is None else f'{score:.3f}'}  ${final_usd:.5f} "
-            f"({billed_s:.0f} s billed)"
+            f"({billed_s:.0f} s billed)" + (f"  {redact(last['error'])}" if "error" in last else "")
         )

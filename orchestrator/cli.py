@@ -73,16 +73,94 @@ def run(
             help="Ray cluster address (e.g. ray://head:10001 or auto); default: local Ray."
         ),
     ] = None,
+    new: Annotated[
+        bool,
+        typer.Option(
+            "--new", help="Start a separate sweep (its own cap) even if the latest is unfinished."
+        ),
+    ] = False,
 ) -> None:
     """Run a budget-capped sweep and print its leaderboard."""
     from orchestrator.spec import EXAMPLE_SPEC, load_spec
 
     sweep_spec = load_spec(spec)
     console.print(f"[bold]spec[/] {spec or f'{EXAMPLE_SPEC.name} (the embedded demo)'}")
-    from orchestrator import leaderboard
+    if not new:
+        _refuse_unfinished(sweep_spec)
     from orchestrator.sweep import run_sweep
 
-    result = run_sweep(sweep_spec, console, address=address)
+    _show(run_sweep(sweep_spec, console, address=address, spec_path=spec or EXAMPLE_SPEC))
+
+
+@app.command()
+@_friendly
+def resume(
+    sweep: Annotated[str, typer.Argument(help="Id of the sweep to continue.")],
+    address: Annotated[str | None, typer.Option(help="Ray cluster address.")] = None,
+    spec: Annotated[
+        Path | None, typer.Option(help="Spec file; default: the one the sweep ran with.")
+    ] = None,
+    service_db: ServiceDbOpt = DEFAULT_SERVICE_DB,
+) -> None:
+    """Continue an interrupted sweep where it stopped: same budget, ledger, Optuna study, Tune
+    experiment and MLflow runs."""
+    from orchestrator.spec import load_spec
+    from orchestrator.sweep import run_sweep
+
+    row = _sweep_row(service_db, sweep)
+    path = spec or (Path(row.spec_path) if row.spec_path else None)
+    if path is None:
+        raise LorasweepError(f"--spec: sweep {sweep} recorded no spec file; pass the spec it ran")
+    sweep_spec = load_spec(path)
+    if sweep_spec.name != row.name:
+        raise LorasweepError(
+            f"--spec: {path} is spec {sweep_spec.name!r}, the sweep is {row.name!r}"
+        )
+    _show(run_sweep(sweep_spec, console, address=address, resume=sweep, spec_path=path))
+
+
+@app.command()
+@_friendly
+def abandon(
+    sweep: Annotated[str, typer.Argument(help="Id of the unfinished sweep to give up.")],
+    service_db: ServiceDbOpt = DEFAULT_SERVICE_DB,
+    tracking_uri: TrackingOpt = DEFAULT_TRACKING_URI,
+) -> None:
+    """Give up an interrupted sweep: settle every open account at what it spent up to the crash,
+    close its MLflow runs as KILLED, mark it cancelled."""
+    from orchestrator.abandon import abandon as do_abandon
+
+    snap = do_abandon(service_db, tracking_uri, sweep)
+    console.print(
+        f"[bold]abandoned[/] {sweep}: spent ${snap['spent_usd']:.5f} of ${snap['cap_usd']:g}, "
+        "every account settled, its MLflow runs closed"
+    )
+
+
+def _sweep_row(service_db: str, sweep: str):
+    from orchestrator.store import Store
+
+    row = Store(service_db).sweep(sweep)
+    if row is None:
+        raise LorasweepError(f"SWEEP: no sweep {sweep!r} in --service-db {service_db}")
+    return row
+
+
+def _refuse_unfinished(sweep_spec) -> None:
+    from orchestrator.costmodel import sqlite_file_missing
+    from orchestrator.lifecycle import refuse_unfinished
+    from orchestrator.store import Store
+    from orchestrator.sweep import storage_urls
+
+    service_db = storage_urls(sweep_spec)[3]
+    if not sqlite_file_missing(service_db):
+        refuse_unfinished(Store(service_db), sweep_spec.name)
+
+
+def _show(result) -> None:
+    """The end of a run or resume: leaderboard, spend, how it ended and what to do next."""
+    from orchestrator import leaderboard
+
     console.print(leaderboard.render(result.rows, title=f"leaderboard — {result.sweep_id}"))
     pct = 100 * result.spent_usd / result.budget_usd
     console.print(
@@ -101,9 +179,8 @@ def run(
     )
     if result.interrupted:
         console.print(
-            f"[bold]interrupted[/] sweep {result.sweep_id}: no trial runs, every account is "
-            f"settled (${result.spent_usd:.5f} spent); its best adapter so far can be promoted "
-            f"with lorasweep promote {result.sweep_id}"
+            f"[bold]interrupted[/] sweep {result.sweep_id}: every account is settled "
+            f"(${result.spent_usd:.5f} spent); continue it with lorasweep resume {result.sweep_id}"
         )
         raise typer.Exit(130)
     console.print(f"[bold]next[/]  lorasweep promote {result.sweep_id}")

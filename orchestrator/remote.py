@@ -40,3 +40,34 @@ def call(method, *args, timeout_s: float = TIMEOUT_S, tries: int = TRIES, **kwar
         again=lambda exc: isinstance(exc, GetTimeoutError | RayActorError),
         giveup=giveup,
     )
+
+
+class ActorRef:
+    """A named actor, found by name in whichever process uses it. Pickled (into Tune's experiment
+    folder with the searcher, the trainable's parameters and the callback) it is only the name,
+    so a sweep resumed by a new driver reaches the new driver's actor of the same name, where a
+    pickled handle would reach the dead one. ``ref.snapshot`` is the actor's method handle, as
+    with a handle: ``call(ref.snapshot)``."""
+
+    def __init__(self, name: str, handle=None) -> None:
+        self.name = name
+        self._handle = handle
+
+    @property
+    def handle(self):
+        if self._handle is None:
+            import ray
+
+            self._handle = ray.get_actor(self.name)
+        return self._handle
+
+    def __getattr__(self, method: str):
+        if method.startswith("_"):
+            raise AttributeError(method)
+        return getattr(self.handle, method)
+
+    def __getstate__(self) -> dict:
+        return {"name": self.name, "_handle": None}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)

@@ -138,11 +138,16 @@ class BudgetedSearcher(Searcher):
         return None
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
-        self.searcher.on_trial_result(trial_id, result)
+        if self.metric in result:  # a failed trial's report has no score
+            self.searcher.on_trial_result(trial_id, result)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
-        full = bool(result) and result.get("trial_status") == "completed"
-        self.searcher.on_trial_complete(trial_id, result=result if full else None, error=error)
+        """Completed trials are told with their value, failed ones as FAIL, cut ones (ASHA,
+        budget, interrupt) without one: PRUNED."""
+        status = (result or {}).get("trial_status")
+        full = status == "completed"
+        failed = error or status == "failed"
+        self.searcher.on_trial_complete(trial_id, result=result if full else None, error=failed)
 
     def get_state(self) -> dict:
         return {"exhausted_reason": self.exhausted_reason, "skipped": self.skipped}

@@ -399,6 +399,9 @@ class SweepSpec(_Strict):
     trial: TrialSpec = TrialSpec()
     resources: ResourcesSpec = ResourcesSpec()
     max_trials: Int = Field(32, ge=1, description="upper bound; the budget usually ends it first")
+    max_consecutive_failures: Int = Field(
+        3, ge=1, description="the sweep stops after this many trials in a row failed"
+    )
     early_stopping: EarlyStoppingSpec = EarlyStoppingSpec()
     full: FullSpec = FullSpec()
     prices: PricesSpec = PricesSpec()

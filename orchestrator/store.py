@@ -77,6 +77,13 @@ class SweepRow(Base):
     created_unix: Mapped[float] = mapped_column(Float)
     # the watchdog's enforcement allowance per running trial (added after the first release)
     allowance_usd: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # the sweep's life (added after the first release): queued | running | completed | failed |
+    # cancelled | interrupted; the running driver's heartbeat (a stale one means it died); the
+    # spec file it runs, for ``lorasweep resume``
+    state: Mapped[str | None] = mapped_column(String(20), nullable=True)
+    end_reason: Mapped[str | None] = mapped_column(String(500), nullable=True)
+    driver_heartbeat_unix: Mapped[float | None] = mapped_column(Float, nullable=True)
+    spec_path: Mapped[str | None] = mapped_column(String(1000), nullable=True)
 
 
 class AccountRow(Base):
@@ -301,6 +308,31 @@ class Store:
     def create_sweep(self, sweep_id: str, name: str, cap_usd: float) -> SweepRow:
         """Kept for callers of the first release: ``open_sweep`` without an allowance."""
         return self.open_sweep(sweep_id, name, cap_usd)
+
+    def set_sweep(self, sweep_id: str, **values) -> None:
+        """Update the sweep's row: ``state``, ``end_reason``, ``driver_heartbeat_unix``,
+        ``spec_path``."""
+
+        def work(s: Session) -> None:
+            s.execute(
+                update(SweepRow)
+                .where(SweepRow.sweep_id == sweep_id)
+                .values(**values)
+                .execution_options(synchronize_session=False)
+            )
+
+        self._retry("update of sweep", work)
+
+    def latest_sweep(self, name: str) -> SweepRow | None:
+        """The newest sweep of the spec ``name``."""
+        rows = self._all(
+            "read of sweeps",
+            select(SweepRow)
+            .where(SweepRow.name == name)
+            .order_by(func.coalesce(SweepRow.created_unix, 0).desc())
+            .limit(1),
+        )
+        return rows[0] if rows else None
 
     def set_allowance(self, sweep_id: str, allowance_usd: float) -> None:
         def work(s: Session) -> None:

@@ -87,6 +87,8 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"  # ours stops the sweep (``_interrupts``)
+    # Tune saves its experiment (trials, searcher) this often: what ``lorasweep resume`` restores
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
     # a trial refused before its first step ends without a report (so without the metric):
     # ASHA skips it and the searcher records it PRUNED, instead of Tune failing the sweep
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
@@ -218,6 +220,33 @@ def _first_points(spec: SweepSpec, plan: Plan, space: SearchSpace) -> list[dict]
     return [point] if point else None
 
 
+def _earlier_trials(storage, study_name: str) -> int:
+    """How many trials the study already holds (0 for a new one)."""
+    import optuna
+
+    try:
+        study = optuna.load_study(study_name=study_name, storage=storage)
+    except KeyError:  # no such study yet
+        return 0
+    trials = study.get_trials(deepcopy=False)
+    return len(trials)
+
+
+def _fail_orphans(searcher) -> int:
+    """Once a phase's Tune trials have all ended: mark FAIL the study's trials still RUNNING
+    (a dead driver's, whose Tune state was not saved; no one will finish them). Returns how
+    many."""
+    from optuna.trial import TrialState
+
+    study = getattr(searcher.searcher, "_ot_study", None)
+    if study is None:
+        return 0
+    orphans = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    for t in orphans:
+        study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+    return len(orphans)
+
+
 def _make_tuner(
     spec: SweepSpec,
     plan: Plan,
@@ -241,11 +270,13 @@ def _make_tuner(
 
     metric, mode = spec.objective.metric, spec.objective.mode
     n_evals = len(spec.eval_steps)
+    storage = SecretlessRDBStorage(optuna_url)
+    earlier = _earlier_trials(storage, f"{sweep_id}-{phase}")  # a resumed phase's study
     optuna_search = OptunaSearch(
         space=DefineByRun(space),
         metric=metric,
         mode=mode,
-        points_to_evaluate=_first_points(spec, plan, space),
+        points_to_evaluate=None if earlier else _first_points(spec, plan, space),
         sampler=CostAwareTPESampler(
             cost_of=CalibratedCost(
                 functools.partial(
@@ -254,10 +285,10 @@ def _make_tuner(
                 functools.partial(_ledger_timings, ledger),
             ),
             fixed=space.fixed_values(),
-            seed=spec.trial.seed,
+            seed=spec.trial.seed + earlier,  # a resumed study does not draw the same configs
             n_startup_trials=4,
         ),
-        storage=SecretlessRDBStorage(optuna_url),
+        storage=storage,
         study_name=f"{sweep_id}-{phase}",
     )
 
@@ -281,6 +312,18 @@ def _make_tuner(
         {"cpu": res.cpus_per_trial, "gpu": res.gpus_per_trial},
     )
     storage_path = (spec.storage.data_dir / "ray").resolve()
+    experiment = storage_path / f"{sweep_id}-{phase}"
+    if tune.Tuner.can_restore(str(experiment)):  # ``lorasweep resume``: this phase had begun
+        tuner = tune.Tuner.restore(
+            str(experiment), trainable, resume_unfinished=True, resume_errored=False
+        )
+        # Tune restores its pickled searcher, callbacks and stopper; this driver's own replace
+        # them (their state comes back through restore_from_dir: the Optuna study, its trials)
+        internal = tuner._local_tuner
+        internal._tune_config.search_alg = searcher
+        internal._run_config.callbacks = [callback]
+        internal._run_config.stop = SweepStopper(callback.control)
+        return tuner, searcher
     tuner = tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(
@@ -376,6 +419,8 @@ def _run_phase(spec, plan, sweep_id, ledger, callback, optuna_url, space, phase,
                 searcher.on_trial_complete(trial_id, result=None)  # PRUNED in Optuna
             except Exception:  # noqa: BLE001 - the study is told what it can be told
                 pass
+    if not (callback.control.fatal or callback.control.interrupted):
+        _fail_orphans(searcher)
     return searcher
 
 
@@ -398,17 +443,19 @@ def _gate(spec: SweepSpec, plan: Plan, tracking_uri: str, sweep_id: str, ledger)
 
 
 def _start_ledger(spec: SweepSpec, plan: Plan, sweep_id: str, service_db: str):
-    """The sweep's ledger as a Ray actor that comes back after a crash, rebuilt from SQL (it
-    writes SQL before it changes its memory), keeping the watchdog's allowance per trial."""
+    """The sweep's ledger as a named Ray actor that comes back after a crash, rebuilt from SQL
+    (it writes SQL before it changes its memory), keeping the watchdog's allowance per trial;
+    returned as an ``ActorRef`` (what Tune pickles is its name, not a handle)."""
     import ray
 
     from orchestrator.budget import Ledger
     from orchestrator.costmodel import spec_calibration_key
     from orchestrator.watchdog import allowance_usd
 
-    return (
+    name = f"lorasweep-ledger-{sweep_id}"
+    handle = (
         ray.remote(Ledger)
-        .options(num_cpus=0, max_restarts=-1, max_task_retries=3)
+        .options(name=name, num_cpus=0, max_restarts=-1, max_task_retries=3)
         .remote(
             spec.budget_usd,
             sweep_id=sweep_id,
@@ -418,6 +465,7 @@ def _start_ledger(spec: SweepSpec, plan: Plan, sweep_id: str, service_db: str):
             allowance_usd=allowance_usd(plan.price_usd_per_hour),
         )
     )
+    return remote.ActorRef(name, handle)
 
 
 def _settle_everything(spec: SweepSpec, ledger, sweep_id: str, service_db: str, started) -> dict:
@@ -441,7 +489,7 @@ def _settle_everything(spec: SweepSpec, ledger, sweep_id: str, service_db: str, 
         )
         return remote.call(ledger.snapshot, tries=2)
     except remote.ActorUnavailable:
-        ray.kill(ledger, no_restart=True)
+        ray.kill(ledger.handle, no_restart=True)
         local = Ledger(spec.budget_usd, sweep_id=sweep_id, store_url=service_db, name=spec.name)
         try:
             close(local.open_accounts(), local.settle)
@@ -460,15 +508,35 @@ def _end_failed(tracker, snap: dict, console) -> None:
         console.print(f"[yellow]MLflow[/] could not mark the sweep failed: {type(exc).__name__}")
 
 
+PHASE_TAG = "lorasweep.phase."  # + phase: the end reason of a phase that finished
+
+
 def _run_phases(spec, plan, sweep_id, ledger, callback, optuna_url, tracking_uri, console):
     """The LoRA phase, then (if the gate calls for it and nothing stopped the sweep) full FT;
-    returns (end reason, skipped proposals, gate reason)."""
+    returns (end reason, skipped proposals, gate reason). A phase that finished in an earlier
+    part of the sweep (``lorasweep resume``) is not run again."""
+    from orchestrator.callbacks import retried
+
     run_phase = functools.partial(_run_phase, spec, plan, sweep_id, ledger, callback, optuna_url)
-    searcher = run_phase(spec.search_space, "lora", spec.max_trials)
-    reason = searcher.exhausted_reason or f"max_trials ({spec.max_trials}) reached"
-    skipped = list(searcher.skipped)
-    if callback.control.fatal or callback.control.interrupted:
-        return reason, skipped, ""
+    tracker, control = callback.tracker, callback.control
+    done = {
+        k[len(PHASE_TAG) :]: v for k, v in tracker.sweep_tags().items() if k.startswith(PHASE_TAG)
+    }
+
+    def phase(space, name: str, samples: int, default_reason: str) -> tuple[str, list[str]]:
+        if name in done:
+            return done[name], []
+        searcher = run_phase(space, name, samples)
+        reason = searcher.exhausted_reason or default_reason
+        if not (control.fatal or control.interrupted):
+            retried(tracker.client.set_tag, tracker.parent_id, PHASE_TAG + name, reason[:5000])
+        return reason, list(searcher.skipped)
+
+    reason, skipped = phase(
+        spec.search_space, "lora", spec.max_trials, f"max_trials ({spec.max_trials}) reached"
+    )
+    if control.fatal or control.interrupted or control.ended:
+        return control.ended or reason, skipped, ""
     run_full, gate_reason = _gate(spec, plan, tracking_uri, sweep_id, ledger)
     console.print(f"[bold]full fine-tuning[/] {'runs' if run_full else 'skipped'}: {gate_reason}")
     if run_full:
@@ -479,17 +547,26 @@ def _run_phases(spec, plan, sweep_id, ledger, callback, optuna_url, tracking_uri
                 "full_lr_scale": 1.0,
             }
         )
-        full_searcher = run_phase(full_space, "full", spec.full.max_runs)
-        reason = full_searcher.exhausted_reason or reason
-        skipped += full_searcher.skipped
+        full_reason, full_skipped = phase(full_space, "full", spec.full.max_runs, reason)
+        reason = full_reason or reason
+        skipped += full_skipped
     return reason, skipped, gate_reason
 
 
-def run_sweep(spec: SweepSpec, console, address: str | None = None) -> SweepResult:
-    """Run a whole sweep and return its leaderboard; raises before any spend on bad input, and
-    :class:`SweepAborted` (every account settled, the cause in one line) on a persistent error
-    of MLflow, the SQL store or the ledger."""
+def run_sweep(
+    spec: SweepSpec,
+    console,
+    address: str | None = None,
+    resume: str | None = None,
+    spec_path: Path | None = None,
+) -> SweepResult:
+    """Run a whole sweep (or, with ``resume``, continue sweep ``resume`` where it stopped) and
+    return its leaderboard; raises before any spend on bad input, and :class:`SweepAborted`
+    (every account settled, the cause in one line) on a persistent error of MLflow, the SQL
+    store or the ledger."""
     from orchestrator.callbacks import SweepCallback
+    from orchestrator.lifecycle import DriverHeartbeat
+    from orchestrator.store import Store
     from orchestrator.watchdog import SweepControl, Watchdog
 
     t0 = time.time()
@@ -498,10 +575,11 @@ def run_sweep(spec: SweepSpec, console, address: str | None = None) -> SweepResu
     plan = make_plan(spec)
     data_dir, tracking_uri, optuna_url, service_db = storage_urls(spec)
     data_dir.mkdir(parents=True, exist_ok=True)
-    sweep_id = f"{spec.name}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
+    sweep_id = resume or f"{spec.name}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
+    store = Store(service_db)
     console.print(
-        f"[bold]sweep[/] {sweep_id}: budget ${spec.budget_usd:g}, trial resources "
-        f"${plan.price_usd_per_hour:.4f}/h, first rung predicted "
+        f"[bold]{'resuming' if resume else 'sweep'}[/] {sweep_id}: budget ${spec.budget_usd:g}, "
+        f"trial resources ${plan.price_usd_per_hour:.4f}/h, first rung predicted "
         f"${plan.admission_usd({}, plan.extremes(spec.search_space)[0]):.5f}"
     )
     if os.environ.get("LORASWEEP_FAULT"):
@@ -509,26 +587,25 @@ def run_sweep(spec: SweepSpec, console, address: str | None = None) -> SweepResu
             f"[bold red]fault injection on[/]: LORASWEEP_FAULT={os.environ['LORASWEEP_FAULT']}"
         )
     _init_ray(spec, address)
+    crashed = _crash_settlements(store, sweep_id, plan) if resume else {}
     ledger = _start_ledger(spec, plan, sweep_id, service_db)
-    tracker = Tracker(tracking_uri, spec.name, artifact_root=data_dir / "artifacts")
-    tracker.start_sweep(
+    remote.call(ledger.snapshot)  # the actor is up and the sweep's row written
+    for key, usd in crashed.items():  # the dead driver's open accounts: at their crash spend
+        remote.call(ledger.update, key, usd)
+    store.set_sweep(
         sweep_id,
-        spec.public_dump(),  # passwords in storage URLs hidden
-        {
-            "budget_usd": spec.budget_usd,
-            "model": spec.model.name_or_path,
-            "accelerator": spec.resources.accelerator,
-            "price_usd_per_hour": plan.price_usd_per_hour,
-            "max_trials": spec.max_trials,
-            "objective": spec.objective.metric,
-        },
+        state="running",
+        end_reason=None,
+        spec_path=str(spec_path.resolve()) if spec_path else None,
     )
+    tracker = _open_tracker(spec, plan, sweep_id, tracking_uri, data_dir, resume)
     control = SweepControl()
     watchdog = Watchdog(ledger, plan.price_usd_per_hour, control).start()
     callback = None
     try:
-        with _interrupts(control, console):
-            base = _base_eval(spec, plan, ledger, console)
+        with _interrupts(control, console), DriverHeartbeat(store, sweep_id):
+            base = _known_base(tracker, store, sweep_id) if resume else None
+            base = base or _base_eval(spec, plan, ledger, console, tracker)
             callback = SweepCallback(
                 sweep_id=sweep_id,
                 tracker=tracker,
@@ -540,7 +617,9 @@ def run_sweep(spec: SweepSpec, console, address: str | None = None) -> SweepResu
                 base_score=base["score"] if base else None,
                 control=control,
                 watchdog=watchdog,
+                max_consecutive_failures=spec.max_consecutive_failures,
             )
+            callback._count = _trial_count(tracker)
             reason, skipped, gate_reason = _run_phases(
                 spec, plan, sweep_id, ledger, callback, optuna_url, tracking_uri, console
             )
@@ -555,18 +634,28 @@ def run_sweep(spec: SweepSpec, console, address: str | None = None) -> SweepResu
         snap = _settle_everything(spec, ledger, sweep_id, service_db, started)
     if control.fatal:
         _end_failed(tracker, snap, console)
+        store.set_sweep(sweep_id, state="failed", end_reason=control.fatal[:500])
         raise SweepAborted(
             f"sweep {sweep_id} stopped: {control.fatal} (spent ${snap['spent_usd']:.5f} of "
-            f"${spec.budget_usd:g}, every account settled)"
+            f"${spec.budget_usd:g}, every account settled; lorasweep resume {sweep_id} "
+            "continues it)"
         )
     if control.interrupted:
         reason = "interrupted"
+    elif control.ended:
+        reason = control.ended
     for reason_skipped in skipped:
         console.print(f"[yellow]not launched[/] {reason_skipped}")  # "budget: ..." or "memory: ..."
     if watchdog.kills:
         console.print(f"[yellow]watchdog[/] killed {len(watchdog.kills)} trial(s) past their grant")
+    leftover = remote.call(ledger.settle_open, "spent")  # nothing may stay committed
+    if leftover:
+        console.print(f"[yellow]settled[/] {len(leftover)} account(s) no trial closed")
     snap = remote.call(ledger.snapshot)
     try:
+        costs = {a.key: a.spent_usd for a in store.accounts(sweep_id)}
+        dangling = "interrupted" if control.interrupted or resume else "failed"
+        tracker.close_open_trials(dangling, costs)
         rows, best = _summarize(
             spec, tracker, tracking_uri, sweep_id, base, snap, reason, gate_reason, skipped
         )
@@ -575,6 +664,9 @@ def run_sweep(spec: SweepSpec, console, address: str | None = None) -> SweepResu
             f"sweep {sweep_id}: its trials ended (spent ${snap['spent_usd']:.5f}) but its "
             f"summary could not be written to MLflow: {type(exc).__name__}: {redact(str(exc))}"
         ) from exc
+    store.set_sweep(
+        sweep_id, state="interrupted" if control.interrupted else "completed", end_reason=reason
+    )
     return SweepResult(
         sweep_id,
         tracking_uri,
@@ -589,8 +681,67 @@ def run_sweep(spec: SweepSpec, console, address: str | None = None) -> SweepResu
     )
 
 
-def _base_eval(spec: SweepSpec, plan: Plan, ledger, console) -> dict | None:
-    """The base model's score, said on the console (None when it was not paid or timed out)."""
+def _trial_count(tracker) -> int:
+    """How many trials the sweep already has (the next one's number is one more)."""
+    from orchestrator.callbacks import retried
+
+    return retried(tracker.count_trials)
+
+
+def _crash_settlements(store, sweep_id: str, plan: Plan) -> dict[str, float]:
+    """Before resuming: refuse what cannot be resumed, and price the accounts its dead driver
+    left open (``orchestrator.lifecycle.crash_settlements``)."""
+    from orchestrator.lifecycle import UNFINISHED, crash_settlements, effective_state
+
+    row = store.sweep(sweep_id)
+    if row is None:
+        raise LorasweepError(f"SWEEP: no sweep {sweep_id!r} in {redact(store.url)}")
+    state = effective_state(row)
+    if state == "running":
+        raise LorasweepError(
+            f"SWEEP: {sweep_id} is running (its driver is alive); nothing to resume"
+        )
+    if state not in (*UNFINISHED, "failed"):
+        raise LorasweepError(f"SWEEP: {sweep_id} is {state}; only an unfinished sweep resumes")
+    return crash_settlements(store, sweep_id, plan.price_usd_per_hour)
+
+
+def _open_tracker(spec, plan, sweep_id, tracking_uri, data_dir, resume) -> Tracker:
+    """The sweep's MLflow parent run: a new one, or the earlier part's when resuming."""
+    tracker = Tracker(tracking_uri, spec.name, artifact_root=data_dir / "artifacts")
+    if resume:
+        tracker.attach_sweep(sweep_id)
+        return tracker
+    tracker.start_sweep(
+        sweep_id,
+        spec.public_dump(),  # passwords in storage URLs hidden
+        {
+            "budget_usd": spec.budget_usd,
+            "model": spec.model.name_or_path,
+            "accelerator": spec.resources.accelerator,
+            "price_usd_per_hour": plan.price_usd_per_hour,
+            "max_trials": spec.max_trials,
+            "objective": spec.objective.metric,
+        },
+    )
+    return tracker
+
+
+BASE_KEYS = ("score", "eval_loss", "cost_usd")
+
+
+def _known_base(tracker, store, sweep_id: str) -> dict | None:
+    """The base eval of an earlier part of the sweep (paid once), from its parent run."""
+    accounts = {a.key: a for a in store.accounts(sweep_id)}
+    metrics = tracker.sweep_metrics()
+    if "baseline" not in accounts or "base_score" not in metrics:
+        return None
+    return {k: metrics[f"base_{k}"] for k in BASE_KEYS if f"base_{k}" in metrics}
+
+
+def _base_eval(spec: SweepSpec, plan: Plan, ledger, console, tracker) -> dict | None:
+    """The base model's score, said on the console and kept on the parent run (None when it was
+    not paid or timed out)."""
     console.print("[bold]scoring[/] the base model on the validation split ...")
     base = _score_base(spec, plan, ledger)
     if base and base.get("stopped"):
@@ -604,6 +755,7 @@ def _base_eval(spec: SweepSpec, plan: Plan, ledger, console) -> dict | None:
             f"  base model score {base['score']:.3f}  eval_loss {base['eval_loss']:.4f}  "
             f"${base['cost_usd']:.5f}"
         )
+        tracker.log_sweep_metrics({f"base_{k}": base[k] for k in BASE_KEYS}, 0)
     return base
 
 

@@ -15,6 +15,9 @@ from orchestrator.secrets import redact
 
 KIND_TAG, SWEEP_TAG, STATUS_TAG = "lorasweep.kind", "lorasweep.sweep_id", "lorasweep.status"
 PARENT_TAG = "mlflow.parentRunId"
+# files of a trial's checkpoint that only a resumed attempt needs (workers.train.STATE_FILE):
+# not part of the adapter logged to MLflow
+RESUME_ONLY = ("trainer_state.pt",)
 _TRIAL_METRICS = (
     "eval_loss",
     "score",
@@ -70,6 +73,53 @@ class Tracker:
         self._log_params(self.parent_id, params)
         return self.parent_id
 
+    def attach_sweep(self, sweep_id: str) -> str:
+        """Continue the parent run of an earlier part of ``sweep_id`` (``lorasweep resume``)."""
+        runs = self.client.search_runs(
+            [self.experiment_id],
+            f"tags.`{SWEEP_TAG}` = '{sweep_id}' and tags.`{KIND_TAG}` = 'sweep'",
+            max_results=1,
+        )
+        if not runs:
+            from orchestrator.errors import LorasweepError
+
+            raise LorasweepError(
+                f"SWEEP: no MLflow parent run of {sweep_id} at {self.tracking_uri}"
+            )
+        self.parent_id = runs[0].info.run_id
+        self.client.update_run(self.parent_id, status="RUNNING")
+        self.client.set_tag(self.parent_id, STATUS_TAG, "running")
+        return self.parent_id
+
+    def sweep_metrics(self) -> dict[str, float]:
+        return dict(self.client.get_run(self.parent_id).data.metrics)
+
+    def sweep_tags(self) -> dict[str, str]:
+        return dict(self.client.get_run(self.parent_id).data.tags)
+
+    def close_open_trials(self, status: str, costs: dict[str, float]) -> list[str]:
+        """End the child runs still RUNNING (a crashed part's), each with its ledger cost
+        (``costs`` by trial id); returns the run ids closed."""
+        runs = self.client.search_runs(
+            [self.experiment_id],
+            f"tags.`{PARENT_TAG}` = '{self.parent_id}' and attributes.status = 'RUNNING'",
+            max_results=5000,
+        )
+        for run in runs:
+            usd = costs.get(run.data.tags.get("lorasweep.trial_id", ""))
+            if usd is not None:
+                self._log_metrics(run.info.run_id, {"cost_usd": usd}, 0)
+            self.client.set_tag(run.info.run_id, STATUS_TAG, status)
+            self.client.set_terminated(run.info.run_id, run_status(status))
+        return [r.info.run_id for r in runs]
+
+    def count_trials(self) -> int:
+        return len(
+            self.client.search_runs(
+                [self.experiment_id], f"tags.`{PARENT_TAG}` = '{self.parent_id}'", max_results=5000
+            )
+        )
+
     def log_sweep_metrics(self, metrics: dict[str, float], step: int) -> None:
         self._log_metrics(self.parent_id, metrics, step)
 
@@ -96,15 +146,15 @@ class Tracker:
         self._log_params(run.info.run_id, params)
         return run.info.run_id
 
-    def find_trial(self, sweep_id: str, trial_id: str) -> str | None:
-        """The child run already made for ``trial_id`` (a retried create whose reply was lost,
-        or a resumed sweep), if any."""
+    def find_trial(self, sweep_id: str, trial_id: str) -> tuple[str, str] | None:
+        """(run id, run name) of the child run already made for ``trial_id`` (a retried create
+        whose reply was lost, or a resumed sweep), if any."""
         runs = self.client.search_runs(
             [self.experiment_id],
             f"tags.`{SWEEP_TAG}` = '{sweep_id}' and tags.`lorasweep.trial_id` = '{trial_id}'",
             max_results=1,
         )
-        return runs[0].info.run_id if runs else None
+        return (runs[0].info.run_id, runs[0].info.run_name) if runs else None
 
     def log_trial_result(self, run_id: str, result: dict) -> None:
         """One eval report: train loss of every step since the last one, and the eval metrics."""
@@ -121,10 +171,21 @@ class Tracker:
         ]
         self.client.log_batch(run_id, metrics=metrics)
 
-    def end_trial(self, run_id: str, status: str, final: dict, adapter_dir: str | None) -> None:
+    def end_trial(
+        self,
+        run_id: str,
+        status: str,
+        final: dict,
+        adapter_dir: str | None,
+        error: str | None = None,
+    ) -> None:
         self._log_metrics(run_id, final, int(final.pop("step", 0)))
-        if adapter_dir and Path(adapter_dir).is_dir():
-            self.client.log_artifacts(run_id, adapter_dir, "adapter")
+        if adapter_dir and Path(adapter_dir).is_dir():  # the adapter, not the resume state
+            for path in sorted(Path(adapter_dir).iterdir()):
+                if path.name not in RESUME_ONLY:
+                    self.client.log_artifact(run_id, str(path), "adapter")
+        if error:
+            self.client.set_tag(run_id, "lorasweep.error", redact(error)[:5000])
         self.client.set_tag(run_id, STATUS_TAG, status)
         self.client.set_terminated(run_id, run_status(status))
 

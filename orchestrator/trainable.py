@@ -86,6 +86,19 @@ class LedgerBudget:
                 return
 
 
+def _failure(exc: BaseException, budget: LedgerBudget) -> dict:
+    """A trial that failed in its own code (a NaN loss, out of memory, an exception) reports it
+    and ends, rather than raising: Tune retries raised errors from the last checkpoint
+    (``FailureConfig``), which is for lost workers, not for a config that fails again."""
+    cost = budget.cost_usd()
+    return {
+        "trial_status": "failed",
+        "error": f"{type(exc).__name__}: {exc}"[:1000],
+        "cost_usd": cost,
+        "billed_s": cost / budget.price_usd_per_hour * 3600 if budget.price_usd_per_hour else 0.0,
+    }
+
+
 def _billing_start() -> float:
     return _released_at if _released_at is not None else _HELD_SINCE
 
@@ -138,6 +151,9 @@ def train_lorasweep(config: dict, *, base: dict, ledger) -> None:
             cfg = dataclasses.replace(cfg, prior_billed_s=prior_s)
             # a trial refused before training reports nothing: its bill is its last heartbeat
             with LedgerBudget(ledger, trial_id, cfg.price_usd_per_hour, t0, prior_s) as budget:
-                run_trial(cfg, report, budget, resume_from=resume)
+                try:
+                    run_trial(cfg, report, budget, resume_from=resume)
+                except Exception as exc:  # noqa: BLE001 - a failed trial, reported as such
+                    tune.report(_failure(exc, budget))
     finally:
         _released_at = time.monotonic()

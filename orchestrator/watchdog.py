@@ -49,6 +49,7 @@ class SweepControl:
     revoked: set[str] = field(default_factory=set)
     fatal: str | None = None
     interrupted: bool = False
+    ended: str | None = None  # the sweep ends early but in order (e.g. trials keep failing)
 
     def fail(self, cause: str) -> None:
         """Record the first reason the sweep must stop (passwords in it hidden)."""

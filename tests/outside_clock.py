@@ -1,7 +1,9 @@
 """Spend measured from outside the system under test: the OS's view of Ray's worker processes.
 
-A background thread polls the process table every ``POLL_S`` and records, per process, how long it
-carried the title of one of the sweep's paid workers (Ray sets a worker's title to
+A background thread polls this test's own descendant processes (Ray's local cluster started by
+the test, or by a CLI the test ran, is its child; other sessions' Ray workers on the machine are
+not) every ``POLL_S`` and records, per process, how long it carried the title of one of the
+sweep's paid workers (Ray sets a worker's title to
 ``ray::<actor class or task>``: Tune's function trainable runs in ``ray::ImplicitFunc``, the base
 eval in ``ray::score_split``). Held seconds x price is what a cloud would bill for them, whatever
 the sweep's own ``cost_usd`` says.
@@ -16,6 +18,19 @@ import psutil
 
 POLL_S = 0.1
 PAID_TITLES = ("ray::ImplicitFunc", "ray::score_split", "ray::_Inner")
+
+
+def own_processes() -> list[psutil.Process]:
+    """This process's descendants (the Ray processes it, or a CLI it started, runs)."""
+    return psutil.Process().children(recursive=True)
+
+
+def title(proc: psutil.Process) -> str:
+    """A process's title (Ray renames its workers ``ray::...``); "" once it is gone."""
+    try:
+        return (proc.cmdline() or [""])[0]
+    except psutil.Error:
+        return ""
 
 
 class ProcessMeter:
@@ -37,10 +52,9 @@ class ProcessMeter:
     def _run(self) -> None:
         while not self._stop.is_set():
             now = time.monotonic()
-            for proc in psutil.process_iter(["pid", "cmdline"]):
-                cmd = proc.info.get("cmdline") or []
-                if cmd and cmd[0].startswith(PAID_TITLES):
-                    span = self.spans.setdefault(proc.info["pid"], [now, now])
+            for proc in own_processes():
+                if title(proc).startswith(PAID_TITLES):
+                    span = self.spans.setdefault(proc.pid, [now, now])
                     span[1] = now
             self._stop.wait(POLL_S)
 

@@ -59,7 +59,7 @@ def test_sigint_in_the_lora_phase_settles_everything_and_exits_130(
     sweep_id = store.sweep_ids()[0]
     flat = " ".join(out.split())  # rich wraps long lines
     last = flat[flat.rindex("interrupted sweep") :]
-    assert "SIGINT" in flat and last.endswith(f"lorasweep promote {sweep_id}"), out
+    assert "SIGINT" in flat and last.endswith(f"lorasweep resume {sweep_id}"), out
     assert all(a.settled for a in store.accounts(sweep_id))
     totals = store.totals(sweep_id)
     assert totals.reserved_usd == pytest.approx(0.0) and totals.spent_usd <= 2.0

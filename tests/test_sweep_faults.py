@@ -20,9 +20,8 @@ import threading
 import time
 from pathlib import Path
 
-import psutil
 import pytest
-from outside_clock import ProcessMeter
+from outside_clock import ProcessMeter, own_processes, title
 from rich.console import Console
 from test_sweep_e2e import _spec
 
@@ -38,12 +37,9 @@ def _ledger_db(spec) -> str:
     return f"sqlite:///{spec.storage.data_dir / 'lorasweep.db'}"
 
 
-def _pids(title: str) -> set[int]:
-    return {
-        p.info["pid"]
-        for p in psutil.process_iter(["pid", "cmdline"])
-        if (p.info.get("cmdline") or [""])[0].startswith(title)
-    }
+def _pids(prefix: str) -> set[int]:
+    """This test's own processes whose title starts with ``prefix``."""
+    return {p.pid for p in own_processes() if title(p).startswith(prefix)}
 
 
 def _when(predicate, then, timeout_s: float = 300) -> threading.Thread:

@@ -16,9 +16,8 @@ import signal
 import threading
 import time
 
-import psutil
 import pytest
-from outside_clock import PAID_TITLES, POLL_S, ProcessMeter
+from outside_clock import ProcessMeter, own_processes, title
 from rich.console import Console
 from test_sweep_e2e import _spec
 
@@ -32,34 +31,8 @@ PRICE = 36.0  # the spec's "cpu" override: one cent per second
 TRIAL_TITLE = "ray::ImplicitFunc"  # Tune's function trainable's worker process
 
 
-def _own_processes() -> list[psutil.Process]:
-    """This test process's descendants: its local Ray's processes, workers included (other test
-    sessions on the machine run Ray workers of the same titles)."""
-    return psutil.Process().children(recursive=True)
-
-
-def _title(proc: psutil.Process) -> str:
-    try:
-        return (proc.cmdline() or [""])[0]
-    except psutil.Error:  # gone meanwhile
-        return ""
-
-
-def _pids(title: str) -> set[int]:
-    return {p.pid for p in _own_processes() if _title(p).startswith(title)}
-
-
-class _OwnProcessMeter(ProcessMeter):
-    """``ProcessMeter`` (tests/outside_clock.py) over this test's own Ray processes only."""
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            now = time.monotonic()
-            for proc in _own_processes():
-                if _title(proc).startswith(PAID_TITLES):
-                    span = self.spans.setdefault(proc.pid, [now, now])
-                    span[1] = now
-            self._stop.wait(POLL_S)
+def _pids(prefix: str) -> set[int]:
+    return {p.pid for p in own_processes() if title(p).startswith(prefix)}
 
 
 def _first_eval(tracking_uri: str):
@@ -139,7 +112,7 @@ def test_a_trial_whose_worker_is_killed_resumes_from_its_checkpoint(
     assert spec.trial.max_retries == 2  # the default
     _, tracking_uri, _, ledger_url = storage_urls(spec)
     t0 = time.monotonic()
-    with _OwnProcessMeter() as meter, _Killer(tracking_uri, ledger_url) as killer:
+    with ProcessMeter() as meter, _Killer(tracking_uri, ledger_url) as killer:
         result = run_sweep(spec, Console(file=io.StringIO(), width=200))
     wall_s = time.monotonic() - t0
     assert killer.killed, "the trial's worker was never killed: the trial ended too early"

@@ -1,0 +1,49 @@
+"""``lorasweep abandon SWEEP``: give up an unfinished sweep without running anything."""
+
+from __future__ import annotations
+
+from orchestrator.errors import LorasweepError
+
+
+def abandon(service_db: str, tracking_uri: str, sweep_id: str) -> dict:
+    """Settle every account the sweep left open at what it spent up to the crash (its last
+    heartbeat plus the time until the crash was noticed), close its MLflow runs as KILLED and
+    mark it ``cancelled``; returns the ledger's snapshot."""
+    from orchestrator.budget import Ledger
+    from orchestrator.lifecycle import UNFINISHED, crash_settlements, effective_state
+    from orchestrator.store import Store
+    from orchestrator.tracking import STATUS_TAG, Tracker
+
+    store = Store(service_db)
+    row = store.sweep(sweep_id)
+    if row is None:
+        raise LorasweepError(f"SWEEP: no sweep {sweep_id!r} in --service-db {service_db}")
+    state = effective_state(row)
+    if state not in UNFINISHED or state == "running":
+        raise LorasweepError(
+            f"SWEEP: {sweep_id} is {state}; only an interrupted sweep is abandoned"
+        )
+    price = _price_usd_per_hour(tracking_uri, row.name, sweep_id)
+    ledger = Ledger(row.cap_usd, sweep_id=sweep_id, store_url=service_db, name=row.name)
+    try:
+        for key, usd in crash_settlements(store, sweep_id, price).items():
+            ledger.settle(key, usd)
+        snap = ledger.snapshot()
+    finally:
+        ledger.close()
+    tracker = Tracker(tracking_uri, row.name)
+    tracker.attach_sweep(sweep_id)
+    tracker.close_open_trials("interrupted", {a.key: a.spent_usd for a in store.accounts(sweep_id)})
+    tracker.client.set_tag(tracker.parent_id, STATUS_TAG, "cancelled")
+    tracker.client.set_tag(tracker.parent_id, "lorasweep.end_reason", "abandoned")
+    tracker.client.set_terminated(tracker.parent_id, "KILLED")
+    store.set_sweep(sweep_id, state="cancelled", end_reason="abandoned")
+    return snap
+
+
+def _price_usd_per_hour(tracking_uri: str, name: str, sweep_id: str) -> float:
+    """The price the sweep ran at (its parent run's parameter)."""
+    from orchestrator import leaderboard
+
+    parent = leaderboard.find_sweep(tracking_uri, sweep_id)
+    return float(parent.data.params.get("price_usd_per_hour", 0.0))

@@ -1,0 +1,96 @@
+"""The life of a sweep in SQL: ``queued -> running -> completed | failed | cancelled |
+interrupted``, recorded on its row in the ledger's store, with the driver's heartbeat.
+
+A sweep is identified by its id, not by the process running it: a driver writes its heartbeat
+every ``DRIVER_HEARTBEAT_S``; a ``running`` sweep whose heartbeat is older than ``STALE_S`` lost
+its driver without a word (SIGKILL, a reboot) and is shown as ``interrupted``, to be resumed
+(``lorasweep resume``) or abandoned (``lorasweep abandon``).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+from orchestrator.errors import LorasweepError
+from orchestrator.prices import cost_usd
+
+DRIVER_HEARTBEAT_S = 5.0
+# a running sweep's driver is taken for dead after this long without a heartbeat (tests shorten it)
+STALE_S = float(os.environ.get("LORASWEEP_DRIVER_STALE_S", "30"))
+UNFINISHED = ("queued", "running", "interrupted")
+
+
+def effective_state(row, now: float | None = None) -> str:
+    """The sweep's state as a user should see it: a running sweep without a live driver is
+    ``interrupted``."""
+    state = row.state or "completed"  # rows of the first release recorded no state
+    beat = row.driver_heartbeat_unix
+    now = time.time() if now is None else now
+    if state == "running" and (beat is None or now - beat > STALE_S):
+        return "interrupted"
+    return state
+
+
+def refuse_unfinished(store, name: str) -> None:
+    """``lorasweep run`` on a spec whose latest sweep is unfinished: resume it or start anew."""
+    row = store.latest_sweep(name)
+    if row is None:
+        return
+    state = effective_state(row)
+    if state == "running":
+        raise LorasweepError(
+            f"SPEC: sweep {row.sweep_id} of {name!r} is running (its driver is alive); watch it "
+            f"with lorasweep status {row.sweep_id}, or pass --new to start a separate sweep"
+        )
+    if state in UNFINISHED:
+        raise LorasweepError(
+            f"SPEC: the latest sweep of {name!r}, {row.sweep_id}, is {state}: continue it with "
+            f"lorasweep resume {row.sweep_id}, or pass --new to start a separate sweep with its "
+            "own cap"
+        )
+
+
+def crash_settlements(store, sweep_id: str, price_usd_per_hour: float) -> dict[str, float]:
+    """What each account left open by a dead driver spent: its last heartbeat plus the time
+    until the crash was noticed (the driver's last heartbeat, plus one period), never below
+    what it reported. The trials died with the driver's cluster."""
+    row = store.sweep(sweep_id)
+    beat = row.driver_heartbeat_unix if row is not None else None
+    out = {}
+    for acct in store.accounts(sweep_id):
+        if acct.settled or acct.charge:
+            continue
+        crash_unix = max(beat or acct.updated_unix, acct.updated_unix) + DRIVER_HEARTBEAT_S
+        gap_s = max(0.0, crash_unix - acct.updated_unix) if acct.spent_usd > 0 else 0.0
+        out[acct.key] = acct.spent_usd + cost_usd(price_usd_per_hour, gap_s)
+    return out
+
+
+class DriverHeartbeat:
+    """Writes the driver's heartbeat on the sweep's row every ``DRIVER_HEARTBEAT_S``."""
+
+    def __init__(self, store, sweep_id: str) -> None:
+        self.store, self.sweep_id = store, sweep_id
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="lorasweep-driver", daemon=True)
+
+    def __enter__(self) -> DriverHeartbeat:
+        self.beat()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def beat(self) -> None:
+        self.store.set_sweep(self.sweep_id, driver_heartbeat_unix=time.time())
+
+    def _run(self) -> None:
+        while not self._stop.wait(DRIVER_HEARTBEAT_S):
+            try:
+                self.beat()
+            except Exception:  # noqa: BLE001 - a missed beat is retried at the next period
+                pass
