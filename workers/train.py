@@ -44,7 +44,7 @@ from workers.data import encode_for_training, pad_batch, read_examples
 from workers.methods import cache_key, setup_model
 from workers.model import load_tokenizer
 
-SAFETY = 1.25
+SAFETY = 1.25  # headroom on time estimates when checking the budget ceiling
 # what a trial's config carries from the search space (all named choices: storage-safe in Optuna)
 HYPERPARAMETERS = (
     "method",
@@ -56,7 +56,7 @@ HYPERPARAMETERS = (
     "use_rslora",
     "use_dora",
     "loraplus_lr_ratio",
-)  # headroom on time estimates when checking the budget ceiling
+)
 
 
 @dataclass
