@@ -285,6 +285,13 @@ class SweepCallback(Callback):
             remote.call(self.ledger.calibrate, **released)
         checkpoint = trial.checkpoint
         final = {"cost_usd": final_usd, "billed_s": billed_s, "step": last.get("step", 0)}
+        # the admission's predictions next to what the trial measured (predicted vs actual)
+        for key in ("step_s", "closing_s", "startup_s"):
+            if f"predicted_{key}" in trial.config:
+                final[f"predicted_{key}"] = trial.config[f"predicted_{key}"]
+        for key in ("step_s", "closing_s"):
+            if key in last:
+                final[f"measured_{key}"] = last[key]
         for key in ("tokens", "base_model_reused"):
             if key in last:
                 final[key] = last[key]

@@ -184,3 +184,54 @@ def test_a_checkpoint_resumes_only_the_trial_that_wrote_it(trial_config, tmp_pat
     _, kept = _run_keeping_checkpoints(cfg, tmp_path, "first")
     with pytest.raises(ValueError, match="learning_rate"):
         run_trial(trial_config(max_steps=4, learning_rate=1e-4), print, resume_from=kept[2])
+
+
+class _LedgerView:
+    """A trial's view of a real ``orchestrator.budget.Ledger`` (what the sweep's ledger actor
+    runs), without Ray."""
+
+    def __init__(self, ledger, trial_id: str) -> None:
+        self.ledger, self.trial_id = ledger, trial_id
+        self.ceiling_usd = ledger.ceiling(trial_id)
+
+    def request(self, total_usd: float) -> bool:
+        if self.ledger.request(self.trial_id, total_usd):
+            self.ceiling_usd = total_usd
+            return True
+        return False
+
+
+def test_slower_steps_than_predicted_ask_for_more_instead_of_stopping(trial_config, monkeypatch):
+    """The admission predicted 1 ms steps; three of them take a second more each (the real step,
+    then a sleep: a throttled GPU, a cold cache). While the cap has room, the trial asks for more
+    before a step that no longer fits, and reaches its eval (before issue 16 it stopped
+    mid-interval, budget_stopped, with most of the cap unspent)."""
+    import time
+
+    from orchestrator.budget import Ledger
+    from workers import train
+
+    real_step, calls = train._train_step, []
+
+    def slow_step(*args, **kwargs):
+        calls.append(1)
+        out = real_step(*args, **kwargs)
+        if len(calls) in (2, 3, 4):
+            time.sleep(1.0)
+        return out
+
+    monkeypatch.setattr(train, "_train_step", slow_step)
+    ledger = Ledger(cap_usd=5.0)
+    assert ledger.reserve("t", 0.025)  # setup and fast steps fit; the slow ones do not
+    cfg = trial_config(
+        price_usd_per_hour=36.0,
+        max_steps=6,
+        eval_every=6,
+        prior_step_s=0.001,
+        prior_closing_s=0.001,
+        release_s=0.0,
+    )
+    last = run_trial(cfg, lambda m, d: None, _LedgerView(ledger, "t"))
+    assert last["status"] == "completed" and last["step"] == 6
+    assert ledger.ceiling("t") > 0.025
+    assert last["cost_usd"] <= ledger.ceiling("t") <= 5.0

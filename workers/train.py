@@ -433,6 +433,16 @@ def _needed_usd(clock: _Clock, steps: int, step_s, closings: int, closing_s, rel
     return clock.cost_usd(SAFETY * (steps * step_s + closings * closing_s + release_s))
 
 
+def _step_fits(clock: _Clock, budget: Budget, left: int, step_s, closing_s, cfg) -> bool:
+    """Whether one more step and the closing fit under the ceiling; when they do not (the steps
+    ran slower than predicted), the trial first asks for what the ``left`` steps to its next
+    eval need, so it is not stopped while the cap still has room for them."""
+    if _needed_usd(clock, 1, step_s, 1, closing_s, cfg.release_s) <= budget.ceiling_usd:
+        return True
+    budget.request(_needed_usd(clock, left, step_s, 1, closing_s, cfg.release_s))
+    return _needed_usd(clock, 1, step_s, 1, closing_s, cfg.release_s) <= budget.ceiling_usd
+
+
 def _room_after_closing(
     clock: _Clock, budget: Budget, step_s, closing_s, next_steps, release_s
 ) -> bool:
@@ -538,11 +548,9 @@ def _train(cfg, clock, budget, report, loaded, reused, progress: _Progress) -> d
         if need > budget.ceiling_usd:
             budget.request(need)  # if refused, train on while the ceiling allows, then close
         start_step = step
-        for _ in range(interval):
+        for i in range(interval):
             revoked = bool(getattr(budget, "revoked", False))
-            if revoked or (
-                _needed_usd(clock, 1, step_s, 1, closing_s, cfg.release_s) > budget.ceiling_usd
-            ):
+            if revoked or not _step_fits(clock, budget, interval - i, step_s, closing_s, cfg):
                 status = "budget_stopped"  # close now, inside the ceiling
                 break
             t = time.monotonic()
