@@ -236,6 +236,23 @@ class Ledger:
         new = replace(acct, spent_usd=max(acct.spent_usd, final_usd), settled=True)
         self._apply({trial_id: new}, "settle")
 
+    def spent(self, trial_id: str) -> float:
+        """What the trial spent so far, settled or not (0 for an unknown one)."""
+        acct = self.trials.get(trial_id)
+        return acct.spent_usd if acct else 0.0
+
+    def reopen(self, trial_id: str, extra_usd: float) -> bool:
+        """A settled trial runs again (a resumed sweep restarts it from its checkpoint): open
+        its account with a ceiling of what it spent plus ``extra_usd``, if the cap allows."""
+        acct = self.trials.get(trial_id)
+        if acct is None or not acct.settled:
+            return acct is not None
+        new = replace(acct, settled=False, ceiling_usd=acct.spent_usd + extra_usd)
+        if not self._admits(trial_id, new):
+            return False
+        self._apply({trial_id: new})
+        return True
+
     def settle_open(self, at: str = "spent") -> list[str]:
         """Settle every open trial, all in one write: at its spend (``at="spent"``), or at the
         larger of its spend and its ceiling (``at="ceiling"``: its spend is not known, e.g. when

@@ -155,6 +155,8 @@ class SweepCallback(Callback):
         if trial.trial_id in self.live:  # a retry after its worker was lost: same run, watched
             self._restart(trial)
             return
+        if not self._account_open(trial):
+            return
         self._count += 1
         self.started_ids.add(trial.trial_id)
         now = time.monotonic()
@@ -192,6 +194,22 @@ class SweepCallback(Callback):
             self.console.print(
                 f"[yellow]{live.name}[/] lost its worker; retrying from its checkpoint"
             )
+
+    def _account_open(self, trial) -> bool:
+        """A trial restored by ``lorasweep resume`` whose account an earlier part settled (it was
+        stopped there) runs again only on a reopened account, one rung's worth of grant, if the
+        cap allows; otherwise it is stopped at once."""
+        rung_s = (
+            trial.config.get("predicted_startup_s", 0.0)
+            + trial.config.get("predicted_step_s", 0.0) * self.fixed_params.get("eval_every", 1)
+            + trial.config.get("predicted_closing_s", 0.0)
+        )
+        extra = 1.25 * cost_usd(self.price_usd_per_hour, rung_s)
+        if remote.call(self.ledger.reopen, trial.trial_id, extra):
+            return True
+        self.control.revoked.add(trial.trial_id)
+        _kill(trial)
+        return False
 
     def _restart(self, trial) -> None:
         live = self.live[trial.trial_id]

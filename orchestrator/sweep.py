@@ -220,6 +220,24 @@ def _first_points(spec: SweepSpec, plan: Plan, space: SearchSpace) -> list[dict]
     return [point] if point else None
 
 
+def _unfinish_search(experiment: Path) -> None:
+    """A phase stopped early (Ctrl-C, an error) saved its search as finished (Tune's stop-all
+    marks it so) and its concurrency limiter full: clear both in the saved state, or the resumed
+    phase proposes nothing. Counting trials against ``num_samples`` is kept. (Tune's
+    ``search_gen_state`` file.)"""
+    import ray.cloudpickle as cloudpickle
+
+    for path in experiment.glob("search_gen_state-*.json"):
+        state = cloudpickle.loads(path.read_bytes())
+        state["finished"] = False
+        # Tune's concurrency limiter still counts the trials the stop ended (it was never told
+        # of their end): a full count would let the resumed phase start nothing
+        limiter = state.get("name:ConcurrencyLimiter")
+        if isinstance(limiter, dict) and "live_trials" in limiter:
+            limiter["live_trials"] = set()
+        path.write_bytes(cloudpickle.dumps(state))
+
+
 def _earlier_trials(storage, study_name: str) -> int:
     """How many trials the study already holds (0 for a new one)."""
     import optuna
@@ -314,6 +332,7 @@ def _make_tuner(
     storage_path = (spec.storage.data_dir / "ray").resolve()
     experiment = storage_path / f"{sweep_id}-{phase}"
     if tune.Tuner.can_restore(str(experiment)):  # ``lorasweep resume``: this phase had begun
+        _unfinish_search(experiment)
         tuner = tune.Tuner.restore(
             str(experiment), trainable, resume_unfinished=True, resume_errored=False
         )
@@ -604,8 +623,9 @@ def run_sweep(
     callback = None
     try:
         with _interrupts(control, console), DriverHeartbeat(store, sweep_id):
-            base = _known_base(tracker, store, sweep_id) if resume else None
-            base = base or _base_eval(spec, plan, ledger, console, tracker)
+            known = _known_base(tracker, store, sweep_id) if resume else None
+            base = _base_eval(spec, plan, ledger, console, tracker) if known is None else known
+            base = base or None  # {}: paid in an earlier part, without a score
             callback = SweepCallback(
                 sweep_id=sweep_id,
                 tracker=tracker,
@@ -623,6 +643,8 @@ def run_sweep(
             reason, skipped, gate_reason = _run_phases(
                 spec, plan, sweep_id, ledger, callback, optuna_url, tracking_uri, console
             )
+    except KeyboardInterrupt:  # the second Ctrl-C: stop at once, settle as for the first
+        control.interrupted = True
     except BaseException as exc:  # noqa: BLE001 - settled below, then raised as SweepAborted
         control.fail(f"{type(exc).__name__}: {exc}")
     finally:
@@ -731,12 +753,14 @@ BASE_KEYS = ("score", "eval_loss", "cost_usd")
 
 
 def _known_base(tracker, store, sweep_id: str) -> dict | None:
-    """The base eval of an earlier part of the sweep (paid once), from its parent run."""
-    accounts = {a.key: a for a in store.accounts(sweep_id)}
-    metrics = tracker.sweep_metrics()
-    if "baseline" not in accounts or "base_score" not in metrics:
+    """The base eval of an earlier part of the sweep (paid once, never again): its score and
+    cost from the parent run, ``{}`` when it was paid without a score (it timed out), None when
+    it was never paid."""
+    if "baseline" not in {a.key for a in store.accounts(sweep_id)}:
         return None
-    return {k: metrics[f"base_{k}"] for k in BASE_KEYS if f"base_{k}" in metrics}
+    metrics = tracker.sweep_metrics()
+    known = {k: metrics[f"base_{k}"] for k in BASE_KEYS if f"base_{k}" in metrics}
+    return known if len(known) == len(BASE_KEYS) else {}
 
 
 def _base_eval(spec: SweepSpec, plan: Plan, ledger, console, tracker) -> dict | None:

@@ -105,9 +105,8 @@ def _billing_start() -> float:
 
 def _prior_billed_s(ledger, trial_id: str, price_usd_per_hour: float, resume: Path | None) -> float:
     """Seconds the trial's earlier attempts billed: the more of the ledger's record of its spend
-    (0 for a first attempt) and its checkpoint's billed seconds."""
-    account = remote.call(ledger.open_accounts).get(trial_id, {})
-    spent_usd = float(account.get("spent_usd", 0.0))
+    (0 for a first attempt; settled or not) and its checkpoint's billed seconds."""
+    spent_usd = float(remote.call(ledger.spent, trial_id))
     ledger_s = spent_usd * 3600.0 / price_usd_per_hour if price_usd_per_hour > 0 else 0.0
     return max(ledger_s, checkpoint_billed_s(resume) if resume is not None else 0.0)
 

@@ -89,3 +89,60 @@ def _reported(db: Path) -> bool:
         )
     except Exception:  # noqa: BLE001 - the ledger is being created
         return False
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="known gap (issue 17): after Ctrl-C the resumed LoRA phase starts its next trial and "
+    "stops it at once (Tune marks the search finished again); the resume completes with no new "
+    "trial. Before the limiter fix in _unfinish_search it hung.",
+)
+def test_an_interrupted_sweep_resumes_and_runs_its_remaining_trials(
+    tmp_path, tiny_model, small_data
+):
+    """After Ctrl-C, ``lorasweep resume`` goes on proposing trials (Tune saved the stopped search
+    as finished; the resumed phase must not take that for the end) and completes."""
+    raw = _spec(tmp_path, tiny_model, small_data, budget_usd=2.0, max_trials=3).model_dump(
+        mode="json"
+    )
+    raw["search_space"].pop("preset")
+    raw["resources"]["max_concurrent_trials"] = 1
+    spec_path = tmp_path / "spec.yaml"
+    spec_path.write_text(yaml.safe_dump(raw))
+    db = Path(raw["storage"]["data_dir"]) / "lorasweep.db"
+    cli = Path(sys.executable).with_name("lorasweep")
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    proc = subprocess.Popen(
+        [str(cli), "run", str(spec_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
+    t0 = time.monotonic()
+    while not _reported(db):
+        assert proc.poll() is None and time.monotonic() - t0 < 300
+        time.sleep(0.3)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=180)
+    assert proc.returncode == 130, out
+    store = Store(f"sqlite:///{db}")
+    sweep_id = store.sweep_ids()[0]
+    assert store.sweep(sweep_id).state == "interrupted"
+    resumed = subprocess.run(
+        [str(cli), "resume", sweep_id, "--service-db", f"sqlite:///{db}"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert store.sweep(sweep_id).state == "completed"
+    from orchestrator import leaderboard
+
+    tracking = f"sqlite:///{Path(raw['storage']['data_dir']) / 'mlflow.db'}"
+    rows = leaderboard.trial_rows(tracking, leaderboard.find_sweep(tracking, sweep_id))
+    finished = [r for r in rows if r.status != "interrupted"]
+    assert len(finished) >= 2, [(r.trial, r.status) for r in rows]  # it ran on after Ctrl-C
+    totals = store.totals(sweep_id)
+    assert totals.reserved_usd == pytest.approx(0.0) and totals.spent_usd <= 2.0
