@@ -153,8 +153,13 @@ def _refuse_unfinished(sweep_spec) -> None:
     from orchestrator.sweep import storage_urls
 
     service_db = storage_urls(sweep_spec)[3]
-    if not sqlite_file_missing(service_db):
-        refuse_unfinished(Store(service_db), sweep_spec.name)
+    if sqlite_file_missing(service_db):
+        return
+    try:
+        store = Store(service_db)
+    except LorasweepError:
+        return  # the preflight's storage check names the bad URL and the fix
+    refuse_unfinished(store, sweep_spec.name)
 
 
 def _show(result) -> None:
