@@ -22,8 +22,9 @@ Faults (which sweep gets which is fixed, ``PLAN``; when they strike is drawn fro
 - ``kill_driver``: SIGKILL of the ``lorasweep run/resume`` process while a trial runs; then wait
   until the ledger reads the sweep ``interrupted`` (its driver heartbeat 30 s stale) and resume.
 - ``sigint``: SIGINT to the driver while a trial runs; exit 130 expected; then resume.
-- ``hang`` / ``nan``: ``LORASWEEP_FAULT=hang@Sx1|DIR`` / ``nan@Sx1|DIR`` (workers/faults.py), once in
-  the whole sweep at a random step S; the watchdog must kill the hung trial, the NaN trial fails.
+- ``hang`` / ``nan``: ``LORASWEEP_FAULT=hang@Sx1|DIR`` / ``nan@Sx1|DIR`` (workers/faults.py),
+  once in the whole sweep at a random step S; the watchdog must kill the hung trial, the NaN
+  trial fails.
 - ``mlflow_down``: the MLflow server stopped (SIGTERM to its process group) while a trial runs,
   restarted 30 s later on the same port and backend; the driver is expected to stop with exit 2
   and is resumed once the server is back (or it rides the outage out on its retries).
@@ -75,7 +76,6 @@ import sys
 import threading
 import time
 import urllib.request
-from datetime import date
 from pathlib import Path
 
 import psutil
@@ -238,7 +238,8 @@ class Meter:
             ]
 
     def sweep_usd(self, sweep: int) -> float:
-        held = sum(s["last"] - s["first"] + POLL_S for s in self.spans.values() if s["sweep"] == sweep)
+        spans = [s for s in self.spans.values() if s["sweep"] == sweep]
+        held = sum(s["last"] - s["first"] + POLL_S for s in spans)
         return PRICE * held / 3600.0
 
     def sweep_processes(self, sweep: int) -> list[dict]:

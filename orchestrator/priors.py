@@ -10,11 +10,11 @@ rest, and a user can turn this off (``search_space.first_trial: sampled``).
   Llama and Qwen models (tinker-cookbook ``hyperparam_utils.get_lr``, with their "LoRA Without
   Regret", 2025): P = 0.781 for the Llama family, 0.0775 for Qwen; M = 10 for LoRA (the best
   LoRA lr is about 10x the full-FT one), 15 for runs under ~100 steps (short runs favour higher
-  rates, ARCHITECTURE.md), 1 for full FT. Families without a published fit take the geometric
+  rates: "LoRA Without Regret"), 1 for full FT. Families without a published fit take the geometric
   centre of the searched range.
 - Rank 16, alpha 32 (the best lr barely moves with rank at fixed alpha), all linear layers
   (they beat attention-only at equal parameter count), dropout 0.05, plain LoRA (no rsLoRA,
-  DoRA or LoRA+): see ARCHITECTURE.md's search-space priors.
+  DoRA or LoRA+): the same post's findings; the README's "How the budget is kept" lists them.
 
 Each searched dimension takes the candidate nearest the preferred value (log distance for
 positive numbers), or the clamped value in a range.

@@ -33,6 +33,11 @@ def title(proc: psutil.Process) -> str:
         return ""
 
 
+def own_pids(prefix: str) -> set[int]:
+    """This test's own processes whose title starts with ``prefix``."""
+    return {p.pid for p in own_processes() if title(p).startswith(prefix)}
+
+
 class ProcessMeter:
     """``with ProcessMeter() as meter: ...`` then ``meter.held_s()`` (sum over processes)."""
 

@@ -17,7 +17,7 @@ def _space(**dims) -> SearchSpace:
 
 
 def test_recommended_lr_follows_the_published_anchors():
-    # ARCHITECTURE.md: best LoRA lr ~3e-4 for 8B+ models, ~1e-3 for 1-4B (within 2x here)
+    # "LoRA Without Regret": best LoRA lr ~3e-4 for 8B+ models, ~1e-3 for 1-4B (within 2x here)
     assert recommended_lr("lora", 4096, "llama", 1000) == pytest.approx(3e-4, rel=0.1)
     for hidden in (2048, 3072):
         assert 5e-4 / 2 <= recommended_lr("lora", hidden, "llama", 1000) <= 1e-3 * 2

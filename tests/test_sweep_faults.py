@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import pytest
-from outside_clock import ProcessMeter, own_processes, title
+from outside_clock import ProcessMeter, own_pids
 from rich.console import Console
 from test_sweep_e2e import _spec
 
@@ -35,11 +35,6 @@ PRICE = 36.0  # the specs' "cpu" override: one cent per second
 
 def _ledger_db(spec) -> str:
     return f"sqlite:///{spec.storage.data_dir / 'lorasweep.db'}"
-
-
-def _pids(prefix: str) -> set[int]:
-    """This test's own processes whose title starts with ``prefix``."""
-    return {p.pid for p in own_processes() if title(p).startswith(prefix)}
 
 
 def _when(predicate, then, timeout_s: float = 300) -> threading.Thread:
@@ -72,11 +67,11 @@ def test_a_killed_ledger_actor_comes_back_from_sql_and_the_sweep_ends_within_its
 ):
     spec = _spec(tmp_path, tiny_model, small_data, budget_usd=1.0, max_trials=3)
     url = _ledger_db(spec)
-    before = _pids("ray::Ledger")
+    before = own_pids("ray::Ledger")
     killed: list[int] = []
 
     def kill_ledger():
-        pids = _pids("ray::Ledger") - before
+        pids = own_pids("ray::Ledger") - before
         for pid in pids:
             os.kill(pid, signal.SIGKILL)
             killed.append(pid)

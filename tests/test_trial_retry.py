@@ -17,7 +17,7 @@ import threading
 import time
 
 import pytest
-from outside_clock import ProcessMeter, own_processes, title
+from outside_clock import ProcessMeter, own_pids
 from rich.console import Console
 from test_sweep_e2e import _spec
 
@@ -29,10 +29,6 @@ from orchestrator.sweep import run_sweep, storage_urls
 pytestmark = pytest.mark.slow
 PRICE = 36.0  # the spec's "cpu" override: one cent per second
 TRIAL_TITLE = "ray::ImplicitFunc"  # Tune's function trainable's worker process
-
-
-def _pids(prefix: str) -> set[int]:
-    return {p.pid for p in own_processes() if title(p).startswith(prefix)}
 
 
 def _first_eval(tracking_uri: str):
@@ -55,7 +51,7 @@ class _Killer:
 
     def __init__(self, tracking_uri: str, ledger_url: str, timeout_s: float = 300) -> None:
         self.tracking_uri, self.ledger_url, self.timeout_s = tracking_uri, ledger_url, timeout_s
-        self.before = _pids(TRIAL_TITLE)
+        self.before = own_pids(TRIAL_TITLE)
         self.killed: list[int] = []
         self.later: set[int] = set()
         self.trial_id: str | None = None
@@ -81,12 +77,12 @@ class _Killer:
                 except Exception:  # noqa: BLE001 - the databases may not exist yet
                     pass
             else:
-                self.later |= _pids(TRIAL_TITLE) - self.before - set(self.killed)
+                self.later |= own_pids(TRIAL_TITLE) - self.before - set(self.killed)
             self._stop.wait(0.1)
 
     def _kill_after_first_eval(self) -> None:
         seen = _first_eval(self.tracking_uri)
-        workers = _pids(TRIAL_TITLE) - self.before
+        workers = own_pids(TRIAL_TITLE) - self.before
         if not seen or not workers:
             return
         self.trial_id, self.steps_before_kill = seen
