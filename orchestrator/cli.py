@@ -41,6 +41,24 @@ TrackingOpt = Annotated[
     ),
 ]
 
+# a sweep service (`lorasweep serve`) to talk to instead of running here; the token comes from
+# LORASWEEP_TOKEN only (a flag would show it in `ps` and in shell history)
+ServerOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--server",
+        envvar="LORASWEEP_SERVER",
+        help="URL of a sweep service (lorasweep serve) to use instead of this machine; "
+        "token in LORASWEEP_TOKEN.",
+    ),
+]
+
+# the service names each tenant's experiments TENANT/NAME; the CLI's default is the spec's name
+ExperimentOpt = Annotated[
+    str | None,
+    typer.Option("--experiment", hidden=True, help="MLflow experiment name (set by the service)."),
+]
+
 
 def _friendly(fn):
     """Print user errors as one actionable line and exit 2 instead of a traceback."""
@@ -79,9 +97,19 @@ def run(
             "--new", help="Start a separate sweep (its own cap) even if the latest is unfinished."
         ),
     ] = False,
+    sweep_id: Annotated[
+        str | None, typer.Option("--sweep-id", hidden=True, help="Set by the service.")
+    ] = None,
+    experiment: ExperimentOpt = None,
+    server: ServerOpt = None,
 ) -> None:
-    """Run a budget-capped sweep and print its leaderboard."""
+    """Run a budget-capped sweep and print its leaderboard (with --server: submit it to the
+    sweep service and follow it; Ctrl-C stops watching, not the sweep)."""
     from orchestrator.spec import EXAMPLE_SPEC, load_spec
+
+    if server:
+        _submit_and_follow(server, spec)
+        return
 
     sweep_spec = load_spec(spec)
     console.print(f"[bold]spec[/] {spec or f'{EXAMPLE_SPEC.name} (the embedded demo)'}")
@@ -89,7 +117,16 @@ def run(
         _refuse_unfinished(sweep_spec)
     from orchestrator.sweep import run_sweep
 
-    _show(run_sweep(sweep_spec, console, address=address, spec_path=spec or EXAMPLE_SPEC))
+    _show(
+        run_sweep(
+            sweep_spec,
+            console,
+            address=address,
+            spec_path=spec or EXAMPLE_SPEC,
+            sweep_id=sweep_id,
+            experiment=experiment,
+        )
+    )
 
 
 @app.command()
@@ -101,6 +138,7 @@ def resume(
         Path | None, typer.Option(help="Spec file; default: the one the sweep ran with.")
     ] = None,
     service_db: ServiceDbOpt = DEFAULT_SERVICE_DB,
+    experiment: ExperimentOpt = None,
 ) -> None:
     """Continue an interrupted sweep where it stopped: same budget, ledger, Optuna study, Tune
     experiment and MLflow runs."""
@@ -116,7 +154,16 @@ def resume(
         raise LorasweepError(
             f"--spec: {path} is spec {sweep_spec.name!r}, the sweep is {row.name!r}"
         )
-    _show(run_sweep(sweep_spec, console, address=address, resume=sweep, spec_path=path))
+    _show(
+        run_sweep(
+            sweep_spec,
+            console,
+            address=address,
+            resume=sweep,
+            spec_path=path,
+            experiment=experiment,
+        )
+    )
 
 
 @app.command()
@@ -247,11 +294,21 @@ def status(
     ] = None,
     tracking_uri: TrackingOpt = DEFAULT_TRACKING_URI,
     service_db: ServiceDbOpt = DEFAULT_SERVICE_DB,
+    server: ServerOpt = None,
+    follow: Annotated[
+        bool, typer.Option("--follow", help="With --server: follow the sweep's events to its end.")
+    ] = False,
 ) -> None:
     """Sweeps and their spend, or one sweep's spent / reserved / remaining and its trials'
     predicted vs actual cost."""
 
     from orchestrator import leaderboard
+
+    if server:
+        _server_status(server, sweep, follow)
+        return
+    if follow:
+        raise LorasweepError("--follow: needs --server (a local sweep prints to its own terminal)")
 
     if sweep is None:
         console.print(_sweeps_table(tracking_uri, service_db))
@@ -366,10 +423,16 @@ def _predicted_vs_actual(rows, accounts: dict):
 def leaderboard_cmd(
     sweep: Annotated[str | None, typer.Argument(help="Sweep id or spec name (latest).")] = None,
     tracking_uri: TrackingOpt = DEFAULT_TRACKING_URI,
+    server: ServerOpt = None,
 ) -> None:
     """The trials of a sweep, best first."""
     from orchestrator import leaderboard
 
+    if server:
+        client = _client(server)
+        info = client.sweep(sweep or _latest_sweep_id(client, server))
+        console.print(_trials_table(info))
+        return
     parent = leaderboard.find_sweep(tracking_uri, sweep)
     rows = leaderboard.trial_rows(tracking_uri, parent)
     console.print(leaderboard.render(rows, title=f"leaderboard — {parent.info.run_name}"))
@@ -383,8 +446,21 @@ def promote(
         str | None, typer.Option(help="Registered model name; default: spec name.")
     ] = None,
     tracking_uri: TrackingOpt = DEFAULT_TRACKING_URI,
+    server: ServerOpt = None,
 ) -> None:
     """Register the best adapter and point the alias `champion` at it."""
+    if server:
+        if name:
+            raise LorasweepError("--name: the server names the model TENANT.SPEC; drop --name")
+        client = _client(server)
+        sweep_id = sweep or _latest_sweep_id(client, server)
+        console.print(f"[bold]promoting[/] the best trial of {sweep_id} on {server} ...")
+        p = client.promote(sweep_id)
+        test = "" if p.get("test_score") is None else f", test score {p['test_score']:.3f}"
+        console.print(
+            f"[green]registered[/] {p['model']} version {p['version']} as @{p['alias']}{test}"
+        )
+        return
     from orchestrator.registry import ALIAS
     from orchestrator.registry import promote as do_promote
 
@@ -399,6 +475,162 @@ def promote(
         f"[bold]try it[/] lorasweep generate --model models:/{p.name}@{ALIAS} "
         '"3 bed, 2 bath house in Austin. 1,850 sq ft. Asking $525,000. Has a pool."'
     )
+
+
+@app.command()
+@_friendly
+def cancel(
+    sweep: Annotated[str, typer.Argument(help="Id of the sweep to cancel.")],
+    server: ServerOpt = None,
+) -> None:
+    """Cancel a sweep of the sweep service: a queued one at once; a running one's trials close
+    inside their grants and every account settles (what was spent stays on record)."""
+    if not server:
+        raise LorasweepError(
+            "--server: cancel is for sweeps of a sweep service (or set LORASWEEP_SERVER); stop a "
+            "local sweep with Ctrl-C in its terminal, give up a dead one with lorasweep abandon"
+        )
+    out = _client(server).cancel(sweep)
+    state = out.get("state", "cancelling")
+    console.print(
+        f"[bold]cancel[/] {sweep}: {state}; its running trials close inside their grants. "
+        f"Watch it end: lorasweep status {sweep} --server {server} --follow"
+    )
+
+
+# --- the sweep service (--server) ----------------------------------------------------------------
+def _client(server: str):
+    from orchestrator.service.client import ServiceClient
+
+    return ServiceClient(server)
+
+
+def _latest_sweep_id(client, server: str) -> str:
+    sweeps = client.sweeps()
+    if not sweeps:
+        raise LorasweepError(f"SWEEP: no sweep of yours on {server}; submit one with run --server")
+    return max(sweeps, key=lambda s: s.get("created_unix", 0) or 0)["id"]
+
+
+def _submit_and_follow(server: str, spec: Path | None) -> None:
+    """``run --server``: submit the spec's YAML (its data paths are the server's), then print
+    the sweep's progress lines until it ends; the exit code says how it ended."""
+    if spec is None:
+        raise LorasweepError("SPEC: pass the spec file to submit to --server")
+    if not spec.is_file():
+        raise LorasweepError(f"SPEC: file {spec} not found; pass the path of a sweep YAML")
+    client = _client(server)
+    out = client.submit_yaml(spec.read_text(encoding="utf-8"))
+    sweep_id = out["id"]
+    first = out.get("predicted_first_rung_usd")
+    console.print(
+        f"[bold]submitted[/] {sweep_id} to {server}: budget ${out['budget_usd']:g}"
+        + ("" if first is None else f", first rung predicted ${first:.5f}")
+        + f"; {out.get('state', 'queued')}"
+    )
+    _follow(client, server, sweep_id)
+
+
+def _follow(client, server: str, sweep_id: str) -> None:
+    """Print the sweep's events to its end, then its outcome; Ctrl-C stops watching only."""
+    from orchestrator.service.client import FINAL_STATES
+
+    try:
+        for _, event in client.follow(sweep_id):
+            console.print(event.get("line", ""), markup=False, highlight=False, soft_wrap=True)
+    except KeyboardInterrupt:
+        console.print(
+            f"\n[yellow]stopped watching[/] {sweep_id}; it goes on on the server. Watch again: "
+            f"lorasweep status {sweep_id} --server {server} --follow   (cancel it: lorasweep "
+            f"cancel {sweep_id} --server {server})"
+        )
+        raise typer.Exit(130) from None
+    info = client.sweep(sweep_id)
+    _print_sweep(info)
+    state = info.get("state")
+    if state not in FINAL_STATES:
+        return
+    if state == "completed":
+        console.print(f"[bold]next[/]  lorasweep promote {sweep_id} --server {server}")
+        return
+    raise typer.Exit(130 if state in ("cancelled", "interrupted") else 1)
+
+
+def _server_status(server: str, sweep: str | None, follow: bool) -> None:
+    from rich.table import Table
+
+    client = _client(server)
+    if sweep is None:
+        if follow:
+            raise LorasweepError("SWEEP: --follow needs the sweep's id")
+        table = Table(title=f"sweeps on {server}")
+        for col in ("sweep", "state", "spent_usd", "budget_usd", "end_reason"):
+            table.add_column(col)
+        for s in client.sweeps():
+            spent = s.get("spent_usd")
+            table.add_row(
+                s["id"],
+                str(s.get("state", "?")),
+                "-" if spent is None else f"{spent:.5f}",
+                f"{s.get('budget_usd', 0):g}",
+                str(s.get("end_reason") or ""),
+            )
+        console.print(table)
+        return
+    if follow:
+        _follow(client, server, sweep)
+        return
+    _print_sweep(client.sweep(sweep))
+
+
+def _print_sweep(info: dict) -> None:
+    """One sweep as the service reports it: state, money, best trial, trials, MLflow run."""
+    money = (
+        f"spent ${info.get('spent_usd', 0):.5f}, reserved ${info.get('reserved_usd', 0):.5f}, "
+        f"remaining ${info.get('remaining_usd', 0):.5f} of ${info.get('budget_usd', 0):g}"
+    )
+    console.print(f"[bold]{info['id']}[/] {info.get('state', '?')}: {money}")
+    if info.get("end_reason"):
+        console.print(f"ended: {info['end_reason']}", markup=False)
+    best = info.get("best")
+    if best:
+        console.print(
+            f"best: {best.get('trial')} score {best.get('score', 0):.3f} "
+            f"(${best.get('cost_usd', 0):.5f})"
+        )
+    if info.get("trials"):
+        console.print(_trials_table(info))
+    mlflow = info.get("mlflow") or {}
+    if mlflow.get("parent_run_id"):
+        console.print(
+            f"mlflow: {mlflow.get('tracking_uri')} experiment {mlflow.get('experiment_id')} "
+            f"run {mlflow['parent_run_id']}",
+            markup=False,
+        )
+
+
+def _trials_table(info: dict):
+    """The sweep's leaderboard rows (dicts from the server), best first as the server sends
+    them, in the columns of the local leaderboard."""
+    from rich.table import Table
+
+    table = Table(title=f"leaderboard — {info['id']}")
+    rows = info.get("trials") or []
+    wanted = ("trial", "status", "score", "eval_loss", "cost_usd", "learning_rate", "rank")
+    cols = [c for c in wanted if any(c in r for r in rows)] or list(rows[0]) if rows else []
+    for col in cols:
+        table.add_column(col)
+    for r in rows:
+        table.add_row(*(_cell(r.get(c)) for c in cols))
+    return table
+
+
+def _cell(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.5g}"
+    return str(value)
 
 
 @app.command()
@@ -421,3 +653,12 @@ def generate(
 
 if __name__ == "__main__":
     app()
+
+
+def _register_service() -> None:
+    from orchestrator.service.cli import register
+
+    register(app)
+
+
+_register_service()

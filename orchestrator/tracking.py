@@ -15,6 +15,7 @@ from orchestrator.secrets import redact
 
 KIND_TAG, SWEEP_TAG, STATUS_TAG = "lorasweep.kind", "lorasweep.sweep_id", "lorasweep.status"
 PARENT_TAG = "mlflow.parentRunId"
+TENANT_TAG = "lorasweep.tenant"
 # files of a trial's checkpoint that only a resumed attempt needs (workers.train.STATE_FILE):
 # not part of the adapter logged to MLflow
 RESUME_ONLY = ("trainer_state.pt",)
@@ -48,15 +49,21 @@ class Tracker:
         self.client = MlflowClient(tracking_uri=tracking_uri)
         self.tracking_uri = tracking_uri
         exp = self.client.get_experiment_by_name(experiment)
+        # the service names each tenant's experiments TENANT/NAME: tagged with the tenant, so the
+        # MLflow UI (and a search) can keep tenants apart
+        tags = {TENANT_TAG: experiment.split("/", 1)[0]} if "/" in experiment else {}
         if exp is None:
             location = None
             if artifact_root is not None and not tracking_uri.startswith(("http:", "https:")):
                 location = (Path(artifact_root).resolve() / experiment).as_uri()
             self.experiment_id = self.client.create_experiment(
-                experiment, artifact_location=location
+                experiment, artifact_location=location, tags=tags
             )
         else:
             self.experiment_id = exp.experiment_id
+            for key, value in tags.items():
+                if exp.tags.get(key) != value:
+                    self.client.set_experiment_tag(self.experiment_id, key, value)
         self.parent_id: str | None = None
 
     # --- sweep (parent run) ---------------------------------------------------------------
