@@ -1,0 +1,220 @@
+"""A submitted spec, checked as ``lorasweep validate`` checks it, without torch in the API process.
+
+Two stages: the spec's own rules (``orchestrator.spec.parse_spec``: pydantic, field names, data
+paths resolved against the server's working directory) run here, in the API process, in
+milliseconds; the preflight (``orchestrator.preflight.make_plan``: the data files read, the model
+built on the meta device, prices, storage, the budget against the cheapest first rung) imports
+torch and transformers, so it runs in a pool of worker processes started with ``spawn`` (a fork
+of a threaded server is unsafe, and a spawned worker inherits none of its state). Workers live as
+long as the API, so torch is imported once per worker, not per request.
+
+Every refusal comes back as ``Invalid(field, message)``: the dotted spec field and how to fix it.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import multiprocessing
+import re
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from orchestrator.errors import LorasweepError, SpecError
+from orchestrator.secrets import redact
+
+__all__ = [
+    "Valid",
+    "Invalid",
+    "Unavailable",
+    "parse_body_yaml",
+    "validate_spec",
+    "warm",
+    "shutdown",
+]
+
+# the preflight of a cached model takes ~0.5 s; the embedded model's first use converts its GGUF
+# file (~70 s measured on 2 busy cores), and a remote MLflow check may wait 5 s
+PLAN_TIMEOUT_S = 300.0
+WORKERS = 2  # the preflight is CPU-bound and rare; more workers would mostly hold torch in memory
+_FIELD = re.compile(r"^([A-Za-z_][\w.\[\]-]*): ")  # LorasweepError messages start "field: ..."
+
+
+@dataclass(frozen=True)
+class Valid:
+    """A spec that passed: its name, budget, the prediction, and its YAML as the driver runs it
+    (data paths absolute on the server)."""
+
+    name: str
+    budget_usd: float
+    predicted_first_rung_usd: float | None
+    spec_yaml: str
+
+
+@dataclass(frozen=True)
+class Invalid:
+    """A refused spec: the dotted field to fix and how."""
+
+    field: str
+    message: str
+
+
+class Unavailable(Exception):
+    """The preflight could not run (its worker died or timed out): a 503, not the user's fault."""
+
+
+def _field_of(exc: LorasweepError) -> tuple[str, str]:
+    if isinstance(exc, SpecError):
+        return exc.field, str(exc).removeprefix(f"{exc.field}: ")
+    text = redact(str(exc))
+    m = _FIELD.match(text)
+    if m:
+        return m.group(1), text[m.end() :]
+    return "spec", text
+
+
+def parse_body_yaml(text: str) -> Any:
+    """YAML text to Python objects, duplicate keys refused (as ``lorasweep validate``); raises
+    ``SpecError`` on text that is not YAML."""
+    from orchestrator.spec import _load_yaml
+
+    try:
+        return _load_yaml(text)
+    except (yaml.YAMLError, RecursionError) as exc:
+        raise SpecError("spec", f"not valid YAML: {' '.join(str(exc).split())}") from None
+
+
+def _resolved(raw: Any, base_dir: Path, service_db_url: str):
+    """The spec parsed (field errors as ``SpecError``), its paths absolute under ``base_dir``."""
+    from orchestrator.spec import parse_spec
+
+    spec = parse_spec(raw, base_dir)
+    storage = spec.storage
+    if storage.service_db and storage.service_db != service_db_url:
+        raise SpecError(
+            "storage.service_db",
+            "the service keeps every sweep's ledger in its own database (that is how quotas see "
+            "the spend); remove this key",
+        )
+    if storage.ray_address:
+        raise SpecError(
+            "storage.ray_address",
+            "the service decides where sweeps run (lorasweep serve --ray-address); remove this key",
+        )
+    data_dir = storage.data_dir.expanduser()
+    if not data_dir.is_absolute():
+        storage = storage.model_copy(update={"data_dir": base_dir / data_dir})
+        spec = spec.model_copy(update={"storage": storage})
+    return spec
+
+
+def _check_files(spec) -> None:
+    """Refuse data files that do not exist on the server, naming the field (before the slower
+    preflight, which would say the same)."""
+    if spec.data.source == "embedded":
+        return
+    for field in ("train", "validation", "test"):
+        path = getattr(spec.data, field)
+        if path is not None and not Path(path).is_file():
+            raise SpecError(
+                f"data.{field}",
+                f"file {path} not found on the server (relative paths resolve against the "
+                "server's working directory); upload it there or give its absolute path",
+            )
+
+
+# --- the preflight in worker processes --------------------------------------------------------
+def _plan(spec_json: dict, base_dir: str) -> dict:
+    """Worker side: ``make_plan`` of the (already resolved) spec; a plain dict back."""
+    from orchestrator.preflight import make_plan
+    from orchestrator.spec import parse_spec
+
+    try:
+        spec = parse_spec(spec_json, Path(base_dir))
+        plan = make_plan(spec)
+        cheapest, dearest = plan.extremes(spec.search_space)
+        return {
+            "ok": True,
+            "predicted_first_rung_usd": plan.admission_usd({}, cheapest),
+            "dearest_first_rung_usd": plan.admission_usd({}, dearest),
+        }
+    except LorasweepError as exc:
+        field, message = _field_of(exc)
+        return {"ok": False, "field": field, "message": message}
+
+
+_pool: cf.ProcessPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def _executor() -> cf.ProcessPoolExecutor:
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = cf.ProcessPoolExecutor(
+                max_workers=WORKERS, mp_context=multiprocessing.get_context("spawn")
+            )
+        return _pool
+
+
+def _drop_pool(broken: cf.ProcessPoolExecutor) -> None:
+    global _pool
+    with _pool_lock:
+        if _pool is broken:
+            _pool = None
+    broken.shutdown(wait=False, cancel_futures=True)
+
+
+def _warm() -> bool:
+    import orchestrator.preflight  # noqa: F401 - torch, transformers: imported once per worker
+
+    return True
+
+
+def warm() -> None:
+    """Start the preflight workers and their imports now (at the API's start), so the first
+    submission does not wait for torch to load."""
+    pool = _executor()
+    for _ in range(WORKERS):
+        pool.submit(_warm)
+
+
+def shutdown() -> None:
+    """Stop the preflight workers (the API's shutdown)."""
+    global _pool
+    with _pool_lock:
+        pool, _pool = _pool, None
+    if pool is not None:
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
+def validate_spec(
+    raw: Any, *, base_dir: Path, service_db_url: str, timeout_s: float = PLAN_TIMEOUT_S
+) -> Valid | Invalid:
+    """Check ``raw`` (the spec as parsed from JSON or YAML) as ``lorasweep validate`` does.
+    Raises ``Unavailable`` when the preflight worker dies or overruns ``timeout_s``."""
+    try:
+        spec = _resolved(raw, base_dir, service_db_url)
+        _check_files(spec)
+    except LorasweepError as exc:
+        return Invalid(*_field_of(exc))
+    spec_json = spec.model_dump(mode="json")
+    pool = _executor()
+    try:
+        out = pool.submit(_plan, spec_json, str(base_dir)).result(timeout=timeout_s)
+    except cf.TimeoutError:
+        raise Unavailable(f"the spec's preflight took over {timeout_s:g} s; try again") from None
+    except cf.process.BrokenProcessPool:
+        _drop_pool(pool)
+        raise Unavailable("the preflight's worker process died; try again") from None
+    if not out["ok"]:
+        return Invalid(out["field"], out["message"])
+    return Valid(
+        name=spec.name,
+        budget_usd=float(spec.budget_usd),
+        predicted_first_rung_usd=out["predicted_first_rung_usd"],
+        spec_yaml=yaml.safe_dump(spec_json, sort_keys=False),
+    )
