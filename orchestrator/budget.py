@@ -278,6 +278,18 @@ class Ledger:
         acct = self.trials.get(trial_id)
         return bool(acct and acct.revoked)
 
+    def wind_down(self) -> None:
+        """The sweep is closing (Ctrl-C, SIGTERM, a cancel): every running trial closes at its
+        next step, with its final eval and adapter save where its grant allows."""
+        self.closing = True
+
+    def standing(self, trial_id: str) -> str:
+        """What a running trial's heartbeat learns: ``revoked`` (stop before the next step, no
+        closing), ``closing`` (close now, inside the grant) or ``ok``."""
+        if self.revoked(trial_id):
+            return "revoked"
+        return "closing" if getattr(self, "closing", False) else "ok"
+
     def open_accounts(self) -> dict[str, dict]:
         """Every unsettled trial's ceiling, spend and whether it is revoked (for the watchdog)."""
         return {

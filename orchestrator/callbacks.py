@@ -44,19 +44,44 @@ def _guarded(hook):
     return wrapper
 
 
+# this driver's live control of each sweep it runs: a stopper restored by ``Tuner.restore`` finds
+# the resuming driver's control here, not the stopped driver's pickled copy
+_LIVE_CONTROLS: dict[str, SweepControl] = {}
+
+
 class SweepStopper(Stopper):
     """Stops a trial whose grant the watchdog revoked (at its next report) and every trial once
-    the sweep must end (a persistent error, or the user's interrupt)."""
+    the sweep must end (a persistent error, or the user's interrupt).
 
-    def __init__(self, control: SweepControl) -> None:
-        self.control = control
+    Tune saves its stopper with the experiment and puts the saved one back on restore, over the
+    one the resuming driver passes: pickled, it keeps only the sweep id, so a resumed sweep is not
+    stopped by the Ctrl-C that ended its earlier part."""
+
+    def __init__(self, sweep_id: str, control: SweepControl) -> None:
+        self.sweep_id = sweep_id
+        _LIVE_CONTROLS[sweep_id] = control
+
+    @property
+    def control(self) -> SweepControl:
+        return _LIVE_CONTROLS.get(self.sweep_id) or SweepControl()
+
+    def __getstate__(self) -> dict:
+        return {"sweep_id": self.sweep_id}
+
+    def __setstate__(self, state: dict) -> None:
+        self.sweep_id = state["sweep_id"]
 
     def __call__(self, trial_id: str, result: dict) -> bool:
         return trial_id in self.control.revoked
 
     def stop_all(self) -> bool:
-        c = self.control
-        return c.fatal is not None or c.interrupted or c.ended is not None
+        return self.control.must_stop_all()
+
+
+def interrupted(sweep_id: str) -> bool:
+    """Whether this driver's sweep ``sweep_id`` was interrupted (no new trial may start)."""
+    control = _LIVE_CONTROLS.get(sweep_id)
+    return bool(control and control.interrupted)
 
 
 @dataclass
@@ -159,6 +184,7 @@ class SweepCallback(Callback):
             return
         self._count += 1
         self.started_ids.add(trial.trial_id)
+        self.control.running.add(trial.trial_id)
         now = time.monotonic()
         name = f"trial-{self._count:03d}"
         self.live[trial.trial_id] = _Live("", name, now, trial)
@@ -252,7 +278,13 @@ class SweepCallback(Callback):
             return
         # no report at all: refused before its first step (or stopped before it)
         status = live.last_result.get("trial_status", "running" if live.last_result else None)
-        if status is None or trial.trial_id in self.control.revoked:
+        if (
+            status is None
+            and self.control.interrupted
+            and trial.trial_id not in self.control.revoked
+        ):
+            status = "interrupted"  # it closed before its first step: nothing to evaluate
+        elif status is None or trial.trial_id in self.control.revoked:
             status = "budget_stopped"
         self._finish(trial, {"running": "pruned"}.get(status, status))
 
@@ -286,6 +318,7 @@ class SweepCallback(Callback):
 
     # --- helpers ------------------------------------------------------------------------------
     def _finish(self, trial, status: str) -> None:
+        self.control.running.discard(trial.trial_id)
         live = self.live.pop(trial.trial_id, None)
         if live is None:
             return

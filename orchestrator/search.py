@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from ray.tune.search import Searcher
 
+from orchestrator.memory_lessons import MemoryLessons
 from orchestrator.spec import HYPERPARAMETERS, Dim, SearchSpace, config_label
 
 MAX_CONSECUTIVE_SKIPS = 20
@@ -58,6 +59,9 @@ class BudgetedSearcher(Searcher):
 
     So a trial starts only if spent + reserved + its prediction <= cap.
 
+    A trial that ran out of memory teaches ``lessons``: its size is not proposed again
+    (``orchestrator/memory_lessons.py``).
+
     Also reports early-stopped trials (ASHA or budget) to the inner searcher without a final
     value, which OptunaSearch records as PRUNED rather than COMPLETE: a cut trial's last score is
     not comparable with a finished one's, and calling it complete misleads TPE.
@@ -70,6 +74,8 @@ class BudgetedSearcher(Searcher):
         predict: Callable[[dict], Prediction],
         cheapest: dict,
         fit_memory: Callable[[dict], tuple[dict, str | None]] | None = None,
+        stopping: Callable[[], bool] | None = None,
+        lessons: MemoryLessons | None = None,
     ) -> None:
         super().__init__(metric=searcher.metric, mode=searcher.mode)
         self.searcher = searcher
@@ -77,6 +83,9 @@ class BudgetedSearcher(Searcher):
         self.predict = predict
         self.cheapest = cheapest  # hyperparameters of the space's cheapest config
         self.fit_memory = fit_memory
+        self.stopping = stopping  # the sweep was interrupted: propose nothing more
+        self.lessons = lessons  # sizes that ran out of memory: not proposed again
+        self._proposed: dict[str, dict] = {}  # running trials' configs, to learn from a failure
         self.exhausted_reason: str | None = None
         self.skipped: list[str] = []  # configs never launched, with the reason
         self._consecutive_skips = 0
@@ -90,6 +99,8 @@ class BudgetedSearcher(Searcher):
     def suggest(self, trial_id: str):
         from orchestrator import remote
 
+        if self.stopping is not None and self.stopping():
+            return None  # Tune ends the phase once the running trials have closed
         floor = self.predict(self.cheapest).admission_usd
         if not remote.call(self.ledger.reserve, trial_id, floor):
             snap = remote.call(self.ledger.snapshot)
@@ -105,11 +116,15 @@ class BudgetedSearcher(Searcher):
             remote.call(self.ledger.settle, trial_id, 0.0)
             return config
         updates, reason = self.fit_memory(config) if self.fit_memory else ({}, None)
+        if reason is None and self.lessons is not None:
+            learned, reason = self.lessons.adjust({**config, **updates})
+            updates = {**updates, **learned}
         if reason is None:
             config = {**config, **updates}
             p = self.predict(config)
             if remote.call(self.ledger.resize, trial_id, p.admission_usd, p.trial_usd):
                 self._consecutive_skips = 0
+                self._proposed[trial_id] = config
                 return {
                     **config,
                     "predicted_step_s": p.step_s,
@@ -147,14 +162,24 @@ class BudgetedSearcher(Searcher):
         status = (result or {}).get("trial_status")
         full = status == "completed"
         failed = error or status == "failed"
+        config = self._proposed.pop(trial_id, None)
+        if failed and config is not None and self.lessons is not None:
+            self.lessons.learn(config, (result or {}).get("error"))
         self.searcher.on_trial_complete(trial_id, result=result if full else None, error=failed)
 
     def get_state(self) -> dict:
-        return {"exhausted_reason": self.exhausted_reason, "skipped": self.skipped}
+        lessons = self.lessons.get_state() if self.lessons is not None else []
+        return {
+            "exhausted_reason": self.exhausted_reason,
+            "skipped": self.skipped,
+            "memory_failures": lessons,
+        }
 
     def set_state(self, state: dict) -> None:
         self.exhausted_reason = state.get("exhausted_reason")
         self.skipped = state.get("skipped", [])
+        if self.lessons is not None:
+            self.lessons.set_state(state.get("memory_failures", []))
 
     def save(self, checkpoint_path: str) -> None:
         self.searcher.save(checkpoint_path)

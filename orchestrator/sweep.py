@@ -282,6 +282,8 @@ def _make_tuner(
 
     from orchestrator.acquisition import CalibratedCost, CostAwareTPESampler
     from orchestrator.callbacks import SweepStopper
+    from orchestrator.callbacks import interrupted as sweep_interrupted
+    from orchestrator.memory_lessons import MemoryLessons
     from orchestrator.optuna_storage import SecretlessRDBStorage
     from orchestrator.search import BudgetedSearcher, DefineByRun
     from orchestrator.trainable import train_lorasweep
@@ -312,7 +314,15 @@ def _make_tuner(
 
     cheapest, _ = plan.extremes(space)
     predict = Predictor(plan, ledger, spec.trial.max_steps, n_evals)
-    searcher = BudgetedSearcher(optuna_search, ledger, predict, cheapest, plan.memory_fit)
+    searcher = BudgetedSearcher(
+        optuna_search,
+        ledger,
+        predict,
+        cheapest,
+        plan.memory_fit,
+        stopping=functools.partial(sweep_interrupted, sweep_id),
+        lessons=MemoryLessons(spec.trial.batch_size),
+    )
     if spec.early_stopping.enabled:
         scheduler = ASHAScheduler(
             time_attr="training_iteration",
@@ -341,7 +351,7 @@ def _make_tuner(
         internal = tuner._local_tuner
         internal._tune_config.search_alg = searcher
         internal._run_config.callbacks = [callback]
-        internal._run_config.stop = SweepStopper(callback.control)
+        internal._run_config.stop = SweepStopper(sweep_id, callback.control)
         return tuner, searcher
     tuner = tune.Tuner(
         trainable,
@@ -358,7 +368,7 @@ def _make_tuner(
             storage_path=str(storage_path),
             verbose=0,
             callbacks=[callback],
-            stop=SweepStopper(callback.control),
+            stop=SweepStopper(sweep_id, callback.control),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
             # a lost worker's trial is retried from its last checkpoint (workers/train.py)
             failure_config=tune.FailureConfig(max_failures=spec.trial.max_retries),
@@ -578,11 +588,14 @@ def run_sweep(
     address: str | None = None,
     resume: str | None = None,
     spec_path: Path | None = None,
+    sweep_id: str | None = None,
+    experiment: str | None = None,
 ) -> SweepResult:
     """Run a whole sweep (or, with ``resume``, continue sweep ``resume`` where it stopped) and
     return its leaderboard; raises before any spend on bad input, and :class:`SweepAborted`
     (every account settled, the cause in one line) on a persistent error of MLflow, the SQL
-    store or the ledger."""
+    store or the ledger. ``sweep_id`` and ``experiment`` (the MLflow experiment's name, default
+    the spec's name) are set by the service, which names sweeps before they run."""
     from orchestrator.callbacks import SweepCallback
     from orchestrator.lifecycle import DriverHeartbeat
     from orchestrator.store import Store
@@ -594,7 +607,7 @@ def run_sweep(
     plan = make_plan(spec)
     data_dir, tracking_uri, optuna_url, service_db = storage_urls(spec)
     data_dir.mkdir(parents=True, exist_ok=True)
-    sweep_id = resume or f"{spec.name}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
+    sweep_id = resume or sweep_id or f"{spec.name}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
     store = Store(service_db)
     console.print(
         f"[bold]{'resuming' if resume else 'sweep'}[/] {sweep_id}: budget ${spec.budget_usd:g}, "
@@ -617,7 +630,7 @@ def run_sweep(
         end_reason=None,
         spec_path=str(spec_path.resolve()) if spec_path else None,
     )
-    tracker = _open_tracker(spec, plan, sweep_id, tracking_uri, data_dir, resume)
+    tracker = _open_tracker(spec, plan, sweep_id, tracking_uri, data_dir, resume, experiment)
     control = SweepControl()
     watchdog = Watchdog(ledger, plan.price_usd_per_hour, control).start()
     callback = None
@@ -728,9 +741,9 @@ def _crash_settlements(store, sweep_id: str, plan: Plan) -> dict[str, float]:
     return crash_settlements(store, sweep_id, plan.price_usd_per_hour)
 
 
-def _open_tracker(spec, plan, sweep_id, tracking_uri, data_dir, resume) -> Tracker:
+def _open_tracker(spec, plan, sweep_id, tracking_uri, data_dir, resume, experiment=None) -> Tracker:
     """The sweep's MLflow parent run: a new one, or the earlier part's when resuming."""
-    tracker = Tracker(tracking_uri, spec.name, artifact_root=data_dir / "artifacts")
+    tracker = Tracker(tracking_uri, experiment or spec.name, artifact_root=data_dir / "artifacts")
     if resume:
         tracker.attach_sweep(sweep_id)
         return tracker
@@ -785,8 +798,9 @@ def _base_eval(spec: SweepSpec, plan: Plan, ledger, console, tracker) -> dict | 
 
 @contextlib.contextmanager
 def _interrupts(control, console):
-    """Ctrl-C (SIGINT) or SIGTERM: no new trial or phase starts, running trials are stopped and
-    every account settled; a second one stops at once (and still settles). Tune's own SIGINT
+    """Ctrl-C (SIGINT) or SIGTERM: no new trial or phase starts, running trials close (final
+    eval and save inside their grants) and every account is settled; a second one stops at once
+    (and still settles). Tune's own SIGINT
     handler is off (``TUNE_DISABLE_SIGINT_HANDLER``): it makes ``fit()`` return as if done."""
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -794,11 +808,13 @@ def _interrupts(control, console):
 
     def handler(signum, frame):
         if control.interrupted:
+            control.interrupt()
             raise KeyboardInterrupt
-        control.interrupted = True
+        control.interrupt()
         console.print(
-            f"[yellow]{signal.Signals(signum).name}[/]: stopping the running trials and settling "
-            "every account (again to stop at once)"
+            f"[yellow]{signal.Signals(signum).name}[/]: no new trial starts; the running trials "
+            "close with their final eval and adapter save inside their grants, then every account "
+            "is settled (again to stop at once)"
         )
 
     previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}

@@ -36,7 +36,8 @@ from workers.train import TrialConfig, checkpoint_billed_s, run_trial  # noqa: E
 
 class LedgerBudget:
     """A trial's view of the sweep's ledger actor: its ceiling, raised on request, and a
-    heartbeat thread that reports its live cost and learns when the grant is revoked."""
+    heartbeat thread that reports its live cost and learns when the grant is revoked or the
+    sweep is closing."""
 
     def __init__(
         self, ledger, trial_id: str, price_usd_per_hour: float, t0: float, prior_s: float = 0.0
@@ -46,6 +47,7 @@ class LedgerBudget:
         self.prior_s = prior_s  # billed by the trial's earlier attempts
         self.ceiling_usd = remote.call(ledger.ceiling, trial_id)
         self.revoked = False
+        self.closing = False  # the sweep is closing: close at the next step, inside the grant
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, name="lorasweep-heartbeat", daemon=True)
 
@@ -78,8 +80,9 @@ class LedgerBudget:
         while True:
             try:
                 remote.call(self.ledger.update, self.trial_id, self.cost_usd(), tries=1)
-                if remote.call(self.ledger.revoked, self.trial_id, tries=1):
-                    self.revoked = True
+                standing = remote.call(self.ledger.standing, self.trial_id, tries=1)
+                self.revoked = self.revoked or standing == "revoked"
+                self.closing = self.closing or standing == "closing"
             except Exception:  # noqa: BLE001 - keep beating; the watchdog sees any silence
                 pass
             if self._stop.wait(HEARTBEAT_S):

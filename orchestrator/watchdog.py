@@ -20,6 +20,7 @@ stops answering, the watchdog kills every watched trial and stops the sweep (``c
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -34,6 +35,9 @@ MARGIN_S = 2.0  # over the ceiling before the grant is revoked
 GRACE_S = 5.0  # after revoking, before the actor is killed
 HEARTBEAT_S = 2.0  # a running trial's billed seconds reach the ledger at least this often
 KILL_LATENCY_S = 2.0  # ray.kill until the process is gone, measured well under this here
+# after Ctrl-C, how long the running trials may take to close (final eval, save) before they are
+# stopped without it; their grants bound what the closing costs
+CLOSING_GRACE_S = float(os.environ.get("LORASWEEP_CLOSING_GRACE_S", "300"))
 
 
 def allowance_usd(price_usd_per_hour: float) -> float:
@@ -48,8 +52,30 @@ class SweepControl:
 
     revoked: set[str] = field(default_factory=set)
     fatal: str | None = None
-    interrupted: bool = False
+    interrupted: bool = False  # Ctrl-C, SIGTERM, a cancel: running trials close, none starts
     ended: str | None = None  # the sweep ends early but in order (e.g. trials keep failing)
+    running: set[str] = field(default_factory=set)  # trials started and not finished
+    interrupted_at: float | None = None  # monotonic time of the interrupt
+    at_once: bool = False  # a second interrupt, or the closing took too long: stop everything
+    wound_down: bool = False  # the ledger told the running trials to close
+
+    def interrupt(self) -> None:
+        """The first interrupt closes the running trials inside their grants; the second stops
+        them at once."""
+        if self.interrupted:
+            self.at_once = True
+        self.interrupted = True
+        self.interrupted_at = self.interrupted_at or time.monotonic()
+
+    def must_stop_all(self) -> bool:
+        """Whether Tune must stop every trial now: an error, an orderly end, or an interrupt
+        whose running trials have closed (or that may not wait for them)."""
+        if self.fatal is not None or self.ended is not None or self.at_once:
+            return True
+        if not self.interrupted:
+            return False
+        waited_s = time.monotonic() - (self.interrupted_at or time.monotonic())
+        return not self.running or waited_s > CLOSING_GRACE_S
 
     def fail(self, cause: str) -> None:
         """Record the first reason the sweep must stop (passwords in it hidden)."""
@@ -125,6 +151,9 @@ class Watchdog:
 
     def check(self) -> None:
         """One pass over the watched trials (the thread calls this every ``POLL_S``)."""
+        if self.control.interrupted and not self.control.wound_down:
+            remote.call(self.ledger.wind_down, timeout_s=10.0)  # trials close at their next step
+            self.control.wound_down = True
         with self._lock:
             if not self._watched:
                 return

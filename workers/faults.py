@@ -2,7 +2,8 @@
 
 A fault is ``KIND@STEP`` (several joined by ``,``): ``hang@3`` sleeps ``HANG_S`` inside step 3
 (a hung kernel, NCCL wait or dead filesystem, as the watchdog sees it), ``nan@3`` makes step 3's
-loss NaN. The sweep driver passes the environment variable ``LORASWEEP_FAULT`` to every trial.
+loss NaN, ``slow@3`` makes step 3 and every later one last at least ``SLOW_S`` (a slow GPU: a test
+that must act while a trial trains gets the time to). The sweep driver passes the environment variable ``LORASWEEP_FAULT`` to every trial.
 
 Plain ``KIND@STEP`` hits every trial (and every retry) that reaches the step. ``KIND@STEPxN|DIR``
 fires at most ``N`` times across the whole sweep, whichever trials and processes reach the step
@@ -20,7 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 HANG_S = 600.0
-KINDS = ("hang", "nan")
+SLOW_S = 1.0
+KINDS = ("hang", "nan", "slow")
 _PART = re.compile(r"^(?P<kind>[a-z]+)@(?P<step>\d+)(?:x(?P<times>\d+))?(?:\|(?P<dir>.+))?$")
 
 
@@ -79,6 +81,8 @@ def before_step(fault: str | None, step: int) -> None:
     """Hang inside the step when asked to."""
     if _at(fault, "hang", step):
         time.sleep(HANG_S)
+    if fault and any(f.kind == "slow" and step >= f.step for f in parse(fault)):
+        time.sleep(SLOW_S)
 
 
 def loss(fault: str | None, step: int, value: float) -> float:

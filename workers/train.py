@@ -12,8 +12,9 @@ fit; if not, it asks for more, and when refused it trains on only while a step a
 still fit, then closes (final eval and adapter save) inside the ceiling. A trial refused before
 its first step closes at once: nothing trained, nothing to evaluate or save. A revoked grant
 (``budget.revoked``, set by the sweep's watchdog) stops the trial before its next step, without
-a closing. What cooperation cannot stop (a hung step, load or eval) the watchdog outside the
-trial stops (``orchestrator/watchdog.py``).
+a closing; a closing sweep (``budget.closing``: Ctrl-C, SIGTERM, a cancel) stops it there, with
+its closing, status ``interrupted``. What cooperation cannot stop (a hung step, load or eval) the
+watchdog outside the trial stops (``orchestrator/watchdog.py``).
 
 Every report's folder is a checkpoint the trial can continue from (``run_trial(...,
 resume_from=DIR)``, what Tune's ``FailureConfig`` retries do after a lost worker): next to the
@@ -158,6 +159,10 @@ class _Clock:
 
     def cost_usd(self, extra_s: float = 0.0) -> float:
         return self.price_usd_per_hour * (self.billed_s + extra_s) / 3600.0
+
+
+# a trial that ends before max_steps: its grant ran out, or the sweep is closing (Ctrl-C)
+CLOSING = ("budget_stopped", "interrupted")
 
 
 def _lr_at(step: int, cfg: TrialConfig) -> float:
@@ -484,8 +489,8 @@ def run_trial(
     resume_from: Path | None = None,
 ) -> dict:
     """Train one adapter; calls ``report(metrics, adapter_dir)`` after every eval and returns the
-    last metrics. ``metrics["status"]`` is ``completed`` or ``budget_stopped``; a trial refused
-    before its first step (or before loading) reports nothing and returns step 0.
+    last metrics. ``metrics["status"]`` is ``completed``, ``budget_stopped`` or ``interrupted``; a
+    trial refused before its first step (or before loading) reports nothing and returns step 0.
 
     ``resume_from``: a folder an earlier attempt of this trial reported (its checkpoint): the
     trial continues after that report's step, its reports going on with the next eval's step,
@@ -550,6 +555,9 @@ def _train(cfg, clock, budget, report, loaded, reused, progress: _Progress) -> d
         start_step = step
         for i in range(interval):
             revoked = bool(getattr(budget, "revoked", False))
+            if getattr(budget, "closing", False) and not revoked:
+                status = "interrupted"  # the sweep is closing: eval and save what was trained
+                break
             if revoked or not _step_fits(clock, budget, interval - i, step_s, closing_s, cfg):
                 status = "budget_stopped"  # close now, inside the ceiling
                 break
@@ -573,7 +581,7 @@ def _train(cfg, clock, budget, report, loaded, reused, progress: _Progress) -> d
             # nothing trained since the last report (or at all): close without an eval; the
             # last report, if any, holds the adapter
             return _closed(metrics, clock, status, step, tokens)
-        if status != "budget_stopped" and step < cfg.max_steps:
+        if status not in CLOSING and step < cfg.max_steps:
             next_interval = min(cfg.eval_every, cfg.max_steps - step)
             if not _room_after_closing(
                 clock, budget, step_s, closing_s, next_interval, cfg.release_s
@@ -588,7 +596,7 @@ def _train(cfg, clock, budget, report, loaded, reused, progress: _Progress) -> d
             _save_state(Path(tmp), cfg, optimizer, progress, clock)
             clock.phases_s["checkpoint"] += time.monotonic() - t_state
             closing_s = time.monotonic() - t
-            done = status == "budget_stopped" or step >= cfg.max_steps
+            done = status in CLOSING or step >= cfg.max_steps
             interval_losses = [loss for s, loss in losses if s > step - interval]
             metrics.update(
                 step=step,
@@ -607,7 +615,7 @@ def _train(cfg, clock, budget, report, loaded, reused, progress: _Progress) -> d
             t = time.monotonic()
             report(metrics, Path(tmp))
             clock.phases_s["report"] += time.monotonic() - t
-        if status == "budget_stopped":
+        if status in CLOSING:
             break
     # no metrics: resumed from the last checkpoint, nothing was left to train or report
     return metrics or _closed(metrics, clock, status, step, tokens)
