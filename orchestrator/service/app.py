@@ -28,6 +28,7 @@ from sqlalchemy import Engine, text
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from orchestrator.errors import StoreError
 from orchestrator.secrets import redact
 from orchestrator.service import validate
 from orchestrator.service.auth import authenticate
@@ -188,8 +189,8 @@ def _install_handlers(app: FastAPI) -> None:
         body = ApiError(exc.status_code, code, message).body()
         return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
 
-    @app.exception_handler(ServiceDBError)
-    async def _db_down(_request: Request, exc: ServiceDBError) -> JSONResponse:
+    @app.exception_handler(StoreError)  # ServiceDBError, and the ledger store's errors
+    async def _db_down(_request: Request, exc: StoreError) -> JSONResponse:
         log.error("service database error: %s", redact(str(exc)))
         body = ApiError(
             503, "database_unavailable", "the service database is unavailable; retry shortly"

@@ -18,7 +18,7 @@ from pydantic import ValidationError
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from orchestrator.errors import LorasweepError
+from orchestrator.errors import LorasweepError, SpecError
 from orchestrator.secrets import hide_password, redact
 from orchestrator.service import validate
 from orchestrator.service.app import AUTH_RESPONSES, Deps, DepsDep, TenantDep, error
@@ -90,10 +90,9 @@ def _spec_from_body(body: bytes, content_type: str) -> Any:
     if kind in YAML_TYPES:
         try:
             return validate.parse_body_yaml(text)
-        except LorasweepError as exc:
-            raise error(
-                422, "invalid_spec", str(exc).removeprefix("spec: "), field="spec"
-            ) from None
+        except SpecError as exc:
+            message = str(exc).removeprefix(f"{exc.field}: ")
+            raise error(422, "invalid_spec", message, field=exc.field) from None
     if kind in ("application/json", "") or kind.endswith("+json"):
         try:
             data = json.loads(text)
@@ -315,13 +314,12 @@ def sweep_status(sweep_id: str, tenant: TenantDep, d: DepsDep) -> SweepStatus:
     are."""
     row = _own(d, tenant, sweep_id)
     spent = reserved = 0.0
-    if row.state != "queued":
-        try:
-            totals = d.store().totals(row.id)
-            spent, reserved = totals.spent_usd, totals.reserved_usd
-        except LorasweepError as exc:
-            if "no ledger" not in str(exc):  # a sweep whose driver has not opened its ledger yet
-                raise
+    try:
+        totals = d.store().totals(row.id)
+        spent, reserved = totals.spent_usd, totals.reserved_usd
+    except LorasweepError as exc:
+        if "no ledger" not in str(exc):  # a sweep whose driver has not opened its ledger yet
+            raise
     info, trials = _mlflow(row)
     return SweepStatus(
         id=row.id,
