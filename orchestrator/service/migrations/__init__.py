@@ -28,6 +28,7 @@ HERE = Path(__file__).resolve().parent
 def config(engine: Engine | None = None) -> Config:
     """Alembic's config for our scripts; ``engine`` is handed to ``env.py`` in its attributes."""
     cfg = Config()
+    cfg.set_main_option("path_separator", "os")  # a folder with spaces stays one location
     cfg.set_main_option("script_location", str(HERE))
     cfg.set_main_option("version_locations", str(HERE / "versions"))
     if engine is not None:
