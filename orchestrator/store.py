@@ -36,6 +36,7 @@ from sqlalchemy import (
     event,
     func,
     inspect,
+    or_,
     select,
     update,
 )
@@ -322,6 +323,30 @@ class Store:
             )
 
         self._retry("update of sweep", work)
+
+    def claim_driver(self, sweep_id: str, stale_s: float, now_unix: float | None = None) -> bool:
+        """Become the sweep's one driver: mark it running with a fresh heartbeat, unless a live
+        driver (running, with a heartbeat younger than ``stale_s``) holds it. One UPDATE, so of
+        two drivers claiming at once exactly one wins (sqlite's single writer; PostgreSQL
+        re-checks the condition on the locked row)."""
+        now = time.time() if now_unix is None else now_unix
+        free = or_(
+            SweepRow.state.is_(None),
+            SweepRow.state != "running",
+            SweepRow.driver_heartbeat_unix.is_(None),
+            SweepRow.driver_heartbeat_unix < now - stale_s,
+        )
+
+        def work(s: Session) -> bool:
+            done = s.execute(
+                update(SweepRow)
+                .where(SweepRow.sweep_id == sweep_id, free)
+                .values(state="running", driver_heartbeat_unix=now)
+                .execution_options(synchronize_session=False)
+            )
+            return done.rowcount == 1
+
+        return self._retry("claim of sweep", work)
 
     def latest_sweep(self, name: str) -> SweepRow | None:
         """The newest sweep of the spec ``name``."""

@@ -250,6 +250,14 @@ def _earlier_trials(storage, study_name: str) -> int:
     return len(trials)
 
 
+def _phase_trials(tracker, phase: str) -> int:
+    """How many trials of ``phase`` (``lora`` or ``full``) the sweep's MLflow runs hold."""
+    from orchestrator.callbacks import retried
+
+    runs = retried(tracker.trial_runs)
+    return sum(1 for r in runs if (r.data.params.get("method") == "full") == (phase == "full"))
+
+
 def _fail_orphans(searcher) -> int:
     """Once a phase's Tune trials have all ended: mark FAIL the study's trials still RUNNING
     (a dead driver's, whose Tune state was not saved; no one will finish them). Returns how
@@ -353,6 +361,10 @@ def _make_tuner(
         internal._run_config.callbacks = [callback]
         internal._run_config.stop = SweepStopper(sweep_id, callback.control)
         return tuner, searcher
+    if earlier:  # resumed, but Tune saved no state: count the trials the phase already started
+        num_samples -= _phase_trials(callback.tracker, phase)
+        if num_samples <= 0:
+            return None, searcher
     tuner = tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(
@@ -438,6 +450,8 @@ def _run_phase(spec, plan, sweep_id, ledger, callback, optuna_url, space, phase,
     tuner, searcher = _make_tuner(
         spec, plan, sweep_id, ledger, callback, optuna_url, space, phase, num_samples
     )
+    if tuner is None:  # resumed with no Tune state, and every trial of the phase already ran
+        return searcher
     try:
         tuner.fit()
     finally:  # trials Tune stopped without a word (an interrupt, an error) are closed here
@@ -726,7 +740,7 @@ def _trial_count(tracker) -> int:
 def _crash_settlements(store, sweep_id: str, plan: Plan) -> dict[str, float]:
     """Before resuming: refuse what cannot be resumed, and price the accounts its dead driver
     left open (``orchestrator.lifecycle.crash_settlements``)."""
-    from orchestrator.lifecycle import UNFINISHED, crash_settlements, effective_state
+    from orchestrator.lifecycle import STALE_S, UNFINISHED, crash_settlements, effective_state
 
     row = store.sweep(sweep_id)
     if row is None:
@@ -738,7 +752,13 @@ def _crash_settlements(store, sweep_id: str, plan: Plan) -> dict[str, float]:
         )
     if state not in (*UNFINISHED, "failed"):
         raise LorasweepError(f"SWEEP: {sweep_id} is {state}; only an unfinished sweep resumes")
-    return crash_settlements(store, sweep_id, plan.price_usd_per_hour)
+    settlements = crash_settlements(store, sweep_id, plan.price_usd_per_hour)
+    if not store.claim_driver(sweep_id, STALE_S):  # another resume got there first
+        raise LorasweepError(
+            f"SWEEP: {sweep_id} is being resumed by another driver; watch it with "
+            f"lorasweep status {sweep_id}"
+        )
+    return settlements
 
 
 def _open_tracker(spec, plan, sweep_id, tracking_uri, data_dir, resume, experiment=None) -> Tracker:

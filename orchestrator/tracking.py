@@ -121,10 +121,12 @@ class Tracker:
         return [r.info.run_id for r in runs]
 
     def count_trials(self) -> int:
-        return len(
-            self.client.search_runs(
-                [self.experiment_id], f"tags.`{PARENT_TAG}` = '{self.parent_id}'", max_results=5000
-            )
+        return len(self.trial_runs())
+
+    def trial_runs(self) -> list:
+        """The sweep's child runs (one per trial)."""
+        return self.client.search_runs(
+            [self.experiment_id], f"tags.`{PARENT_TAG}` = '{self.parent_id}'", max_results=5000
         )
 
     def log_sweep_metrics(self, metrics: dict[str, float], step: int) -> None:

@@ -139,3 +139,51 @@ def test_a_killed_driver_resumes_with_one_parent_run_no_duplicates_and_spend_und
     failed = [t for t in trials if t.state == optuna.trial.TrialState.FAIL]
     assert len(failed) >= len(lost)
     assert "resuming" in resumed.stdout
+
+
+def test_a_resume_without_saved_tune_state_runs_only_the_trials_left(
+    tmp_path, tiny_model, small_data
+):
+    """A driver killed before Tune first saved its experiment (here: the folder removed after the
+    kill) leaves trials in MLflow and Optuna but nothing to restore: the resumed sweep starts a
+    new Tune run for what is left of ``max_trials``, not ``max_trials`` more."""
+    import shutil
+
+    from orchestrator import leaderboard
+
+    raw = _spec(tmp_path, tiny_model, small_data, budget_usd=BUDGET_USD, max_trials=3).model_dump(
+        mode="json"
+    )
+    raw["search_space"].pop("preset")
+    raw["resources"]["max_concurrent_trials"] = 1
+    spec_path = tmp_path / "spec.yaml"
+    spec_path.write_text(yaml.safe_dump(raw))
+    data = Path(raw["storage"]["data_dir"])
+    db = data / "lorasweep.db"
+    first = subprocess.Popen(
+        [CLI, "run", str(spec_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=_env(),
+        start_new_session=True,
+    )
+    _kill_driver_when(first, lambda: _reports(db) >= 2)
+    store = Store(f"sqlite:///{db}")
+    sweep_id = store.sweep_ids()[0]
+    shutil.rmtree(data / "ray" / f"{sweep_id}-lora")  # as if Tune had never saved it
+    time.sleep(4)  # the dead driver's heartbeat goes stale
+    resumed = subprocess.run(
+        [CLI, "resume", sweep_id, "--service-db", f"sqlite:///{db}"],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=600,
+    )
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    tracking = f"sqlite:///{data / 'mlflow.db'}"
+    rows = leaderboard.trial_rows(tracking, leaderboard.find_sweep(tracking, sweep_id))
+    # the killed driver's two trials (closed as interrupted) and one more: three in all
+    assert len(rows) == 3, [(r.trial, r.status) for r in rows]
+    totals = Store(f"sqlite:///{db}").totals(sweep_id)
+    assert totals.reserved_usd == pytest.approx(0.0) and totals.spent_usd <= BUDGET_USD

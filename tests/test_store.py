@@ -475,3 +475,18 @@ def test_ensure_postgres_fails_in_ci_without_postgres(tmp_path):
     assert ci.returncode == 1 and "CI=true" in ci.stderr and "PostgreSQL" in ci.stderr
     local = subprocess.run(["bash", script], env=env, capture_output=True, text=True)
     assert local.returncode == 0 and "will skip" in local.stderr
+
+
+def test_of_two_drivers_claiming_a_sweep_one_wins(store_url):
+    """Two ``lorasweep resume`` of one sweep at once: the first claim wins, the second is
+    refused while the winner's heartbeat is fresh, and a stale heartbeat frees the sweep."""
+    store = Store(store_url)
+    sweep = _sweep()
+    store.open_sweep(sweep, "demo", 1.0)
+    store.set_sweep(sweep, state="interrupted", driver_heartbeat_unix=100.0)
+    assert store.claim_driver(sweep, stale_s=30, now_unix=1000.0)
+    assert not store.claim_driver(sweep, stale_s=30, now_unix=1010.0)
+    row = store.sweep(sweep)
+    assert row.state == "running" and row.driver_heartbeat_unix == 1000.0
+    assert store.claim_driver(sweep, stale_s=30, now_unix=1031.0)  # the winner died
+    assert not store.claim_driver("no-such-sweep", stale_s=30)
