@@ -14,6 +14,7 @@ import json
 import re
 import shutil
 import threading
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -341,6 +342,65 @@ def test_cancel_of_a_queued_sweep(api):
         assert s.headers["content-type"].startswith("text/event-stream")
         body = "".join(s.iter_text())
     assert "event: progress" not in body
+
+
+def _sse(body: str) -> list[tuple[int, dict]]:
+    """(id, data) of each ``progress`` event of a Server-Sent Events body."""
+    out = []
+    for block in body.split("\n\n"):
+        fields = dict(
+            line.split(": ", 1) for line in block.splitlines() if not line.startswith(":")
+        )
+        if fields.get("event") == "progress":
+            out.append((int(fields["id"]), json.loads(fields["data"])))
+    return out
+
+
+def test_events_stream_the_drivers_lines_live_resume_after_last_event_id_and_end(api):
+    sweep_id = api.submit("beta", api.spec(name="events")).json()["id"]
+    # the driver's log, where the runner reads progress lines (a sweep that ran would write it)
+    log = api.cwd / "lorasweep-data" / "service" / "logs" / f"{sweep_id}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    log.write_text(
+        "sweep started: budget $0.02\n"
+        "trial 1 lora r2: score 0.41 at step 2, $0.0011\n"
+        "mlflow at postgresql://bob:hunter2@db/mlflow\n"
+    )
+    url = f"/v1/sweeps/{sweep_id}/events"
+    got: list[str] = []
+
+    def follow() -> None:
+        with httpx.Client(base_url=api.server.url, timeout=60) as http:
+            with http.stream("GET", url, headers=api.h("beta")) as s:
+                for chunk in s.iter_text():
+                    got.append(chunk)
+
+    reader = threading.Thread(target=follow)
+    reader.start()
+    _wait_for(lambda: len(_sse("".join(got))) == 3)
+    with open(log, "a") as f:  # a line printed while the client watches arrives too
+        f.write("trial 2 lora r4: pruned at step 2\n")
+    _wait_for(lambda: len(_sse("".join(got))) == 4)
+    assert reader.is_alive()  # the sweep is not over: the stream stays open
+    api.http.post(f"/v1/sweeps/{sweep_id}/cancel", headers=api.h("beta"))
+    reader.join(timeout=30)
+    assert not reader.is_alive(), "the stream did not end with the sweep"
+    events = _sse("".join(got))
+    assert [i for i, _ in events] == [1, 2, 3, 4]
+    assert events[1][1]["line"] == "trial 1 lora r2: score 0.41 at step 2, $0.0011"
+    assert "hunter2" not in "".join(got)
+
+    r = api.http.get(url, headers={**api.h("beta"), "Last-Event-ID": "2"})
+    assert [i for i, _ in _sse(r.text)] == [3, 4]
+    bad = api.http.get(url, headers={**api.h("beta"), "Last-Event-ID": "two"})
+    assert bad.status_code == 422 and bad.json()["detail"]["field"] == "Last-Event-ID"
+
+
+def _wait_for(condition, timeout_s: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.1)
 
 
 def test_promote_of_a_queued_sweep_is_409(api):

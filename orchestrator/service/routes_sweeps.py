@@ -231,15 +231,29 @@ _cache = _MlflowCache()
 _MAX_CACHED = 2000
 
 
-def _tracking_uri(spec_yaml: str) -> str:
+_uris: dict[str, str] = {}
+
+
+def _tracking_uri(row: ServiceSweep) -> str:
+    """The sweep's MLflow tracking URI, as its driver computes it (``storage_urls``); cached by
+    sweep id: a stored spec never changes, and parsing its YAML on every status read costs more
+    than the rest of the read."""
+    uri = _uris.get(row.id)
+    if uri is not None:
+        return uri
     import yaml
 
     from orchestrator.tracking import default_tracking_uri
 
-    storage = (yaml.safe_load(spec_yaml) or {}).get("storage") or {}
-    return storage.get("mlflow_tracking_uri") or default_tracking_uri(
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    storage = (yaml.load(row.spec_yaml, Loader=loader) or {}).get("storage") or {}  # noqa: S506
+    uri = storage.get("mlflow_tracking_uri") or default_tracking_uri(
         Path(storage.get("data_dir") or "lorasweep-data")
     )
+    if len(_uris) > _MAX_CACHED:
+        _uris.clear()
+    _uris[row.id] = uri
+    return uri
 
 
 def _no_store_yet(uri: str) -> bool:
@@ -253,7 +267,7 @@ def _no_store_yet(uri: str) -> bool:
 def _mlflow(row: ServiceSweep) -> tuple[MlflowInfo, list[TrialRow]]:
     """Where the sweep's runs are, and its leaderboard (empty before its driver logged one, or
     when MLflow cannot be read: status must not fail with it)."""
-    uri = _tracking_uri(row.spec_yaml)
+    uri = _tracking_uri(row)
     info = MlflowInfo(tracking_uri=hide_password(uri), experiment_id=None, parent_run_id=None)
     if row.state == "queued" or _no_store_yet(uri):
         return info, []
