@@ -616,7 +616,8 @@ def _trials_table(info: dict):
 
     table = Table(title=f"leaderboard — {info['id']}")
     rows = info.get("trials") or []
-    wanted = ("trial", "status", "score", "eval_loss", "cost_usd", "learning_rate", "rank")
+    wanted = ("trial", "method", "rank", "alpha", "targets", "lr", "score", "eval_loss", "cost_usd")
+    wanted += ("billed_s", "status")
     cols = [c for c in wanted if any(c in r for r in rows)] or list(rows[0]) if rows else []
     for col in cols:
         table.add_column(col)
