@@ -184,6 +184,58 @@ def test_yaml_submission_is_validated_queued_listed_and_described(api):
     assert yaml.safe_load(spec_yaml)["data"]["train"] == str(api.cwd / "data" / "train.jsonl")
 
 
+def test_status_reads_the_leaderboard_and_the_runs_from_mlflow(api):
+    """A sweep whose driver logged to MLflow (written here with MlflowClient, as the driver's
+    Tracker writes it): its trials best first, the best one, the experiment and parent run."""
+    from mlflow.tracking import MlflowClient
+
+    from orchestrator.tracking import KIND_TAG, PARENT_TAG, STATUS_TAG, SWEEP_TAG
+
+    sweep_id = api.submit("beta", api.spec(name="tracked")).json()["id"]
+    uri = f"sqlite:///{api.cwd / 'lorasweep-data' / 'mlflow.db'}"  # the spec's default store
+    client = MlflowClient(tracking_uri=uri)
+    exp_id = client.create_experiment("beta/tracked")
+    parent = client.create_run(
+        exp_id, tags={KIND_TAG: "sweep", SWEEP_TAG: sweep_id, STATUS_TAG: "completed"}
+    )
+    for i, (rank, score, cost, status) in enumerate(
+        [(2, 0.31, 0.004, "completed"), (4, 0.52, 0.006, "completed"), (4, None, 0.001, "pruned")]
+    ):
+        run = client.create_run(
+            exp_id,
+            run_name=f"trial-{i}",
+            tags={PARENT_TAG: parent.info.run_id, KIND_TAG: "trial", STATUS_TAG: status},
+        )
+        for k, v in {"method": "lora", "rank": rank, "learning_rate": 0.003}.items():
+            client.log_param(run.info.run_id, k, v)
+        client.log_metric(run.info.run_id, "cost_usd", cost)
+        if score is not None:
+            client.log_metric(run.info.run_id, "score", score)
+    # the runner records the sweep's end in the service's table
+    engine = sqlalchemy.create_engine(api.db_url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(
+                sqlalchemy.text("UPDATE service_sweeps SET state = 'completed' WHERE id = :i"),
+                {"i": sweep_id},
+            )
+    finally:
+        engine.dispose()
+
+    status = api.http.get(f"/v1/sweeps/{sweep_id}", headers=api.h("beta")).json()
+    assert status["state"] == "completed"
+    assert [t["trial"] for t in status["trials"]] == ["trial-1", "trial-0", "trial-2"]
+    assert status["best"]["trial"] == "trial-1" and status["best"]["score"] == 0.52
+    assert status["trials"][0]["rank"] == 4 and status["trials"][2]["status"] == "pruned"
+    assert status["mlflow"] == {
+        "tracking_uri": uri,
+        "experiment_id": exp_id,
+        "parent_run_id": parent.info.run_id,
+    }
+    maps = api.server.mapped_libraries()  # reading MLflow did not pull torch in either
+    assert "libtorch" not in maps and "/torch/" not in maps
+
+
 @pytest.mark.parametrize(
     ("body", "field"),
     [
@@ -502,3 +554,39 @@ def test_fuzzing_from_the_openapi_schema_finds_no_5xx(api):
     print(sorted(seen.items()))
     # the fuzzing reached past auth and validation: some requests were served
     assert any(k[2] in (200, 201, 202) for k in seen), seen
+
+
+def test_a_database_outage_is_a_503_and_the_service_recovers(tmp_path):
+    """PostgreSQL refusing connections (as during a failover): JSON 503s with Retry-After, no
+    password in the log; answers again once the database is back, without a restart."""
+    from _ledger_db import PG_URL
+    from sqlalchemy.engine import make_url
+
+    with service_db("postgresql", tmp_path) as db_url:
+        token = create_token(db_url, "ops", cwd=tmp_path)
+        name = make_url(db_url).database
+        admin = sqlalchemy.create_engine(PG_URL, isolation_level="AUTOCOMMIT")
+        try:
+            with serve(db_url, cwd=tmp_path / "server", max_running_sweeps=0) as server:
+                http = httpx.Client(base_url=server.url, timeout=30)
+                auth = {"Authorization": f"Bearer {token}"}
+                assert http.get("/v1/tenant", headers=auth).status_code == 200
+                with admin.connect() as conn:
+                    conn.exec_driver_sql(f'ALTER DATABASE "{name}" WITH ALLOW_CONNECTIONS false')
+                    conn.exec_driver_sql(
+                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                        f"WHERE datname = '{name}' AND pid <> pg_backend_pid()"
+                    )
+                for path in ("/v1/tenant", "/v1/sweeps", "/healthz"):
+                    r = http.get(path, headers=auth)
+                    assert r.status_code == 503, (path, r.text)
+                    assert r.json()["detail"]["code"] == "database_unavailable"
+                    assert r.headers["retry-after"]
+                with admin.connect() as conn:
+                    conn.exec_driver_sql(f'ALTER DATABASE "{name}" WITH ALLOW_CONNECTIONS true')
+                _wait_for(lambda: http.get("/v1/tenant", headers=auth).status_code == 200)
+                http.close()
+        finally:
+            with admin.connect() as conn:
+                conn.exec_driver_sql(f'ALTER DATABASE "{name}" WITH ALLOW_CONNECTIONS true')
+            admin.dispose()
