@@ -70,7 +70,7 @@ SUBMIT_BODY = {
     "requestBody": {
         "required": True,
         "content": {
-            "application/json": {"schema": {"$ref": "#/components/schemas/SweepSubmit"}},
+            "application/json": {"schema": SweepSubmit.model_json_schema()},
             "application/yaml": {
                 "schema": {"type": "string", "description": "the sweep YAML, as a file holds it"}
             },
