@@ -252,6 +252,8 @@ class RayJobDrivers:
         shutil.copy(spec_file, job_dir / "spec.yaml")
         # the job runs in its unpacked working_dir: the spec is ./spec.yaml there
         args = ["spec.yaml" if a == str(spec_file) else a for a in args]
+        # the job's driver joins the job's cluster (ray.init would otherwise start its own)
+        args += ["--address", "auto"]
         job_id = f"{sweep_id}-{attempt}"
         self.client.submit_job(
             entrypoint=" ".join(["lorasweep", *(_quote(a) for a in args)]),
