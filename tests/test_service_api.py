@@ -23,7 +23,7 @@ import pytest
 import sqlalchemy
 import yaml
 from _ledger_db import BACKENDS
-from service_server import create_token, run_cli, serve, service_db
+from service_server import create_token, run_cli, serve, service_db, start_server
 
 pytestmark = pytest.mark.service
 
@@ -590,3 +590,32 @@ def test_a_database_outage_is_a_503_and_the_service_recovers(tmp_path):
             with admin.connect() as conn:
                 conn.exec_driver_sql(f'ALTER DATABASE "{name}" WITH ALLOW_CONNECTIONS true')
             admin.dispose()
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGKILL"])
+def test_the_preflight_workers_go_with_the_api_process(tmp_path, how):
+    """The workers that hold torch for the preflight exit with the API, even when it is
+    SIGKILLed (no shutdown runs): nothing is left holding ~400 MB per worker."""
+    import signal
+
+    db_url = f"sqlite:///{tmp_path / 'service.db'}"
+    server = start_server(db_url, cwd=tmp_path, max_running_sweeps=0)
+    try:
+        _wait_for(lambda: len(_children(server.pid)) >= 2)  # the warmed preflight workers
+        workers = _children(server.pid)
+        server.stop(getattr(signal, how))
+        _wait_for(lambda: not [p for p in workers if Path(f"/proc/{p}").exists()])
+    finally:
+        server.stop()

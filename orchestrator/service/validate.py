@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import multiprocessing
+import os
 import re
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -148,6 +150,20 @@ def _plan(spec_json: dict, base_dir: str) -> dict:
 
 _pool: cf.ProcessPoolExecutor | None = None
 _pool_lock = threading.Lock()
+PARENT_CHECK_S = 1.0  # how often a worker checks that the API process is still there
+STOP_WAIT_S = 5.0  # at shutdown, how long a worker may finish its preflight before SIGTERM
+
+
+def _exit_with_parent(parent_pid: int) -> None:
+    """Worker initializer: exit once the API process is gone. A SIGKILLed API runs no shutdown,
+    and an orphaned worker would keep torch (~400 MB) in memory for good."""
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(PARENT_CHECK_S)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="lorasweep-preflight-parent", daemon=True).start()
 
 
 def _executor() -> cf.ProcessPoolExecutor:
@@ -155,9 +171,24 @@ def _executor() -> cf.ProcessPoolExecutor:
     with _pool_lock:
         if _pool is None:
             _pool = cf.ProcessPoolExecutor(
-                max_workers=WORKERS, mp_context=multiprocessing.get_context("spawn")
+                max_workers=WORKERS,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=_exit_with_parent,
+                initargs=(os.getpid(),),
             )
         return _pool
+
+
+def _stop_pool(pool: cf.ProcessPoolExecutor) -> None:
+    """Stop ``pool`` and make sure its workers are gone: a worker busy with a preflight gets
+    ``STOP_WAIT_S`` to finish, then SIGTERM."""
+    workers = list((getattr(pool, "_processes", None) or {}).values())  # private, stable API
+    pool.shutdown(wait=False, cancel_futures=True)
+    for proc in workers:
+        proc.join(timeout=STOP_WAIT_S)
+        if proc.is_alive():
+            proc.terminate()
+            proc.join(timeout=STOP_WAIT_S)
 
 
 def _drop_pool(broken: cf.ProcessPoolExecutor) -> None:
@@ -165,7 +196,7 @@ def _drop_pool(broken: cf.ProcessPoolExecutor) -> None:
     with _pool_lock:
         if _pool is broken:
             _pool = None
-    broken.shutdown(wait=False, cancel_futures=True)
+    _stop_pool(broken)
 
 
 def _warm() -> bool:
@@ -188,7 +219,7 @@ def shutdown() -> None:
     with _pool_lock:
         pool, _pool = _pool, None
     if pool is not None:
-        pool.shutdown(wait=False, cancel_futures=True)
+        _stop_pool(pool)
 
 
 def validate_spec(
