@@ -145,11 +145,8 @@ async def submit(request: Request, tenant: TenantDep, d: DepsDep) -> SweepCreate
                 413, "body_too_large", f"the body is over {limit} bytes; a spec is a few KiB"
             )
     raw = _spec_from_body(body, request.headers.get("content-type", ""))
-    checked = await run_in_threadpool(
-        validate.validate_spec,
-        raw,
-        base_dir=Path(d.settings.base_dir),
-        service_db_url=d.settings.db_url,
+    checked = await validate.validate_spec_async(
+        raw, base_dir=Path(d.settings.base_dir), service_db_url=d.settings.db_url
     )
     if isinstance(checked, validate.Invalid):
         raise error(422, "invalid_spec", checked.message, field=checked.field)

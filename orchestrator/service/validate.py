@@ -13,6 +13,7 @@ Every refusal comes back as ``Invalid(field, message)``: the dotted spec field a
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures as cf
 import multiprocessing
 import os
@@ -34,6 +35,7 @@ __all__ = [
     "Unavailable",
     "parse_body_yaml",
     "validate_spec",
+    "validate_spec_async",
     "warm",
     "shutdown",
 ]
@@ -222,25 +224,17 @@ def shutdown() -> None:
         _stop_pool(pool)
 
 
-def validate_spec(
-    raw: Any, *, base_dir: Path, service_db_url: str, timeout_s: float = PLAN_TIMEOUT_S
-) -> Valid | Invalid:
-    """Check ``raw`` (the spec as parsed from JSON or YAML) as ``lorasweep validate`` does.
-    Raises ``Unavailable`` when the preflight worker dies or overruns ``timeout_s``."""
+def _prepare(raw: Any, base_dir: Path, service_db_url: str):
+    """The spec's own rules (fast, in this process): ``(spec, its JSON)`` or ``Invalid``."""
     try:
         spec = _resolved(raw, base_dir, service_db_url)
         _check_files(spec)
     except LorasweepError as exc:
         return Invalid(*_field_of(exc))
-    spec_json = spec.model_dump(mode="json")
-    pool = _executor()
-    try:
-        out = pool.submit(_plan, spec_json, str(base_dir)).result(timeout=timeout_s)
-    except cf.TimeoutError:
-        raise Unavailable(f"the spec's preflight took over {timeout_s:g} s; try again") from None
-    except cf.process.BrokenProcessPool:
-        _drop_pool(pool)
-        raise Unavailable("the preflight's worker process died; try again") from None
+    return spec, spec.model_dump(mode="json")
+
+
+def _finish(spec, spec_json: dict, out: dict) -> Valid | Invalid:
     if not out["ok"]:
         return Invalid(out["field"], out["message"])
     return Valid(
@@ -249,3 +243,52 @@ def validate_spec(
         predicted_first_rung_usd=out["predicted_first_rung_usd"],
         spec_yaml=yaml.safe_dump(spec_json, sort_keys=False),
     )
+
+
+def _timed_out(timeout_s: float) -> Unavailable:
+    return Unavailable(f"the spec's preflight took over {timeout_s:g} s; try again")
+
+
+def _died(pool: cf.ProcessPoolExecutor) -> Unavailable:
+    _drop_pool(pool)
+    return Unavailable("the preflight's worker process died; try again")
+
+
+def validate_spec(
+    raw: Any, *, base_dir: Path, service_db_url: str, timeout_s: float = PLAN_TIMEOUT_S
+) -> Valid | Invalid:
+    """Check ``raw`` (the spec as parsed from JSON or YAML) as ``lorasweep validate`` does.
+    Raises ``Unavailable`` when the preflight worker dies or overruns ``timeout_s``."""
+    prepared = _prepare(raw, base_dir, service_db_url)
+    if isinstance(prepared, Invalid):
+        return prepared
+    spec, spec_json = prepared
+    pool = _executor()
+    try:
+        out = pool.submit(_plan, spec_json, str(base_dir)).result(timeout=timeout_s)
+    except cf.TimeoutError:
+        raise _timed_out(timeout_s) from None
+    except cf.process.BrokenProcessPool:
+        raise _died(pool) from None
+    return _finish(spec, spec_json, out)
+
+
+async def validate_spec_async(
+    raw: Any, *, base_dir: Path, service_db_url: str, timeout_s: float = PLAN_TIMEOUT_S
+) -> Valid | Invalid:
+    """``validate_spec`` for the API's event loop: the wait for the preflight holds no thread
+    (the API's threads serve status reads; 40 submissions waiting on 2 workers would take them
+    all)."""
+    prepared = _prepare(raw, base_dir, service_db_url)
+    if isinstance(prepared, Invalid):
+        return prepared
+    spec, spec_json = prepared
+    pool = _executor()
+    try:
+        future = pool.submit(_plan, spec_json, str(base_dir))
+        out = await asyncio.wait_for(asyncio.wrap_future(future), timeout_s)
+    except (asyncio.TimeoutError, cf.TimeoutError):
+        raise _timed_out(timeout_s) from None
+    except cf.process.BrokenProcessPool:
+        raise _died(pool) from None
+    return _finish(spec, spec_json, out)
