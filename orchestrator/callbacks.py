@@ -1,13 +1,16 @@
 """The driver's Tune callback: ledger bookkeeping, MLflow child runs and live progress.
 
-Nothing here may kill the sweep with accounts open: every hook runs guarded. MLflow calls are
-retried with backoff; a ledger or MLflow error that persists is recorded in ``control.fatal``,
-and :class:`SweepStopper` then stops every trial so the driver can settle and say why.
+Nothing here may kill the sweep with accounts open: every hook runs guarded. Trial results and
+ends go to MLflow through an outbox (``orchestrator/outbox.py``) so a down server does not hold
+Tune's loop; the few calls that must answer at once (a trial's child run) are retried with
+backoff; a ledger or MLflow error that persists is recorded in ``control.fatal``, and
+:class:`SweepStopper` then stops every trial so the driver can settle and say why.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -15,12 +18,14 @@ import ray
 from ray.tune import Callback, Stopper
 
 from orchestrator import remote
+from orchestrator.outbox import Outbox
 from orchestrator.prices import cost_usd
 from orchestrator.retry import with_backoff
 from orchestrator.secrets import redact
 from orchestrator.spec import HYPERPARAMETERS
 from orchestrator.watchdog import SweepControl
 
+MLFLOW_DRAIN_S = float(os.environ.get("LORASWEEP_MLFLOW_DRAIN_S", "600"))
 MLFLOW_TRIES = 4  # 0.5 + 1 + 2 s of backoff: rides out a restarting server or a locked sqlite
 
 
@@ -167,11 +172,13 @@ class SweepCallback(Callback):
         self.started_ids: set[str] = set()  # every trial Tune started (its spend is real)
         self.max_consecutive_failures = max_consecutive_failures
         self._failures_in_a_row = 0
+        # MLflow writes off Tune's loop: a down server must not hold the trials in report
+        self.outbox = Outbox()
 
     def __getstate__(self) -> dict:
         # Tune pickles its callbacks with the experiment state; the live MLflow client and the
         # console are not picklable and are re-supplied when a sweep is resumed.
-        live = ("tracker", "console", "watchdog")
+        live = ("tracker", "console", "watchdog", "outbox")
         return {k: v for k, v in self.__dict__.items() if k not in live}
 
     # --- Tune hooks ---------------------------------------------------------------------------
@@ -254,10 +261,10 @@ class SweepCallback(Callback):
         measured = self.cost_model.measurements(trial.config, result, reused=reused)
         remote.call(self.ledger.calibrate, **measured)
         if live.run_id:
-            retried(self.tracker.log_trial_result, live.run_id, result)
+            self.outbox.put(self.tracker.log_trial_result, live.run_id, dict(result))
         snap = remote.call(self.ledger.snapshot)
         self._reports += 1
-        retried(
+        self.outbox.put(
             self.tracker.log_sweep_metrics,
             {
                 "budget_spent_usd": snap["spent_usd"],
@@ -303,6 +310,20 @@ class SweepCallback(Callback):
                 f"{error or 'an unknown error'}"
             )
 
+    def drain(self, timeout_s: float | None = None) -> None:
+        """Wait until the queued MLflow writes landed (before anything reads MLflow back). An
+        MLflow that stays unreachable stops the sweep (``control.fatal``, accounts settled); a
+        write MLflow refused for good is named."""
+        timeout_s = MLFLOW_DRAIN_S if timeout_s is None else timeout_s
+        if not self.outbox.flush(timeout_s):
+            self.control.fail(
+                f"MLflow: {self.outbox.pending} writes still unrecorded after {timeout_s:.0f} s "
+                f"({self.outbox.failing})"
+            )
+        for error in self.outbox.errors:
+            self.console.print(f"[yellow]MLflow refused a write[/]: {error}")
+        self.outbox.errors.clear()
+
     def finish_open(self, status: str) -> list[str]:
         """Settle and close every trial Tune stopped without a word (an interrupt or an error
         stops trials without ``on_trial_complete``); returns their ids. A failure here is
@@ -325,9 +346,16 @@ class SweepCallback(Callback):
         killed_usd = self.watchdog.unwatch(trial.trial_id) if self.watchdog else None
         now = time.monotonic()
         last = live.last_result
-        tail_s = now - live.last_result_at if live.last_result_at else 0.0
-        billed_s = max(last.get("billed_s", 0.0) + tail_s, now - live.started)
-        final_usd = max(cost_usd(self.price_usd_per_hour, billed_s), killed_usd or 0.0)
+        if killed_usd is not None:
+            # billed to the kill (its process is gone then), not to whenever the driver's loop
+            # came to this trial: a driver stalled on MLflow must not bill a dead process
+            final_usd = max(killed_usd, remote.call(self.ledger.spent, trial.trial_id))
+            price = self.price_usd_per_hour
+            billed_s = final_usd / price * 3600.0 if price > 0 else now - live.started
+        else:
+            tail_s = now - live.last_result_at if live.last_result_at else 0.0
+            billed_s = max(last.get("billed_s", 0.0) + tail_s, now - live.started)
+            final_usd = cost_usd(self.price_usd_per_hour, billed_s)
         remote.call(self.ledger.settle, trial.trial_id, final_usd)
         if "billed_s" in last and killed_usd is None:  # billed after the last report
             released = self.cost_model.release_measurement(
@@ -353,7 +381,7 @@ class SweepCallback(Callback):
         if phases:
             final["phase_idle_s"] = max(billed_s - sum(phases.values()), 0.0)
         if live.run_id:
-            retried(
+            self.outbox.put(
                 self.tracker.end_trial,
                 live.run_id,
                 status,

@@ -558,7 +558,6 @@ def _run_phases(spec, plan, sweep_id, ledger, callback, optuna_url, tracking_uri
     """The LoRA phase, then (if the gate calls for it and nothing stopped the sweep) full FT;
     returns (end reason, skipped proposals, gate reason). A phase that finished in an earlier
     part of the sweep (``lorasweep resume``) is not run again."""
-    from orchestrator.callbacks import retried
 
     run_phase = functools.partial(_run_phase, spec, plan, sweep_id, ledger, callback, optuna_url)
     tracker, control = callback.tracker, callback.control
@@ -572,7 +571,9 @@ def _run_phases(spec, plan, sweep_id, ledger, callback, optuna_url, tracking_uri
         searcher = run_phase(space, name, samples)
         reason = searcher.exhausted_reason or default_reason
         if not (control.fatal or control.interrupted):
-            retried(tracker.client.set_tag, tracker.parent_id, PHASE_TAG + name, reason[:5000])
+            callback.outbox.put(
+                tracker.client.set_tag, tracker.parent_id, PHASE_TAG + name, reason[:5000]
+            )
         return reason, list(searcher.skipped)
 
     reason, skipped = phase(
@@ -580,6 +581,9 @@ def _run_phases(spec, plan, sweep_id, ledger, callback, optuna_url, tracking_uri
     )
     if control.fatal or control.interrupted or control.ended:
         return control.ended or reason, skipped, ""
+    callback.drain()  # the gate reads the LoRA trials back from MLflow
+    if control.fatal:
+        return reason, skipped, ""
     run_full, gate_reason = _gate(spec, plan, tracking_uri, sweep_id, ledger)
     console.print(f"[bold]full fine-tuning[/] {'runs' if run_full else 'skipped'}: {gate_reason}")
     if run_full:
@@ -678,6 +682,9 @@ def run_sweep(
         if control.fatal or control.interrupted:
             watchdog.kill_all()  # nothing of this sweep may go on billing
         watchdog.stop()
+        if callback is not None:  # what the trials logged reaches MLflow before it is read
+            callback.drain(DRAIN_AFTER_ERROR_S if control.fatal or control.at_once else None)
+            callback.outbox.close()
     if control.fatal or control.interrupted:
         started = {"baseline", *(callback.started_ids if callback else ())}
         snap = _settle_everything(spec, ledger, sweep_id, service_db, started)
@@ -728,6 +735,9 @@ def run_sweep(
         time.time() - t0,
         interrupted=control.interrupted,
     )
+
+
+DRAIN_AFTER_ERROR_S = 30.0  # the sweep already failed or the user insists: wait less for MLflow
 
 
 def _trial_count(tracker) -> int:

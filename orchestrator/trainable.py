@@ -33,6 +33,10 @@ from orchestrator.spec import HYPERPARAMETERS  # noqa: E402
 from orchestrator.watchdog import HEARTBEAT_S  # noqa: E402
 from workers.train import TrialConfig, checkpoint_billed_s, run_trial  # noqa: E402
 
+STARTUP_SLACK = 3.0  # a trial's startup may take this many times its prediction ...
+STARTUP_MIN_S = 60.0  # ... or at least this long, before its load counts as hung
+LOADING_AHEAD_S = 3 * HEARTBEAT_S + 2.0  # the grant is kept this far ahead while loading
+
 
 class LedgerBudget:
     """A trial's view of the sweep's ledger actor: its ceiling, raised on request, and a
@@ -40,12 +44,25 @@ class LedgerBudget:
     sweep is closing."""
 
     def __init__(
-        self, ledger, trial_id: str, price_usd_per_hour: float, t0: float, prior_s: float = 0.0
+        self,
+        ledger,
+        trial_id: str,
+        price_usd_per_hour: float,
+        t0: float,
+        prior_s: float = 0.0,
+        predicted_startup_s: float = 0.0,
     ) -> None:
         self.ledger, self.trial_id = ledger, trial_id
         self.price_usd_per_hour, self.t0 = price_usd_per_hour, t0
         self.prior_s = prior_s  # billed by the trial's earlier attempts
         self.ceiling_usd = remote.call(ledger.ceiling, trial_id)
+        # until its first step the trial cannot ask for more itself (it is loading): the
+        # heartbeat keeps its grant ahead of its spend, up to STARTUP_SLACK x the predicted
+        # startup (a slow node, a cold cache); a load that hangs past that is still killed
+        self.loading = True
+        self.startup_cap_usd = self.ceiling_usd + cost_usd(
+            price_usd_per_hour, max(STARTUP_SLACK * predicted_startup_s, STARTUP_MIN_S)
+        )
         self.revoked = False
         self.closing = False  # the sweep is closing: close at the next step, inside the grant
         self._stop = threading.Event()
@@ -74,11 +91,17 @@ class LedgerBudget:
         except remote.ActorUnavailable:
             pass  # settled by the driver from its own clock
 
+    def _keep_ahead_while_loading(self) -> None:
+        ahead_usd = self.cost_usd() + cost_usd(self.price_usd_per_hour, LOADING_AHEAD_S)
+        if self.loading and self.ceiling_usd < ahead_usd <= self.startup_cap_usd:
+            self.request(ahead_usd)
+
     def _beat(self) -> None:
         """At once (what a reused worker held before this trial shows up right away), then every
         ``HEARTBEAT_S`` until the trial ends."""
         while True:
             try:
+                self._keep_ahead_while_loading()
                 remote.call(self.ledger.update, self.trial_id, self.cost_usd(), tries=1)
                 standing = remote.call(self.ledger.standing, self.trial_id, tries=1)
                 self.revoked = self.revoked or standing == "revoked"
@@ -152,7 +175,9 @@ def train_lorasweep(config: dict, *, base: dict, ledger) -> None:
             prior_s = _prior_billed_s(ledger, trial_id, cfg.price_usd_per_hour, resume)
             cfg = dataclasses.replace(cfg, prior_billed_s=prior_s)
             # a trial refused before training reports nothing: its bill is its last heartbeat
-            with LedgerBudget(ledger, trial_id, cfg.price_usd_per_hour, t0, prior_s) as budget:
+            with LedgerBudget(
+                ledger, trial_id, cfg.price_usd_per_hour, t0, prior_s, cfg.prior_startup_s
+            ) as budget:
                 try:
                     run_trial(cfg, report, budget, resume_from=resume)
                 except Exception as exc:  # noqa: BLE001 - a failed trial, reported as such

@@ -5,7 +5,9 @@ real model (CI has no GPU and no model hub); nothing else is faked.
 - the ledger actor's process is SIGKILLed: Ray restarts it, it rebuilds from SQL, the sweep ends
   normally, within its cap, with every account settled;
 - the MLflow server dies: the sweep stops, every account settled, the cause in one line
-  (``SweepAborted``), instead of Tune raising with reservations open.
+  (``SweepAborted``), instead of Tune raising with reservations open;
+- the MLflow server is down for a while and comes back: the trials train on meanwhile (their
+  results wait in the driver's outbox), the sweep completes and no metric point is lost.
 """
 
 from __future__ import annotations
@@ -96,9 +98,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def mlflow_server(tmp_path):
-    port = _free_port()
+def _start_mlflow(port: int, root: Path) -> subprocess.Popen:
+    """A real ``mlflow server`` on ``port`` with its store under ``root``, once it answers."""
     proc = subprocess.Popen(
         [
             str(Path(sys.executable).with_name("mlflow")),
@@ -108,9 +109,9 @@ def mlflow_server(tmp_path):
             "--port",
             str(port),
             "--backend-store-uri",
-            f"sqlite:///{tmp_path / 'server.db'}",
+            f"sqlite:///{root / 'server.db'}",
             "--artifacts-destination",
-            str(tmp_path / "server-artifacts"),
+            str(root / "server-artifacts"),
             "--workers",
             "1",
         ],
@@ -118,22 +119,30 @@ def mlflow_server(tmp_path):
         stderr=subprocess.DEVNULL,
         start_new_session=True,
     )
-    url = f"http://127.0.0.1:{port}"
     import urllib.request
 
     for _ in range(300):
         try:
-            urllib.request.urlopen(f"{url}/health", timeout=1)
-            break
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
+            return proc
         except OSError:
             time.sleep(0.2)
-    else:
-        proc.kill()
-        pytest.fail("mlflow server did not start")
-    yield url, proc
+    os.killpg(proc.pid, signal.SIGKILL)
+    pytest.fail("mlflow server did not start")
+
+
+def _stop(proc: subprocess.Popen) -> None:
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    port = _free_port()
+    proc = _start_mlflow(port, tmp_path)
+    yield f"http://127.0.0.1:{port}", proc
+    _stop(proc)
 
 
 def test_mlflow_lost_mid_sweep_stops_it_with_every_account_settled(
@@ -165,3 +174,55 @@ def test_mlflow_lost_mid_sweep_stops_it_with_every_account_settled(
     assert totals.reserved_usd == pytest.approx(0.0)
     assert all(a.settled for a in store.accounts(sweep_id))
     assert totals.spent_usd <= spec.budget_usd
+
+
+def test_mlflow_down_for_a_while_loses_nothing_and_stalls_no_trial(
+    tmp_path, tiny_model, small_data, ray_local, monkeypatch
+):
+    from mlflow.tracking import MlflowClient
+
+    from orchestrator import leaderboard
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    port = _free_port()
+    server = {"proc": _start_mlflow(port, tmp_path)}
+    raw = _spec(tmp_path, tiny_model, small_data, budget_usd=2.0, max_trials=2).model_dump(
+        mode="json"
+    )
+    raw["search_space"].pop("preset")
+    raw["resources"]["max_concurrent_trials"] = 2
+    raw["trial"].update(max_steps=12, eval_every=2)
+    raw["storage"]["mlflow_tracking_uri"] = f"http://127.0.0.1:{port}"
+    spec = parse_spec(raw)
+    ledger_url = _ledger_db(spec)
+    down_s = 20.0
+
+    def outage() -> None:  # down once both trials report, back on the same port and store
+        _stop(server["proc"])
+        time.sleep(down_s)
+        server["proc"] = _start_mlflow(port, tmp_path)
+
+    watcher = _when(lambda: _reports(ledger_url) >= 4, outage)
+    console = Console(file=io.StringIO(), width=300)
+    try:
+        result = run_sweep(spec, console)
+        watcher.join(timeout=60)
+        tracking = f"http://127.0.0.1:{port}"
+        rows = leaderboard.trial_rows(tracking, leaderboard.find_sweep(tracking, result.sweep_id))
+        client = MlflowClient(tracking)
+        histories = {
+            r.trial: sorted(m.step for m in client.get_metric_history(r.run_id, "score"))
+            for r in rows
+        }
+    finally:
+        _stop(server["proc"])
+    out = console.file.getvalue()
+    assert not watcher.is_alive(), "the outage never happened"
+    assert len(rows) == 2, out
+    # no trial waited on MLflow until its grant ran out: none was stopped or killed for money
+    assert all(r.status == "completed" for r in rows), ([(r.trial, r.status) for r in rows], out)
+    for trial, steps in histories.items():  # every eval of every trial reached MLflow, once
+        assert steps == spec.eval_steps, (trial, steps)
+    totals = Store(ledger_url).totals(result.sweep_id)
+    assert totals.reserved_usd == pytest.approx(0.0) and totals.spent_usd <= spec.budget_usd

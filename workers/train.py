@@ -547,6 +547,8 @@ def _train(cfg, clock, budget, report, loaded, reused, progress: _Progress) -> d
     losses, metrics = [], {}
     status = "completed"
     revoked = False
+    if hasattr(budget, "loading"):
+        budget.loading = False  # loaded: from here the trial asks for what its steps need
     while step < cfg.max_steps:
         interval = min(cfg.eval_every - step % cfg.eval_every, cfg.max_steps - step)
         need = _needed_usd(clock, interval, step_s, 1, closing_s, cfg.release_s)

@@ -1,0 +1,95 @@
+"""MLflow writes off Tune's loop: an unreachable MLflow server must not stall the sweep.
+
+Tune calls the sweep's callback on the driver's one loop, and a trial's ``tune.report`` waits
+until that loop has taken its result. A callback that waits on MLflow (a server restarting, a
+locked sqlite file) would hold every running trial in ``report``: GPUs held, nothing trained, and
+the watchdog killing trials whose grants ran out while they waited. The callback puts its MLflow
+writes here instead; one thread writes them in order, retrying each until it lands, so the
+trials go on and nothing is lost. Before anything reads MLflow back (the full-FT gate, the
+summary) the driver waits for the outbox to drain (``flush``).
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable
+
+from orchestrator.secrets import redact
+
+RETRY_FIRST_S = 0.5
+RETRY_CAP_S = 10.0
+# MLflow's answers that writing again cannot change (a bad value, a duplicate): not retried
+PERMANENT_CODES = ("INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXISTS", "BAD_REQUEST")
+
+
+def _permanent(exc: Exception) -> bool:
+    return getattr(exc, "error_code", None) in PERMANENT_CODES
+
+
+class Outbox:
+    """A FIFO of MLflow writes with one writer thread; each write is retried until it lands."""
+
+    def __init__(self, name: str = "lorasweep-mlflow") -> None:
+        self._queue: queue.Queue = queue.Queue()
+        self._idle = threading.Condition()
+        self._pending = 0
+        self.failing: str | None = None  # the last error while a write keeps failing
+        self.written = 0
+        self.errors: list[str] = []  # writes MLflow refused for good (named, not retried)
+        self._closed = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def put(self, fn: Callable, *args, **kwargs) -> None:
+        """Queue ``fn(*args, **kwargs)``; it runs after every write queued before it."""
+        with self._idle:
+            self._pending += 1
+        self._queue.put((fn, args, kwargs))
+
+    def flush(self, timeout_s: float) -> bool:
+        """Wait until every queued write landed; False if some had not after ``timeout_s``."""
+        deadline = time.monotonic() + timeout_s
+        with self._idle:
+            while self._pending:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._idle.wait(min(left, 1.0))
+        return True
+
+    @property
+    def pending(self) -> int:
+        with self._idle:
+            return self._pending
+
+    def close(self) -> None:
+        """Stop the writer (after ``flush``); writes still queued are dropped."""
+        self._closed.set()
+        self._queue.put(None)
+        self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            fn, args, kwargs = item
+            wait_s = RETRY_FIRST_S
+            while not self._closed.is_set():
+                try:
+                    fn(*args, **kwargs)
+                    break
+                except Exception as exc:  # noqa: BLE001 - MLflow down: wait, then write again
+                    self.failing = redact(f"{type(exc).__name__}: {exc}")[:500]
+                    if _permanent(exc):
+                        self.errors.append(f"{getattr(fn, '__name__', 'write')}: {self.failing}")
+                        break
+                    self._closed.wait(wait_s)
+                    wait_s = min(2 * wait_s, RETRY_CAP_S)
+            self.failing = None
+            self.written += 1
+            with self._idle:
+                self._pending -= 1
+                self._idle.notify_all()
