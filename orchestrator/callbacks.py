@@ -285,12 +285,9 @@ class SweepCallback(Callback):
             return
         # no report at all: refused before its first step (or stopped before it)
         status = live.last_result.get("trial_status", "running" if live.last_result else None)
-        if (
-            status is None
-            and self.control.interrupted
-            and trial.trial_id not in self.control.revoked
-        ):
-            status = "interrupted"  # it closed before its first step: nothing to evaluate
+        closing = self.control.interrupted and trial.trial_id not in self.control.revoked
+        if closing and status in (None, "running"):
+            status = "interrupted"  # it closed before a step since its last report (if any)
         elif status is None or trial.trial_id in self.control.revoked:
             status = "budget_stopped"
         self._finish(trial, {"running": "pruned"}.get(status, status))
