@@ -35,6 +35,16 @@ def retried(fn, *args, tries: int = MLFLOW_TRIES, **kwargs):
     return with_backoff(lambda: fn(*args, **kwargs), tries=tries, first_s=0.5)
 
 
+def _readable(checkpoint) -> bool:
+    """Whether a Tune checkpoint's folder exists where this driver reads its storage."""
+    from pyarrow.fs import FileType
+
+    try:
+        return checkpoint.filesystem.get_file_info(checkpoint.path).type == FileType.Directory
+    except Exception:  # noqa: BLE001 - an unreachable store: not readable
+        return False
+
+
 def _guarded(hook):
     """A Tune hook that records its failure in ``self.control`` instead of raising."""
 
@@ -359,7 +369,16 @@ class SweepCallback(Callback):
                 trial.config, billed_s - last["billed_s"]
             )
             remote.call(self.ledger.calibrate, **released)
-        checkpoint = trial.checkpoint
+        checkpoint = trial.checkpoint if last else None
+        if checkpoint is not None and not _readable(checkpoint) and status != "failed":
+            # the trial's adapter is not where the driver can read it (a worker node's own disk):
+            # a loud failure, never a silently missing adapter
+            status = "failed"
+            last = {
+                **last,
+                "error": f"adapter missing: checkpoint {checkpoint.path} is not readable from "
+                "the driver (put storage.data_dir on storage every node reads)",
+            }
         final = {"cost_usd": final_usd, "billed_s": billed_s, "step": last.get("step", 0)}
         # the admission's predictions next to what the trial measured (predicted vs actual)
         for key in ("step_s", "closing_s", "startup_s"):
@@ -383,7 +402,7 @@ class SweepCallback(Callback):
                 live.run_id,
                 status,
                 dict(final),
-                checkpoint.path if checkpoint is not None and last else None,
+                checkpoint.path if checkpoint is not None else None,
                 last.get("error"),
             )
         self.finished.append(
