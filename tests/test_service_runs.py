@@ -3,11 +3,15 @@ loopback, ``tests/service_server.py``) whose runner launches real ``lorasweep ru
 local Ray with sqlite MLflow; the tiny random-init Llama stands in for a real model (CI has no
 GPU and no model hub). Each sweep is a trial or three of a few steps; one sweep runs at a time.
 
-What a user of the service would notice: a submitted sweep runs, reports its money and trials
-and promotes; two tenants' sweeps take turns under ``--max-running-sweeps 1``; a cancel stops a
-running sweep with what it spent on record and nothing left reserved; the API killed mid-sweep
-and started again loses nothing (the sweep completes once, reattached, or resumed when its
-driver died too); ``lorasweep run --server`` submits and follows; the same on PostgreSQL.
+What a user of the service would notice: on PostgreSQL (service database and Optuna), two
+tenants' sweeps take turns under ``--max-running-sweeps 1``, one submitted over HTTP and one by
+``lorasweep run --server``, which follows it to its end; status reports the ledger's money, the
+trials and the MLflow run; events stream and resume; promote registers a version. On sqlite:
+Ctrl-C of ``run --server`` stops watching, not the sweep, and a cancel stops it with what it
+spent on record and nothing left reserved; the API killed mid-sweep and started again loses
+nothing (reattached; resumed when its driver died too), and the sweep completes once. The
+runner's parts (a driver known by PID and start time, a dead driver's leftovers killed, events
+numbered and redacted) are checked without a sweep.
 """
 
 from __future__ import annotations
@@ -26,8 +30,6 @@ from service_server import create_token, run_cli, serve, service_db, start_serve
 
 from orchestrator.service.drivers import is_alive, kill_session_leftovers
 from orchestrator.store import Store
-
-pytestmark = pytest.mark.slow
 
 PRICE_USD_PER_HOUR = 36.0  # a pricey "cpu" (1 cent a second), so a tiny sweep costs real money
 # the server's drivers: no stray cluster address; a dead driver's heartbeat is stale after 3 s
@@ -211,89 +213,211 @@ def sqlite_service(tmp_path_factory):
             _kill_drivers(db_url)
 
 
-# --- tests -------------------------------------------------------------------------------------
-def test_two_tenants_run_in_turn_then_status_events_and_promote(
-    sqlite_service, tiny_model, small_data
-):
-    from mlflow.tracking import MlflowClient
+# --- the runner's parts, no sweep --------------------------------------------------------------
+def test_a_driver_is_known_by_its_pid_and_start_time_not_by_a_reused_pid():
+    import subprocess
 
-    server, tokens = sqlite_service
-    t0 = time.monotonic()
-    a = _submit(server, tokens["team-a"], _spec(tiny_model, small_data, name="tiny"))
-    b = _submit(server, tokens["team-b"], _spec(tiny_model, small_data, name="tiny"))
-    assert a["predicted_first_rung_usd"] > 0
+    proc = subprocess.Popen(["sleep", "30"], start_new_session=True)
+    try:
+        from orchestrator.service.drivers import proc_start_unix
 
-    # --max-running-sweeps 1: team-b's sweep waits while team-a's runs
-    _wait_state(server, tokens["team-a"], a["id"], ("running",), 60)
-    assert _get(server, tokens["team-b"], b["id"])["state"] == "queued"
-    done_a = _wait_state(server, tokens["team-a"], a["id"], ("completed", "failed"))
-    assert done_a["state"] == "completed", done_a
-    done_b = _wait_state(server, tokens["team-b"], b["id"], ("completed", "failed"))
-    assert done_b["state"] == "completed", done_b
-    ended_a = _get_row_times(server.db_url, a["id"])[1]
-    started_b = _get_row_times(server.db_url, b["id"])[0]
-    assert started_b >= ended_a, "team-b's sweep started before team-a's ended"
-    TIMES["two tenants in turn"] = time.monotonic() - t0
+        started = proc_start_unix(proc.pid)
+        assert started is not None and abs(started - time.time()) < 5
+        assert is_alive(proc.pid, started)
+        # the same PID with another start time is another process (the kernel reused the PID)
+        assert not is_alive(proc.pid, started - 3.0)
+        proc.kill()
+        time.sleep(0.3)
+        assert not is_alive(proc.pid, started)  # exited, not yet reaped: a zombie is not alive
+    finally:
+        proc.kill()
+        proc.wait()
+    assert not is_alive(proc.pid, started)
 
-    # status: the ledger's money, the trials, the best, the MLflow run
-    assert 0 < done_a["spent_usd"] <= done_a["budget_usd"]
-    assert done_a["reserved_usd"] == pytest.approx(0.0, abs=1e-9)
-    assert done_a["remaining_usd"] == pytest.approx(done_a["budget_usd"] - done_a["spent_usd"])
-    ledger = Store(server.db_url).totals(a["id"])
-    assert done_a["spent_usd"] == pytest.approx(ledger.spent_usd)
-    assert len(done_a["trials"]) == 1 and done_a["best"] is not None
-    assert done_a["end_reason"]
-    mlflow = done_a["mlflow"]
-    assert mlflow["parent_run_id"] and mlflow["experiment_id"]
-    tracking = mlflow["tracking_uri"]
-    if not tracking.startswith(("sqlite:////", "http")):  # relative to the server's directory
-        tracking = f"sqlite:///{server.cwd / tracking.removeprefix('sqlite:///')}"
-    client = MlflowClient(tracking)
-    exp_a = client.get_experiment(mlflow["experiment_id"])
-    assert exp_a.name == "team-a/tiny" and exp_a.tags["lorasweep.tenant"] == "team-a"
-    exp_b = client.get_experiment(done_b["mlflow"]["experiment_id"])
-    assert exp_b.name == "team-b/tiny" and exp_b.tags["lorasweep.tenant"] == "team-b"
-    parents, children = _mlflow_children(tracking, a["id"])
-    assert len(parents) == 1 and len(children) == 1
 
-    # the tenant's month: what the sweep spent, nothing committed once it ended
-    tenant = httpx.get(
-        f"{server.url}/v1/tenant", headers=server.auth(tokens["team-a"]), timeout=30
-    ).json()
-    assert tenant["spent_usd_this_month"] == pytest.approx(done_a["spent_usd"])
-    assert tenant["committed_usd"] == pytest.approx(0.0, abs=1e-9)
+def test_what_a_dead_driver_left_in_its_session_is_killed():
+    """A SIGKILLed driver's local Ray (its session's other processes) would go on billing; the
+    runner kills them before it resumes the sweep, and nothing outside that session."""
+    import subprocess
 
-    # events: the driver's progress lines, numbered; Last-Event-ID resumes after a line
-    events = _events(server, tokens["team-a"], a["id"])
-    lines = [e["data"]["line"] for e in events]
-    assert any("trial-001 started" in line for line in lines), lines[:20]
-    assert any(line.startswith("ended ") for line in lines), lines[-10:]
-    assert [e["id"] for e in events] == list(range(1, len(events) + 1))
-    assert all(isinstance(e["data"]["ts_unix"], float) for e in events)
-    later = _events(server, tokens["team-a"], a["id"], last_id=events[-3]["id"])
-    assert [e["id"] for e in later] == [events[-2]["id"], events[-1]["id"]]
+    from orchestrator.service.drivers import proc_start_unix
 
-    # promote: a registered version of TENANT.NAME with alias champion
-    resp = httpx.post(
-        f"{server.url}/v1/sweeps/{a['id']}/promote",
-        headers=server.auth(tokens["team-a"]),
-        timeout=600,
+    outsider = subprocess.Popen(["sleep", "30"])
+    leader = subprocess.Popen(["sh", "-c", "sleep 30 & sleep 30 & wait"], start_new_session=True)
+    try:
+        started = proc_start_unix(leader.pid)
+        time.sleep(0.5)
+        leader.kill()
+        leader.wait()
+        killed = kill_session_leftovers(leader.pid, started)
+        assert len(killed) == 2  # both sleeps of the dead leader's session
+        time.sleep(0.3)
+        assert all(proc_start_unix(pid) is None for pid in killed)
+        assert outsider.poll() is None  # another session's process is left alone
+    finally:
+        outsider.kill()
+        outsider.wait()
+
+
+def test_events_are_numbered_redacted_and_resume_after_an_id(tmp_path):
+    from orchestrator.service.runner import Runner
+
+    runner = Runner(
+        None,
+        service_db_url="sqlite://",
+        data_dir=tmp_path,
+        ray_address=None,
+        max_running_sweeps=1,
     )
-    assert resp.status_code == 200, resp.text
-    promoted = resp.json()
-    assert promoted["model"] == "team-a.tiny" and promoted["alias"] == "champion"
-    version = client.get_model_version_by_alias("team-a.tiny", "champion")
-    assert str(version.version) == str(promoted["version"])
-    assert version.run_id in {c.info.run_id for c in children}
-    assert promoted["test_score"] is not None
+    log = tmp_path / "service" / "logs" / "s1.log"
+    log.parent.mkdir(parents=True)
+    log.write_text(
+        "checking spec\n"
+        "error: storage: cannot open postgresql://bob:hunter2@db/x\n"
+        "\x1b[1mtrial-001\x1b[0m started\n"
+        "half a li"
+    )
+    events = runner.events("s1")
+    assert [i for i, _ in events] == [1, 2, 3]  # the unfinished last line waits
+    lines = [e["line"] for _, e in events]
+    assert "hunter2" not in " ".join(lines) and "bob:***@db" in lines[1]
+    assert lines[2] == "trial-001 started"  # no terminal colour codes
+    with open(log, "a") as f:
+        f.write("ne\nended max_trials (1) reached\n")
+    assert [(i, e["line"]) for i, e in runner.events("s1", after_id=3)] == [
+        (4, "half a line"),
+        (5, "ended max_trials (1) reached"),
+    ]
+    assert runner.events("s1", after_id=5) == []
+    assert runner.events("no-such-sweep") == []
 
-    # the CLI in --server mode reads the same sweep
-    env = {"LORASWEEP_TOKEN": tokens["team-b"], "COLUMNS": "200"}
-    shown = run_cli(["status", b["id"], "--server", server.url], cwd=server.cwd, env=env)
-    assert shown.returncode == 0, shown.stdout + shown.stderr
-    assert f"{b['id']} completed" in shown.stdout and "spent $" in shown.stdout
-    listed = run_cli(["status", "--server", server.url], cwd=server.cwd, env=env)
-    assert b["id"] in listed.stdout and a["id"] not in listed.stdout  # only team-b's own
+
+# --- sweeps through a real server --------------------------------------------------------------
+@pytest.mark.slow
+def test_two_tenants_take_turns_on_postgresql_with_status_events_promote_and_run_server(
+    tmp_path, tiny_model, small_data
+):
+    """The service database and Optuna on PostgreSQL (MLflow on sqlite), --max-running-sweeps
+    1: team-a submits over HTTP (JSON), team-b with ``lorasweep run --server`` (YAML), which
+    waits queued until team-a's sweep ends, then runs and is followed to its end by the CLI.
+    Then team-a's status (the ledger's money, trials, best, MLflow), its month, its events from
+    the start and after a Last-Event-ID, its promotion; team-b's status and leaderboard by CLI."""
+    import subprocess
+
+    import optuna
+    from mlflow.tracking import MlflowClient
+    from service_server import lorasweep_bin
+
+    t0 = time.monotonic()
+    with (
+        service_db("postgresql", tmp_path / "svc") as db_url,
+        service_db("postgresql", tmp_path / "optuna") as optuna_url,
+    ):
+        tokens = {t: create_token(db_url, t, quota_usd=10.0, cwd=tmp_path) for t in ("a", "b")}
+        storage = {"optuna_storage": optuna_url}
+        spec_a = _spec(tiny_model, small_data, name="tiny", storage=storage)
+        spec_path_b = tmp_path / "tiny-b.yaml"
+        spec_path_b.write_text(yaml.safe_dump(_spec(tiny_model, small_data, storage=storage)))
+        env_b = {"LORASWEEP_TOKEN": tokens["b"], "COLUMNS": "200"}
+        try:
+            with serve(db_url, cwd=tmp_path, max_running_sweeps=1, env=SERVER_ENV) as server:
+                a = _submit(server, tokens["a"], spec_a)
+                assert a["predicted_first_rung_usd"] > 0
+                _wait_state(server, tokens["a"], a["id"], ("running",), 60)
+                cli_b = subprocess.Popen(
+                    [lorasweep_bin(), "run", str(spec_path_b), "--server", server.url],
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
+                    text=True,
+                    env={**os.environ, **env_b},
+                    cwd=tmp_path,
+                )
+                first = cli_b.stdout.readline()
+                assert first.startswith("submitted tiny-"), first + cli_b.stdout.read()
+                b_id = first.split()[1]
+                # one sweep at a time: team-b's waits while team-a's runs
+                assert _get(server, tokens["b"], b_id)["state"] == "queued"
+                done_a = _wait_state(server, tokens["a"], a["id"], ("completed", "failed"))
+                assert done_a["state"] == "completed", done_a
+                out_b = first + cli_b.communicate(timeout=SWEEP_TIMEOUT_S)[0]
+                TIMES["two tenants in turn"] = time.monotonic() - t0
+                assert cli_b.returncode == 0, out_b + server.log()[-3000:]
+                assert "trial-001 started" in out_b and f"{b_id} completed" in out_b
+                assert f"lorasweep promote {b_id} --server {server.url}" in out_b
+                ended_a = _get_row_times(db_url, a["id"])[1]
+                assert _get_row_times(db_url, b_id)[0] >= ended_a, "team-b's started too soon"
+
+                # status: the ledger's money, the trials, the best, the MLflow run
+                totals = Store(db_url).totals(a["id"])  # the ledger is in the service database
+                assert 0 < done_a["spent_usd"] == pytest.approx(totals.spent_usd)
+                assert done_a["spent_usd"] <= done_a["budget_usd"]
+                assert done_a["reserved_usd"] == pytest.approx(0.0, abs=1e-9)
+                assert done_a["remaining_usd"] == pytest.approx(
+                    done_a["budget_usd"] - done_a["spent_usd"]
+                )
+                assert len(done_a["trials"]) == 1 and done_a["best"]["trial"] == "trial-001"
+                assert done_a["end_reason"]
+                mlflow = done_a["mlflow"]
+                assert mlflow["parent_run_id"] and mlflow["experiment_id"]
+                tracking = mlflow["tracking_uri"]
+                assert tracking == f"sqlite:///{tmp_path / 'lorasweep-data' / 'mlflow.db'}"
+                client = MlflowClient(tracking)
+                exp_a = client.get_experiment(mlflow["experiment_id"])
+                assert exp_a.name == "a/tiny" and exp_a.tags["lorasweep.tenant"] == "a"
+                done_b = _get(server, tokens["b"], b_id)
+                exp_b = client.get_experiment(done_b["mlflow"]["experiment_id"])
+                assert exp_b.name == "b/tiny" and exp_b.tags["lorasweep.tenant"] == "b"
+                parents, children = _mlflow_children(tracking, a["id"])
+                assert len(parents) == 1 and len(children) == 1
+                study = optuna.load_study(study_name=f"{a['id']}-lora", storage=optuna_url)
+                assert len(study.get_trials(deepcopy=False)) == 1
+                # the driver's spec file points its ledger at the service database
+                spec_file = tmp_path / "lorasweep-data" / "service" / "specs" / f"{a['id']}.yaml"
+                assert yaml.safe_load(spec_file.read_text())["storage"]["service_db"] == db_url
+
+                # the tenant's month: what the sweep spent, nothing committed once it ended
+                tenant = httpx.get(
+                    f"{server.url}/v1/tenant", headers=server.auth(tokens["a"]), timeout=30
+                ).json()
+                assert tenant["spent_usd_this_month"] == pytest.approx(done_a["spent_usd"])
+                assert tenant["committed_usd"] == pytest.approx(0.0, abs=1e-9)
+
+                # events: the driver's progress lines, numbered; Last-Event-ID resumes after one
+                events = _events(server, tokens["a"], a["id"])
+                lines = [e["data"]["line"] for e in events]
+                assert any("trial-001 started" in line for line in lines), lines[:20]
+                assert any(line.startswith("ended ") for line in lines), lines[-10:]
+                assert [e["id"] for e in events] == list(range(1, len(events) + 1))
+                assert all(isinstance(e["data"]["ts_unix"], float) for e in events)
+                later = _events(server, tokens["a"], a["id"], last_id=events[-3]["id"])
+                assert [e["id"] for e in later] == [events[-2]["id"], events[-1]["id"]]
+
+                # promote: a registered version of TENANT.NAME with alias champion
+                resp = httpx.post(
+                    f"{server.url}/v1/sweeps/{a['id']}/promote",
+                    headers=server.auth(tokens["a"]),
+                    timeout=600,
+                )
+                assert resp.status_code == 200, resp.text
+                promoted = resp.json()
+                assert promoted["model"] == "a.tiny" and promoted["alias"] == "champion"
+                assert promoted["test_score"] is not None
+                version = client.get_model_version_by_alias("a.tiny", "champion")
+                assert str(version.version) == str(promoted["version"])
+                assert version.run_id == children[0].info.run_id
+
+                # the CLI in --server mode reads team-b's own sweeps only
+                shown = run_cli(["status", b_id, "--server", server.url], cwd=tmp_path, env=env_b)
+                assert shown.returncode == 0, shown.stdout + shown.stderr
+                assert f"{b_id} completed" in shown.stdout and "spent $" in shown.stdout
+                listed = run_cli(["status", "--server", server.url], cwd=tmp_path, env=env_b)
+                assert b_id in listed.stdout and a["id"] not in listed.stdout
+                board = run_cli(
+                    ["leaderboard", b_id, "--server", server.url], cwd=tmp_path, env=env_b
+                )
+                assert board.returncode == 0 and "trial-001" in board.stdout, board.stdout
+        finally:
+            _kill_drivers(db_url)
 
 
 def _get_row_times(db_url: str, sweep_id: str) -> tuple[float, float]:
@@ -308,6 +432,7 @@ def _get_row_times(db_url: str, sweep_id: str) -> tuple[float, float]:
         engine.dispose()
 
 
+@pytest.mark.slow
 def test_the_api_killed_mid_sweep_reattaches_then_resumes_a_dead_driver(
     tmp_path, tiny_model, small_data
 ):
@@ -356,6 +481,13 @@ def test_the_api_killed_mid_sweep_reattaches_then_resumes_a_dead_driver(
             assert done["state"] == "completed", (done, server.log()[-3000:])
             new_pid, _, attempts = _driver(db_url, sweep_id)
             assert attempts == 2 and new_pid != pid
+            resp = httpx.post(
+                f"{server.url}/v1/sweeps/{sweep_id}/promote",
+                headers=server.auth(token),
+                timeout=600,
+            )
+            assert resp.status_code == 200, resp.text
+            assert resp.json()["model"] == "team-a.survivor"
         finally:
             server.stop()
             _kill_drivers(db_url)
@@ -372,73 +504,16 @@ def test_the_api_killed_mid_sweep_reattaches_then_resumes_a_dead_driver(
     assert len(trial_ids) == len(set(trial_ids))  # no trial has two child runs
     assert all(r.info.status != "RUNNING" for r in children)
     # a trial the dead driver started after Tune last saved its state is lost (closed as
-    # interrupted, its spend counted); every other trial ran once
+    # interrupted, its spend counted; counted in max_trials or not, as Tune had saved it or not);
+    # every other trial ran once
     lost = [r for r in children if r.data.tags["lorasweep.status"] == "interrupted"]
-    assert len(lost) <= 1 and len(children) - len(lost) == spec["max_trials"]
+    assert len(lost) <= 1
+    assert spec["max_trials"] <= len(children) <= spec["max_trials"] + len(lost)
     log = (tmp_path / "lorasweep-data" / "service" / "logs" / f"{sweep_id}.log").read_text()
     assert "driver attempt 2" in log and "resuming" in log
 
 
-def test_cli_run_server_submits_and_follows_on_postgresql(tmp_path, tiny_model, small_data):
-    """``lorasweep run SPEC --server URL`` with the service database and Optuna on PostgreSQL
-    (MLflow on sqlite): it submits, prints the driver's progress as it comes, ends with the
-    sweep's outcome and exit code 0; ``lorasweep status --server`` and promote agree."""
-    t0 = time.monotonic()
-    with (
-        service_db("postgresql", tmp_path / "svc") as db_url,
-        service_db("postgresql", tmp_path / "optuna") as optuna_url,
-    ):
-        token = create_token(db_url, "team-pg", quota_usd=10.0, cwd=tmp_path)
-        spec = _spec(tiny_model, small_data, name="pg", storage={"optuna_storage": optuna_url})
-        spec_path = tmp_path / "pg.yaml"
-        spec_path.write_text(yaml.safe_dump(spec))
-        env = {"LORASWEEP_TOKEN": token, "COLUMNS": "200"}
-        try:
-            with serve(db_url, cwd=tmp_path, max_running_sweeps=1, env=SERVER_ENV) as server:
-                run = run_cli(
-                    ["run", str(spec_path), "--server", server.url],
-                    cwd=tmp_path,
-                    env=env,
-                    timeout_s=SWEEP_TIMEOUT_S + 60,
-                )
-                out = run.stdout
-                assert run.returncode == 0, out + run.stderr + server.log()[-3000:]
-                assert "submitted pg-" in out
-                sweep_id = out.split("submitted ", 1)[1].split()[0]
-                assert "trial-001 started" in out and "completed" in out
-                assert f"lorasweep promote {sweep_id} --server {server.url}" in out
-                TIMES["run --server on PostgreSQL"] = time.monotonic() - t0
-
-                shown = run_cli(["status", sweep_id, "--server", server.url], cwd=tmp_path, env=env)
-                assert shown.returncode == 0 and f"{sweep_id} completed" in shown.stdout
-                board = run_cli(
-                    ["leaderboard", sweep_id, "--server", server.url], cwd=tmp_path, env=env
-                )
-                assert board.returncode == 0 and "trial-001" in board.stdout, board.stdout
-                promoted = run_cli(
-                    ["promote", sweep_id, "--server", server.url],
-                    cwd=tmp_path,
-                    env=env,
-                    timeout_s=600,
-                )
-                assert promoted.returncode == 0, promoted.stdout + promoted.stderr
-                assert "registered team-pg.pg version 1 as @champion" in promoted.stdout
-
-                # the ledger is in the service's PostgreSQL database, the study in Optuna's
-                totals = Store(db_url).totals(sweep_id)
-                assert 0 < totals.spent_usd <= spec["budget_usd"]
-                import optuna
-
-                study = optuna.load_study(study_name=f"{sweep_id}-lora", storage=optuna_url)
-                assert len(study.get_trials(deepcopy=False)) == 1
-                # no file the service wrote for the driver holds a password (none to hold here,
-                # but the spec file must point the ledger at the service database)
-                spec_file = tmp_path / "lorasweep-data" / "service" / "specs" / f"{sweep_id}.yaml"
-                assert yaml.safe_load(spec_file.read_text())["storage"]["service_db"] == db_url
-        finally:
-            _kill_drivers(db_url)
-
-
+@pytest.mark.slow
 def test_ctrl_c_stops_watching_not_the_sweep_and_cancel_settles_and_stops_its_driver(
     sqlite_service, tiny_model, small_data, tmp_path
 ):

@@ -130,6 +130,8 @@ class Runner:
     def start(self) -> None:
         """Reconcile with the drivers alive (reattach, or resume the dead), then watch in a
         daemon thread."""
+        if self.engine is None:  # a runner without a database (tests of its parts): idle
+            return
         self._drivers = make_drivers(
             service_db_url=self.service_db_url, logs_dir=self.logs_dir, ray_address=self.ray_address
         )
@@ -292,11 +294,13 @@ class Runner:
         self._drivers.cleanup(handle)
         if row.attempts >= MAX_ATTEMPTS:
             end = "interrupted" if what == "interrupted" else "failed"
+            last = self._last_line(row.id)
             return self._end(
                 row.id,
                 end,
-                f"its driver {what} {row.attempts} times (exit code {exit_code}); "
-                f"lorasweep resume {row.id} continues it",
+                f"its driver {what} {row.attempts} times (exit code {exit_code}"
+                + (f", last said: {last[:200]}" if last else "")
+                + f"); lorasweep resume {row.id} continues it",
                 exit_code,
             )
         log.info("runner: sweep %s: driver %s (exit code %s); resuming", row.id, what, exit_code)
@@ -464,6 +468,13 @@ class Runner:
             if index is None:
                 index = self._logs[sweep_id] = _LogIndex(self.logs_dir / f"{sweep_id}.log")
             return index
+
+    def _last_line(self, sweep_id: str) -> str | None:
+        """The driver's last words (a traceback's last line, say)."""
+        for _, event in reversed(self.events(sweep_id)):
+            if event["line"].strip() and not event["line"].startswith("--- lorasweep service"):
+                return event["line"].strip()
+        return None
 
     def _last_error(self, sweep_id: str) -> str | None:
         """The driver's own one-line error (``error: FIELD: ...``), if it printed one."""
