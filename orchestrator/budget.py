@@ -91,6 +91,9 @@ class Ledger:
     def __post_init__(self) -> None:
         self.allowance_usd = _usd("allowance_usd", self.allowance_usd)
         self._recent: dict[str, list[float]] = {k: [v] for k, v in self.timings.items()}
+        # each trial's last word (memory only: lost with this actor, then the driver's clock
+        # bills): (final spend, this actor's monotonic time it came, the worker process)
+        self._last_words: dict[str, tuple[float, float, str]] = {}
         self._store = None
         if self.store_url:
             from orchestrator.store import Store
@@ -228,6 +231,28 @@ class Ledger:
         down). Past ceiling + allowance the trial commits what it spent."""
         acct = self.trials[trial_id]
         self._apply({trial_id: replace(acct, spent_usd=max(acct.spent_usd, spent_usd))}, "report")
+
+    def last_word(self, trial_id: str, spent_usd: float, worker: str) -> None:
+        """The trial's function returned having spent ``spent_usd`` (on its own process's
+        clock); ``worker`` names its process. Its bill ends there: a reused worker's next trial
+        bills from that moment, so nothing after it belongs to this trial."""
+        self.update(trial_id, spent_usd)
+        self._last_words[trial_id] = (float(spent_usd), time.monotonic(), worker)
+
+    def final_word(self, trial_id: str) -> float | None:
+        """The spend of the trial's last word, if it came."""
+        word = self._last_words.get(trial_id)
+        return None if word is None else word[0]
+
+    def idle_tails(self, trial_ids: list[str]) -> dict[str, float]:
+        """Per worker process that ran some of ``trial_ids``: seconds since the last of them
+        ended in it (what a worker held after its last trial, until its phase released it)."""
+        now, latest = time.monotonic(), {}
+        for trial_id in trial_ids:
+            word = self._last_words.get(trial_id)
+            if word is not None:
+                latest[word[2]] = max(latest.get(word[2], 0.0), word[1])
+        return {worker: now - at for worker, at in latest.items()}
 
     def settle(self, trial_id: str, final_usd: float) -> None:
         """The trial released its resources; its commitment becomes what it spent (the larger

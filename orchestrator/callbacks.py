@@ -359,7 +359,13 @@ class SweepCallback(Callback):
             final_usd = max(killed_usd, remote.call(self.ledger.spent, trial.trial_id))
             price = self.price_usd_per_hour
             billed_s = final_usd / price * 3600.0 if price > 0 else now - live.started
-        else:
+        elif (word := remote.call(self.ledger.final_word, trial.trial_id)) is not None:
+            # the trial's own last word, on its process's clock, up to its function's end (a
+            # reused worker's next trial bills from there; the phase's end bills the idle tail)
+            final_usd = max(word, cost_usd(self.price_usd_per_hour, last.get("billed_s", 0.0)))
+            price = self.price_usd_per_hour
+            billed_s = final_usd / price * 3600.0 if price > 0 else now - live.started
+        else:  # no last word (its worker died, the ledger restarted): the driver's clock
             tail_s = now - live.last_result_at if live.last_result_at else 0.0
             billed_s = max(last.get("billed_s", 0.0) + tail_s, now - live.started)
             final_usd = cost_usd(self.price_usd_per_hour, billed_s)

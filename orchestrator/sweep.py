@@ -452,6 +452,7 @@ def _run_phase(spec, plan, sweep_id, ledger, callback, optuna_url, space, phase,
     )
     if tuner is None:  # resumed with no Tune state, and every trial of the phase already ran
         return searcher
+    before = set(callback.started_ids)
     try:
         tuner.fit()
     finally:  # trials Tune stopped without a word (an interrupt, an error) are closed here
@@ -462,9 +463,26 @@ def _run_phase(spec, plan, sweep_id, ledger, callback, optuna_url, space, phase,
                 searcher.on_trial_complete(trial_id, result=None)  # PRUNED in Optuna
             except Exception:  # noqa: BLE001 - the study is told what it can be told
                 pass
+        _charge_idle_tails(ledger, plan, phase, callback.started_ids - before)
     if not (callback.control.fatal or callback.control.interrupted):
         _fail_orphans(searcher)
     return searcher
+
+
+def _charge_idle_tails(ledger, plan: Plan, phase: str, trial_ids: set[str]) -> None:
+    """Bill what each worker process held after its last trial of the phase, until the phase
+    released it (a trial's own bill ends with its function)."""
+    from orchestrator.prices import cost_usd
+
+    if not trial_ids:
+        return
+    try:
+        tails = remote.call(ledger.idle_tails, sorted(trial_ids))
+        idle_s = sum(tails.values())
+        if idle_s > 0:
+            remote.call(ledger.charge, f"idle:{phase}", cost_usd(plan.price_usd_per_hour, idle_s))
+    except remote.ActorUnavailable:
+        pass  # the sweep is stopping on the lost ledger; its accounts settle from SQL
 
 
 def _gate(spec: SweepSpec, plan: Plan, tracking_uri: str, sweep_id: str, ledger):

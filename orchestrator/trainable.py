@@ -23,6 +23,7 @@ _released_at: float | None = None  # when this process's previous trial returned
 
 import contextlib  # noqa: E402 - after the clock above, which must start first
 import dataclasses  # noqa: E402
+import os  # noqa: E402
 import threading  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -86,8 +87,9 @@ class LedgerBudget:
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
-        try:  # the last word: what the trial cost up to here
-            remote.call(self.ledger.update, self.trial_id, self.cost_usd(), tries=1)
+        try:  # the last word: what the trial cost up to here, and which process ran it
+            worker = f"{os.uname().nodename}:{os.getpid()}"
+            remote.call(self.ledger.last_word, self.trial_id, self.cost_usd(), worker, tries=1)
         except remote.ActorUnavailable:
             pass  # settled by the driver from its own clock
 
