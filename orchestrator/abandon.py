@@ -23,7 +23,10 @@ def abandon(service_db: str, tracking_uri: str, sweep_id: str) -> dict:
         raise LorasweepError(
             f"SWEEP: {sweep_id} is {state}; only an interrupted sweep is abandoned"
         )
-    price = _price_usd_per_hour(tracking_uri, row.name, sweep_id)
+    from orchestrator import leaderboard
+
+    parent = leaderboard.find_sweep(tracking_uri, sweep_id)  # in whichever experiment it is
+    price = float(parent.data.params.get("price_usd_per_hour", 0.0))
     ledger = Ledger(row.cap_usd, sweep_id=sweep_id, store_url=service_db, name=row.name)
     try:
         for key, usd in crash_settlements(store, sweep_id, price).items():
@@ -31,7 +34,9 @@ def abandon(service_db: str, tracking_uri: str, sweep_id: str) -> dict:
         snap = ledger.snapshot()
     finally:
         ledger.close()
-    tracker = Tracker(tracking_uri, row.name)
+    # the parent's own experiment: the service names them TENANT/NAME, the CLI the spec's name
+    experiment = tracker_experiment_name(tracking_uri, parent.info.experiment_id)
+    tracker = Tracker(tracking_uri, experiment)
     tracker.attach_sweep(sweep_id)
     tracker.close_open_trials("interrupted", {a.key: a.spent_usd for a in store.accounts(sweep_id)})
     tracker.client.set_tag(tracker.parent_id, STATUS_TAG, "cancelled")
@@ -41,9 +46,7 @@ def abandon(service_db: str, tracking_uri: str, sweep_id: str) -> dict:
     return snap
 
 
-def _price_usd_per_hour(tracking_uri: str, name: str, sweep_id: str) -> float:
-    """The price the sweep ran at (its parent run's parameter)."""
-    from orchestrator import leaderboard
+def tracker_experiment_name(tracking_uri: str, experiment_id: str) -> str:
+    from mlflow.tracking import MlflowClient
 
-    parent = leaderboard.find_sweep(tracking_uri, sweep_id)
-    return float(parent.data.params.get("price_usd_per_hour", 0.0))
+    return MlflowClient(tracking_uri).get_experiment(experiment_id).name

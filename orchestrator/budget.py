@@ -74,6 +74,11 @@ def _usd(name: str, value: float) -> float:
     return value
 
 
+# Tune stops a cached worker soon after its last trial when no trial waits for it; the phase's
+# end is only an upper bound of when, so a tail is billed up to this long
+IDLE_TAIL_MAX_S = 5.0
+
+
 @dataclass
 class Ledger:
     """Spend and commitments of one sweep, in US dollars."""
@@ -94,6 +99,7 @@ class Ledger:
         # each trial's last word (memory only: lost with this actor, then the driver's clock
         # bills): (final spend, this actor's monotonic time it came, the worker process)
         self._last_words: dict[str, tuple[float, float, str]] = {}
+        self._began: dict[str, tuple[float, str]] = {}  # trial -> (this actor's time, worker)
         self._store = None
         if self.store_url:
             from orchestrator.store import Store
@@ -161,6 +167,12 @@ class Ledger:
         return self._admits(None, TrialAccount(ceiling_usd=usd))
 
     # --- calls ------------------------------------------------------------------------------
+    def charge_once(self, key: str, usd: float) -> None:
+        """Record a fixed spend under a key of its own: the same call again (a retry after this
+        actor restarted) records nothing more."""
+        if key not in self.charges_usd:
+            self._apply_charge(key, usd)
+
     def charge(self, key: str, usd: float) -> None:
         """Record spend that is not a trial's (e.g. the base-model eval)."""
         self._apply_charge(key, self.charges_usd.get(key, 0.0) + usd)
@@ -239,6 +251,10 @@ class Ledger:
         self.update(trial_id, spent_usd)
         self._last_words[trial_id] = (float(spent_usd), time.monotonic(), worker)
 
+    def began(self, trial_id: str, worker: str) -> None:
+        """The trial started in worker process ``worker`` (for the phase's idle tails)."""
+        self._began[trial_id] = (time.monotonic(), worker)
+
     def final_word(self, trial_id: str) -> float | None:
         """The spend of the trial's last word, if it came."""
         word = self._last_words.get(trial_id)
@@ -246,13 +262,18 @@ class Ledger:
 
     def idle_tails(self, trial_ids: list[str]) -> dict[str, float]:
         """Per worker process that ran some of ``trial_ids``: seconds since the last of them
-        ended in it (what a worker held after its last trial, until its phase released it)."""
-        now, latest = time.monotonic(), {}
+        ended in it (what a worker held after its last trial, until its phase released it). A
+        worker whose latest trial began after its latest last word has none: that trial (billed
+        on its own account) was still running, or died with its worker."""
+        now, ended, began = time.monotonic(), {}, {}
         for trial_id in trial_ids:
-            word = self._last_words.get(trial_id)
-            if word is not None:
-                latest[word[2]] = max(latest.get(word[2], 0.0), word[1])
-        return {worker: now - at for worker, at in latest.items()}
+            if (word := self._last_words.get(trial_id)) is not None:
+                ended[word[2]] = max(ended.get(word[2], 0.0), word[1])
+            if (start := self._began.get(trial_id)) is not None:
+                began[start[1]] = max(began.get(start[1], 0.0), start[0])
+        return {
+            w: min(now - at, IDLE_TAIL_MAX_S) for w, at in ended.items() if began.get(w, 0.0) <= at
+        }
 
     def settle(self, trial_id: str, final_usd: float) -> None:
         """The trial released its resources; its commitment becomes what it spent (the larger

@@ -184,6 +184,8 @@ class SweepCallback(Callback):
         self._failures_in_a_row = 0
         # MLflow writes off Tune's loop: a down server must not hold the trials in report
         self.outbox = Outbox()
+        # a resumed sweep's child runs by trial id: (run id, name), read once at its start
+        self.known_runs: dict[str, tuple[str, str]] = {}
 
     def __getstate__(self) -> dict:
         # Tune pickles its callbacks with the experiment state; the live MLflow client and the
@@ -213,18 +215,23 @@ class SweepCallback(Callback):
             params["predicted_cost_usd"] = round(predicted, 6)
         remote.call(self.ledger.mark_started, trial.trial_id, time.time())  # for the record
 
-        def start_run() -> str:  # a retry, or a resumed sweep, keeps the trial's one child run
-            made = self.tracker.find_trial(self.sweep_id, trial.trial_id)
-            if made:
-                self.live[trial.trial_id].name = made[1]
-                return made[0]
-            return self.tracker.start_trial(
-                self.sweep_id, name, trial.trial_id, {**params, **self.fixed_params}
-            )
+        live = self.live[trial.trial_id]
+        if trial.trial_id in self.known_runs:  # a resumed sweep keeps the trial's one child run
+            live.run_id, live.name = self.known_runs[trial.trial_id]
+        else:  # made by the outbox: a down MLflow must not hold Tune's loop (and every trial)
 
-        self.live[trial.trial_id].run_id = retried(start_run)
-        name = self.live[trial.trial_id].name
-        self.console.print(f"[bold]{name}[/] started  {describe(params)}")
+            def open_run() -> None:  # find first: a create whose reply was lost made it already
+                made = self.tracker.find_trial(self.sweep_id, trial.trial_id)
+                live.run_id = (
+                    made[0]
+                    if made
+                    else self.tracker.start_trial(
+                        self.sweep_id, name, trial.trial_id, {**params, **self.fixed_params}
+                    )
+                )
+
+            self.outbox.put(open_run)
+        self.console.print(f"[bold]{live.name}[/] started  {describe(params)}")
 
     @_guarded
     def on_trial_recover(self, iteration, trials, trial, **info) -> None:
@@ -270,8 +277,7 @@ class SweepCallback(Callback):
         reused = bool(result.get("base_model_reused"))
         measured = self.cost_model.measurements(trial.config, result, reused=reused)
         remote.call(self.ledger.calibrate, **measured)
-        if live.run_id:
-            self.outbox.put(self.tracker.log_trial_result, live.run_id, dict(result))
+        self.outbox.put(self._log_result, live, dict(result))
         snap = remote.call(self.ledger.snapshot)
         self._reports += 1
         self.outbox.put(
@@ -322,7 +328,7 @@ class SweepCallback(Callback):
         MLflow that stays unreachable stops the sweep (``control.fatal``, accounts settled); a
         write MLflow refused for good is named."""
         timeout_s = MLFLOW_DRAIN_S if timeout_s is None else timeout_s
-        if not self.outbox.flush(timeout_s):
+        if not self.outbox.flush(timeout_s, stop=lambda: self.control.at_once):
             self.control.fail(
                 f"MLflow: {self.outbox.pending} writes still unrecorded after {timeout_s:.0f} s "
                 f"({self.outbox.failing})"
@@ -345,6 +351,15 @@ class SweepCallback(Callback):
         return closed
 
     # --- helpers ------------------------------------------------------------------------------
+    # (outbox writes: they read the trial's run id when they run, after the outbox made the run)
+    def _log_result(self, live: _Live, result: dict) -> None:
+        if live.run_id:
+            self.tracker.log_trial_result(live.run_id, result)
+
+    def _end_run(self, live: _Live, *args) -> None:
+        if live.run_id:
+            self.tracker.end_trial(live.run_id, *args)
+
     def _finish(self, trial, status: str) -> None:
         self.control.running.discard(trial.trial_id)
         live = self.live.pop(trial.trial_id, None)
@@ -402,15 +417,14 @@ class SweepCallback(Callback):
         final.update({f"phase_{k}_s": v for k, v in phases.items()})
         if phases:
             final["phase_idle_s"] = max(billed_s - sum(phases.values()), 0.0)
-        if live.run_id:
-            self.outbox.put(
-                self.tracker.end_trial,
-                live.run_id,
-                status,
-                dict(final),
-                checkpoint.path if checkpoint is not None else None,
-                last.get("error"),
-            )
+        self.outbox.put(
+            self._end_run,
+            live,
+            status,
+            dict(final),
+            checkpoint.path if checkpoint is not None else None,
+            last.get("error"),
+        )
         self.finished.append(
             {"trial": live.name, "status": status, **final, "score": last.get("score")}
         )

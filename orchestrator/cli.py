@@ -332,10 +332,18 @@ def status(
             f"spent ${totals.spent_usd:.5f}, reserved ${totals.reserved_usd:.5f}, "
             f"remaining ${totals.remaining_usd:.5f} of ${totals.cap_usd:g}"
         )
+    state = t.get("lorasweep.status", "?")
+    store = _ledger_store(service_db) if accounts is not None else None
+    state = (_live_state(store, parent.info.run_name) if store else None) or state
     console.print(
-        f"[bold]{parent.info.run_name}[/] {t.get('lorasweep.status', '?')}: {money}; "
+        f"[bold]{parent.info.run_name}[/] {state}: {money}; "
         "trials " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
     )
+    if state == "interrupted":
+        console.print(
+            f"its driver is gone: continue it with lorasweep resume {parent.info.run_name}, or "
+            f"give it up with lorasweep abandon {parent.info.run_name}"
+        )
     if "lorasweep.end_reason" in t:
         console.print(f"ended: {t['lorasweep.end_reason']}")
     best = leaderboard.best_row(rows)
@@ -361,14 +369,16 @@ def _sweeps_table(tracking_uri: str, service_db: str):
     for run in leaderboard.sweep_runs(tracking_uri):
         m, p, t = run.data.metrics, run.data.params, run.data.tags
         best = m.get("best_score")
+        state = t.get("lorasweep.status", "?")
         if run.info.run_name in in_ledger:
             spent = f"{store.totals(run.info.run_name).spent_usd:.5f}"
+            state = _live_state(store, run.info.run_name) or state
         else:
             spent = f"{m.get('spent_usd', m.get('budget_spent_usd', 0.0)):.5f}*"
             from_mlflow = True
         table.add_row(
             run.info.run_name,
-            t.get("lorasweep.status", "?"),
+            state,
             str(int(m.get("trials", 0))) if "trials" in m else "-",
             spent,
             p.get("budget_usd", "-"),
@@ -377,6 +387,15 @@ def _sweeps_table(tracking_uri: str, service_db: str):
     if from_mlflow:
         table.caption = "* from MLflow: the ledger at --service-db does not hold this sweep"
     return table
+
+
+def _live_state(store, sweep_id: str) -> str | None:
+    """The sweep's state by its SQL row (a running sweep whose driver stopped beating reads
+    ``interrupted``), or None when the ledger does not hold it."""
+    from orchestrator.lifecycle import effective_state
+
+    row = store.sweep(sweep_id)
+    return None if row is None else effective_state(row)
 
 
 def _ledger_store(service_db: str):

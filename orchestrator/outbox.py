@@ -21,11 +21,22 @@ from orchestrator.secrets import redact
 RETRY_FIRST_S = 0.5
 RETRY_CAP_S = 10.0
 # MLflow's answers that writing again cannot change (a bad value, a duplicate): not retried
-PERMANENT_CODES = ("INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXISTS", "BAD_REQUEST")
+PERMANENT_CODES = (
+    "INVALID_PARAMETER_VALUE",
+    "RESOURCE_ALREADY_EXISTS",
+    "RESOURCE_DOES_NOT_EXIST",  # e.g. the run was deleted in the UI meanwhile
+    "BAD_REQUEST",
+)
 
 
 def _permanent(exc: Exception) -> bool:
-    return getattr(exc, "error_code", None) in PERMANENT_CODES
+    """A write that cannot land by trying again: MLflow refused its content, or our own code
+    failed on it (a bug, named rather than retried forever ahead of every later write)."""
+    if getattr(exc, "error_code", None) in PERMANENT_CODES:
+        return True
+    return isinstance(exc, TypeError | ValueError | KeyError | AttributeError) and not hasattr(
+        exc, "error_code"
+    )
 
 
 class Outbox:
@@ -48,13 +59,14 @@ class Outbox:
             self._pending += 1
         self._queue.put((fn, args, kwargs))
 
-    def flush(self, timeout_s: float) -> bool:
-        """Wait until every queued write landed; False if some had not after ``timeout_s``."""
+    def flush(self, timeout_s: float, stop: Callable[[], bool] | None = None) -> bool:
+        """Wait until every queued write landed; False if some had not after ``timeout_s`` (or
+        once ``stop()`` holds)."""
         deadline = time.monotonic() + timeout_s
         with self._idle:
             while self._pending:
                 left = deadline - time.monotonic()
-                if left <= 0:
+                if left <= 0 or (stop is not None and stop()):
                     return False
                 self._idle.wait(min(left, 1.0))
         return True

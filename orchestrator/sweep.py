@@ -470,19 +470,21 @@ def _run_phase(spec, plan, sweep_id, ledger, callback, optuna_url, space, phase,
 
 
 def _charge_idle_tails(ledger, plan: Plan, phase: str, trial_ids: set[str]) -> None:
-    """Bill what each worker process held after its last trial of the phase, until the phase
-    released it (a trial's own bill ends with its function)."""
+    """Bill what each worker process held after its last trial of the phase until Tune let it
+    go (a trial's own bill ends with its function; ``Ledger.idle_tails``)."""
+    import uuid
+
     from orchestrator.prices import cost_usd
 
     if not trial_ids:
         return
     try:
-        tails = remote.call(ledger.idle_tails, sorted(trial_ids))
-        idle_s = sum(tails.values())
+        idle_s = sum(remote.call(ledger.idle_tails, sorted(trial_ids)).values())
         if idle_s > 0:
-            remote.call(ledger.charge, f"idle:{phase}", cost_usd(plan.price_usd_per_hour, idle_s))
-    except remote.ActorUnavailable:
-        pass  # the sweep is stopping on the lost ledger; its accounts settle from SQL
+            key = f"idle:{phase}:{uuid.uuid4().hex[:8]}"  # its own key: a retry adds nothing
+            remote.call(ledger.charge_once, key, cost_usd(plan.price_usd_per_hour, idle_s))
+    except Exception:  # noqa: BLE001 - never mask how the phase ended; settled from SQL then
+        pass
 
 
 def _gate(spec: SweepSpec, plan: Plan, tracking_uri: str, sweep_id: str, ledger):
@@ -632,10 +634,9 @@ def run_sweep(
     (every account settled, the cause in one line) on a persistent error of MLflow, the SQL
     store or the ledger. ``sweep_id`` and ``experiment`` (the MLflow experiment's name, default
     the spec's name) are set by the service, which names sweeps before they run."""
-    from orchestrator.callbacks import SweepCallback
     from orchestrator.lifecycle import DriverHeartbeat
     from orchestrator.store import Store
-    from orchestrator.watchdog import SweepControl, Watchdog
+    from orchestrator.watchdog import SweepControl
 
     t0 = time.time()
     _quiet_libraries()
@@ -656,6 +657,33 @@ def run_sweep(
         )
     _init_ray(spec, address)
     crashed = _crash_settlements(store, sweep_id, plan) if resume else {}
+    control = SweepControl()
+    # from the claim to the last settlement: the heartbeat says this driver is alive (no second
+    # driver may take the sweep), and Ctrl-C is handled (the second one cuts waits short)
+    with _interrupts(control, console), DriverHeartbeat(store, sweep_id):
+        return _drive(
+            spec,
+            console,
+            plan,
+            store,
+            sweep_id,
+            control,
+            crashed,
+            resume,
+            spec_path,
+            experiment,
+            t0,
+        )
+
+
+def _drive(
+    spec, console, plan, store, sweep_id, control, crashed, resume, spec_path, experiment, t0
+):
+    """``run_sweep`` once this driver holds the sweep."""
+    from orchestrator.callbacks import SweepCallback
+    from orchestrator.watchdog import Watchdog
+
+    data_dir, tracking_uri, optuna_url, service_db = storage_urls(spec)
     ledger = _start_ledger(spec, plan, sweep_id, service_db)
     remote.call(ledger.snapshot)  # the actor is up and the sweep's row written
     for key, usd in crashed.items():  # the dead driver's open accounts: at their crash spend
@@ -667,11 +695,10 @@ def run_sweep(
         spec_path=str(spec_path.resolve()) if spec_path else None,
     )
     tracker = _open_tracker(spec, plan, sweep_id, tracking_uri, data_dir, resume, experiment)
-    control = SweepControl()
     watchdog = Watchdog(ledger, plan.price_usd_per_hour, control).start()
     callback = None
     try:
-        with _interrupts(control, console), DriverHeartbeat(store, sweep_id):
+        if True:  # (indented as the phases were under the heartbeat: kept for a small diff)
             known = _known_base(tracker, store, sweep_id) if resume else None
             base = _base_eval(spec, plan, ledger, console, tracker) if known is None else known
             base = base or None  # {}: paid in an earlier part, without a score
@@ -689,6 +716,8 @@ def run_sweep(
                 max_consecutive_failures=spec.max_consecutive_failures,
             )
             callback._count = _trial_count(tracker)
+            if resume:
+                callback.known_runs = _known_runs(tracker)
             reason, skipped, gate_reason = _run_phases(
                 spec, plan, sweep_id, ledger, callback, optuna_url, tracking_uri, console
             )
@@ -700,6 +729,7 @@ def run_sweep(
         if control.fatal or control.interrupted:
             watchdog.kill_all()  # nothing of this sweep may go on billing
         watchdog.stop()
+        control.settling = True  # a Ctrl-C from here on cuts the waits short, never the settling
         if callback is not None:  # what the trials logged reaches MLflow before it is read
             callback.drain(DRAIN_AFTER_ERROR_S if control.fatal or control.at_once else None)
             callback.outbox.close()
@@ -756,6 +786,17 @@ def run_sweep(
 
 
 DRAIN_AFTER_ERROR_S = 30.0  # the sweep already failed or the user insists: wait less for MLflow
+
+
+def _known_runs(tracker) -> dict[str, tuple[str, str]]:
+    """The sweep's child runs by trial id: (run id, run name)."""
+    from orchestrator.callbacks import retried
+
+    return {
+        r.data.tags["lorasweep.trial_id"]: (r.info.run_id, r.info.run_name)
+        for r in retried(tracker.trial_runs)
+        if "lorasweep.trial_id" in r.data.tags
+    }
 
 
 def _trial_count(tracker) -> int:
@@ -855,6 +896,10 @@ def _interrupts(control, console):
         return
 
     def handler(signum, frame):
+        if getattr(control, "settling", False):  # the trials ended: settle, waiting less
+            control.at_once = True
+            console.print("[yellow]settling every account[/]; waits cut short")
+            return
         if control.interrupted:
             control.interrupt()
             raise KeyboardInterrupt

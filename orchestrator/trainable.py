@@ -81,6 +81,10 @@ class LedgerBudget:
         return cost_usd(self.price_usd_per_hour, self.prior_s + time.monotonic() - self.t0)
 
     def __enter__(self) -> LedgerBudget:
+        try:
+            remote.call(self.ledger.began, self.trial_id, _worker(), tries=1)
+        except remote.ActorUnavailable:
+            pass  # the heartbeat's silence tells the watchdog
         self._thread.start()
         return self
 
@@ -88,13 +92,14 @@ class LedgerBudget:
         self._stop.set()
         self._thread.join(timeout=5)
         try:  # the last word: what the trial cost up to here, and which process ran it
-            worker = f"{os.uname().nodename}:{os.getpid()}"
-            remote.call(self.ledger.last_word, self.trial_id, self.cost_usd(), worker, tries=1)
+            remote.call(self.ledger.last_word, self.trial_id, self.cost_usd(), _worker(), tries=1)
         except remote.ActorUnavailable:
             pass  # settled by the driver from its own clock
 
     def _keep_ahead_while_loading(self) -> None:
         ahead_usd = self.cost_usd() + cost_usd(self.price_usd_per_hour, LOADING_AHEAD_S)
+        if self.closing or self.revoked:
+            return  # the sweep is closing: a load that outlasts its grant is not extended
         if self.loading and self.ceiling_usd < ahead_usd <= self.startup_cap_usd:
             self.request(ahead_usd)
 
@@ -112,6 +117,11 @@ class LedgerBudget:
                 pass
             if self._stop.wait(HEARTBEAT_S):
                 return
+
+
+def _worker() -> str:
+    """This worker process, as the ledger tells processes apart."""
+    return f"{os.uname().nodename}:{os.getpid()}"
 
 
 def _failure(exc: BaseException, budget: LedgerBudget) -> dict:

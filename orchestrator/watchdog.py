@@ -58,6 +58,7 @@ class SweepControl:
     interrupted_at: float | None = None  # monotonic time of the interrupt
     at_once: bool = False  # a second interrupt, or the closing took too long: stop everything
     wound_down: bool = False  # the ledger told the running trials to close
+    settling: bool = False  # the trials ended; the driver drains MLflow and settles
 
     def interrupt(self) -> None:
         """The first interrupt closes the running trials inside their grants; the second stops
@@ -151,7 +152,7 @@ class Watchdog:
 
     def check(self) -> None:
         """One pass over the watched trials (the thread calls this every ``POLL_S``)."""
-        if self.control.interrupted and not self.control.wound_down:
+        if self.control.interrupted:  # every poll: a restarted ledger forgets it (idempotent)
             remote.call(self.ledger.wind_down, timeout_s=10.0)  # trials close at their next step
             self.control.wound_down = True
         with self._lock:

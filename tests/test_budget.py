@@ -242,3 +242,25 @@ def test_predictions_are_per_config():
         < model.usd(big, 10, 1, {})
         < model.usd({"method": "full"}, 10, 1, {})
     )
+
+
+def test_idle_tails_bill_only_workers_whose_last_trial_ended():
+    """What a worker held after its last trial is its idle tail; a worker whose latest trial
+    began after its last word (still running, or killed with its process) has none."""
+    import time
+
+    from orchestrator.budget import Ledger
+
+    ledger = Ledger(1.0)
+    for trial_id in ("a", "b", "c"):
+        ledger.reserve(trial_id, 0.1)
+    ledger.began("a", "w1")
+    ledger.last_word("a", 0.01, "w1")
+    ledger.began("b", "w1")  # reused w1, then died without a word
+    ledger.began("c", "w2")
+    ledger.last_word("c", 0.02, "w2")
+    time.sleep(0.05)
+    tails = ledger.idle_tails(["a", "b", "c"])
+    assert set(tails) == {"w2"} and 0.05 <= tails["w2"] < 5
+    assert ledger.final_word("a") == 0.01 and ledger.final_word("b") is None
+    assert ledger.spent("c") == 0.02

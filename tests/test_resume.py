@@ -87,6 +87,24 @@ def test_a_killed_driver_resumes_with_one_parent_run_no_duplicates_and_spend_und
     spent_before = store.totals(sweep_id).spent_usd
     time.sleep(4)  # the dead driver's heartbeat goes stale
 
+    shown = subprocess.run(  # the sweep reads interrupted, not the MLflow tag's "running"
+        [
+            CLI,
+            "status",
+            sweep_id,
+            "--service-db",
+            f"sqlite:///{db}",
+            "--tracking-uri",
+            f"sqlite:///{data / 'mlflow.db'}",
+        ],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=120,
+    )
+    flat = " ".join(shown.stdout.split())
+    assert f"{sweep_id} interrupted" in flat and f"lorasweep resume {sweep_id}" in flat, flat
+
     refused = subprocess.run(
         [CLI, "run", str(spec_path)], capture_output=True, text=True, env=_env(), timeout=120
     )

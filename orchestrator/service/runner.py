@@ -41,6 +41,7 @@ from orchestrator.service.drivers import (
     lorasweep_command,
     make_drivers,
 )
+from orchestrator.watchdog import CLOSING_GRACE_S
 
 __all__ = ["Runner", "MAX_ATTEMPTS"]
 
@@ -49,8 +50,8 @@ log = logging.getLogger("lorasweep.service")
 MAX_ATTEMPTS = 3  # driver launches of one sweep: the first and two resumes
 POLL_S = float(os.environ.get("LORASWEEP_RUNNER_POLL_S", "1.0"))
 # a cancelled driver gets this long to close its trials and settle before a second SIGINT
-# (which stops it at once, still settling): a trial's close is one eval and one save
-CANCEL_GRACE_S = 120.0
+# (which stops it at once, still settling): its own closing grace plus a minute to settle
+CANCEL_GRACE_S = CLOSING_GRACE_S + 60.0
 PROMOTE_TIMEOUT_S = 3600.0  # promotion scores the test split with the base model + adapter
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
