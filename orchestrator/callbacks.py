@@ -183,7 +183,7 @@ class SweepCallback(Callback):
         self.max_consecutive_failures = max_consecutive_failures
         self._failures_in_a_row = 0
         # MLflow writes off Tune's loop: a down server must not hold the trials in report
-        self.outbox = Outbox()
+        self.outbox = Outbox(on_outage=self.control.fail)
         # a resumed sweep's child runs by trial id: (run id, name), read once at its start
         self.known_runs: dict[str, tuple[str, str]] = {}
 
@@ -323,12 +323,22 @@ class SweepCallback(Callback):
                 f"{error or 'an unknown error'}"
             )
 
-    def drain(self, timeout_s: float | None = None) -> None:
+    def drain(self, timeout_s: float | None = None, stop_on_fatal: bool = True) -> None:
         """Wait until the queued MLflow writes landed (before anything reads MLflow back). An
         MLflow that stays unreachable stops the sweep (``control.fatal``, accounts settled); a
         write MLflow refused for good is named."""
         timeout_s = MLFLOW_DRAIN_S if timeout_s is None else timeout_s
-        if not self.outbox.flush(timeout_s, stop=lambda: self.control.at_once):
+
+        def stop() -> bool:  # the user insists, or (unless already failed) the sweep fails now
+            return self.control.at_once or (stop_on_fatal and self.control.fatal is not None)
+
+        if self.outbox.flush(timeout_s, stop=stop) or (stop_on_fatal and self.control.fatal):
+            pass
+        elif self.control.at_once:  # the user would not wait: say what MLflow lacks
+            self.console.print(
+                f"[yellow]MLflow[/]: {self.outbox.pending} writes not recorded (stopped at once)"
+            )
+        else:
             self.control.fail(
                 f"MLflow: {self.outbox.pending} writes still unrecorded after {timeout_s:.0f} s "
                 f"({self.outbox.failing})"

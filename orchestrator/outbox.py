@@ -6,11 +6,14 @@ locked sqlite file) would hold every running trial in ``report``: GPUs held, not
 the watchdog killing trials whose grants ran out while they waited. The callback puts its MLflow
 writes here instead; one thread writes them in order, retrying each until it lands, so the
 trials go on and nothing is lost. Before anything reads MLflow back (the full-FT gate, the
-summary) the driver waits for the outbox to drain (``flush``).
+summary) the driver waits for the outbox to drain (``flush``). An MLflow down for longer than
+``LORASWEEP_MLFLOW_OUTAGE_S`` (default 120 s) stops the sweep, its accounts settled (``on_outage``);
+what the outbox still holds then is named in the sweep's end reason, not silently dropped.
 """
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 import time
@@ -42,7 +45,18 @@ def _permanent(exc: Exception) -> bool:
 class Outbox:
     """A FIFO of MLflow writes with one writer thread; each write is retried until it lands."""
 
-    def __init__(self, name: str = "lorasweep-mlflow") -> None:
+    def __init__(
+        self,
+        name: str = "lorasweep-mlflow",
+        on_outage: Callable[[str], None] | None = None,
+        outage_s: float | None = None,
+    ) -> None:
+        # an MLflow down longer than outage_s is no longer a hiccup: on_outage(why) is called
+        # once (the sweep stops, its accounts settled) while the writes keep being retried
+        self.on_outage = on_outage
+        self.outage_s = float(os.environ.get("LORASWEEP_MLFLOW_OUTAGE_S", "120"))
+        self.outage_s = self.outage_s if outage_s is None else outage_s
+        self._failing_since: float | None = None
         self._queue: queue.Queue = queue.Queue()
         self._idle = threading.Condition()
         self._pending = 0
@@ -82,6 +96,14 @@ class Outbox:
         self._queue.put(None)
         self._thread.join(timeout=5)
 
+    def _note_outage(self) -> None:
+        now = time.monotonic()
+        if self._failing_since is None:
+            self._failing_since = now
+        elif now - self._failing_since > self.outage_s and self.on_outage is not None:
+            on_outage, self.on_outage = self.on_outage, None  # once
+            on_outage(f"MLflow unreachable for {self.outage_s:.0f} s: {self.failing}")
+
     def _run(self) -> None:
         while True:
             item = self._queue.get()
@@ -98,9 +120,11 @@ class Outbox:
                     if _permanent(exc):
                         self.errors.append(f"{getattr(fn, '__name__', 'write')}: {self.failing}")
                         break
+                    self._note_outage()
                     self._closed.wait(wait_s)
                     wait_s = min(2 * wait_s, RETRY_CAP_S)
             self.failing = None
+            self._failing_since = None
             self.written += 1
             with self._idle:
                 self._pending -= 1

@@ -731,7 +731,10 @@ def _drive(
         watchdog.stop()
         control.settling = True  # a Ctrl-C from here on cuts the waits short, never the settling
         if callback is not None:  # what the trials logged reaches MLflow before it is read
-            callback.drain(DRAIN_AFTER_ERROR_S if control.fatal or control.at_once else None)
+            failed = control.fatal is not None
+            callback.drain(
+                DRAIN_AFTER_ERROR_S if failed or control.at_once else None, stop_on_fatal=not failed
+            )
             callback.outbox.close()
     if control.fatal or control.interrupted:
         started = {"baseline", *(callback.started_ids if callback else ())}

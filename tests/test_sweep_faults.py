@@ -149,6 +149,7 @@ def test_mlflow_lost_mid_sweep_stops_it_with_every_account_settled(
     tmp_path, tiny_model, small_data, ray_local, mlflow_server, monkeypatch
 ):
     url, proc = mlflow_server
+    monkeypatch.setenv("LORASWEEP_MLFLOW_OUTAGE_S", "20")  # gone for good, not a restart
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
     raw = _spec(tmp_path, tiny_model, small_data, budget_usd=1.0, max_trials=6).model_dump(
