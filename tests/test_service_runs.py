@@ -528,7 +528,16 @@ def test_ctrl_c_stops_watching_not_the_sweep_and_cancel_settles_and_stops_its_dr
     server, tokens = sqlite_service
     token = tokens["team-b"]
     env = {**os.environ, "LORASWEEP_TOKEN": token, "COLUMNS": "200"}
-    spec = _spec(tiny_model, small_data, name="watched", budget_usd=2.0, max_trials=4, max_steps=8)
+    # long enough (a few minutes of trials) that Ctrl-C and the cancel come while it runs
+    spec = _spec(
+        tiny_model,
+        small_data,
+        name="watched",
+        budget_usd=2.0,
+        max_trials=8,
+        max_steps=60,
+        eval_every=10,
+    )
     spec_path = tmp_path / "watched.yaml"
     spec_path.write_text(yaml.safe_dump(spec))
     t0 = time.monotonic()
@@ -547,6 +556,7 @@ def test_ctrl_c_stops_watching_not_the_sweep_and_cancel_settles_and_stops_its_dr
         _wait(
             lambda: _ledger_spent(server.db_url, sweep_id) > 0, SWEEP_TIMEOUT_S, "a trial", server
         )
+        time.sleep(3)  # the trial's "started" line reaches the follower (the log is read each 1 s)
         proc.send_signal(signal.SIGINT)
         out = first + proc.communicate(timeout=30)[0]
         assert proc.returncode == 130, out

@@ -234,4 +234,9 @@ def test_slower_steps_than_predicted_ask_for_more_instead_of_stopping(trial_conf
     last = run_trial(cfg, lambda m, d: None, _LedgerView(ledger, "t"))
     assert last["status"] == "completed" and last["step"] == 6
     assert ledger.ceiling("t") > 0.025
-    assert last["cost_usd"] <= ledger.ceiling("t") <= 5.0
+    # its first closing (eval and save) was predicted at 1 ms: what it really took may pass the
+    # ceiling by less than the allowance the watchdog holds for every running trial
+    from orchestrator.watchdog import allowance_usd
+
+    assert last["cost_usd"] <= ledger.ceiling("t") + allowance_usd(36.0)
+    assert ledger.ceiling("t") <= 5.0
