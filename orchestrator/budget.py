@@ -76,7 +76,7 @@ def _usd(name: str, value: float) -> float:
 
 # Tune stops a cached worker soon after its last trial when no trial waits for it; the phase's
 # end is only an upper bound of when, so a tail is billed up to this long
-IDLE_TAIL_MAX_S = 5.0
+IDLE_TAIL_MAX_S = 1.0
 
 
 @dataclass
