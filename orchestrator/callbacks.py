@@ -25,6 +25,7 @@ from orchestrator.secrets import redact
 from orchestrator.spec import HYPERPARAMETERS
 from orchestrator.watchdog import SweepControl
 
+NODE_TAG = "lorasweep.ray_node_id"  # the Ray node a trial ran on (its worker's report)
 MLFLOW_DRAIN_S = float(os.environ.get("LORASWEEP_MLFLOW_DRAIN_S", "600"))
 MLFLOW_TRIES = 4  # 0.5 + 1 + 2 s of backoff: rides out a restarting server or a locked sqlite
 
@@ -43,6 +44,19 @@ def _readable(checkpoint) -> bool:
         return checkpoint.filesystem.get_file_info(checkpoint.path).type == FileType.Directory
     except Exception:  # noqa: BLE001 - an unreachable store: not readable
         return False
+
+
+def best_checkpoint(trial) -> tuple:
+    """(checkpoint, its report's metrics) of the trial's best eval by the objective (Tune's
+    ``CheckpointConfig`` ranks them, ``orchestrator/sweep.py``), else its latest; (None, {}) when
+    it reported no checkpoint."""
+    try:
+        result = trial.run_metadata.checkpoint_manager.best_checkpoint_result
+    except AttributeError:  # not a Tune trial of this Ray version: its latest checkpoint
+        result = None
+    if result is not None and result.checkpoint is not None:
+        return result.checkpoint, dict(result.metrics or {})
+    return trial.checkpoint, {}
 
 
 def _guarded(hook):
@@ -107,6 +121,7 @@ class _Live:
     trial: object = None  # Tune's Trial
     last_result: dict = field(default_factory=dict)
     last_result_at: float | None = None  # driver monotonic time of the last report
+    node_tagged: bool = False  # the child run carries the trial's Ray node id
 
 
 def trial_params(config: dict) -> dict:
@@ -278,6 +293,9 @@ class SweepCallback(Callback):
         measured = self.cost_model.measurements(trial.config, result, reused=reused)
         remote.call(self.ledger.calibrate, **measured)
         self.outbox.put(self._log_result, live, dict(result))
+        if result.get("ray_node_id") and not live.node_tagged:
+            live.node_tagged = True
+            self.outbox.put(self._tag_node, live, str(result["ray_node_id"]))
         snap = remote.call(self.ledger.snapshot)
         self._reports += 1
         self.outbox.put(
@@ -366,6 +384,10 @@ class SweepCallback(Callback):
         if live.run_id:
             self.tracker.log_trial_result(live.run_id, result)
 
+    def _tag_node(self, live: _Live, node_id: str) -> None:
+        if live.run_id:
+            self.tracker.client.set_tag(live.run_id, NODE_TAG, node_id)
+
     def _end_run(self, live: _Live, *args) -> None:
         if live.run_id:
             self.tracker.end_trial(live.run_id, *args)
@@ -400,7 +422,8 @@ class SweepCallback(Callback):
                 trial.config, billed_s - last["billed_s"]
             )
             remote.call(self.ledger.calibrate, **released)
-        checkpoint = trial.checkpoint if last else None
+        # the adapter logged (and promoted) is the trial's best eval's, not its last one's
+        checkpoint, best = best_checkpoint(trial) if last else (None, {})
         if checkpoint is not None and not _readable(checkpoint) and status != "failed":
             # the trial's adapter is not where the driver can read it (a worker node's own disk):
             # a loud failure, never a silently missing adapter
@@ -411,6 +434,11 @@ class SweepCallback(Callback):
                 "the driver (put storage.data_dir on storage every node reads)",
             }
         final = {"cost_usd": final_usd, "billed_s": billed_s, "step": last.get("step", 0)}
+        if status != "failed" and "step" in best:  # what the kept adapter scored, and when
+            final["best_step"] = best["step"]
+            for key in ("score", "eval_loss"):
+                if key in best:
+                    final[f"best_{key}"] = best[key]
         # the admission's predictions next to what the trial measured (predicted vs actual)
         for key in ("step_s", "closing_s", "startup_s"):
             if f"predicted_{key}" in trial.config:

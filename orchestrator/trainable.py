@@ -152,6 +152,7 @@ def _prior_billed_s(ledger, trial_id: str, price_usd_per_hour: float, resume: Pa
 def train_lorasweep(config: dict, *, base: dict, ledger) -> None:
     """Run one trial of the sweep; ``base`` holds the TrialConfig fields the spec fixes."""
     global _released_at
+    import ray
     from ray import tune
 
     t0 = _billing_start()
@@ -176,8 +177,12 @@ def train_lorasweep(config: dict, *, base: dict, ledger) -> None:
         }
     )
 
+    # the Ray node this trial runs on: the driver tags its MLflow child run with it (a cluster's
+    # runs say which node did the work; cluster-smoke checks trials landed on the worker node)
+    node_id = ray.get_runtime_context().get_node_id()
+
     def report(metrics: dict, adapter_dir: Path) -> None:
-        metrics = {**metrics, "trial_status": metrics.pop("status")}
+        metrics = {**metrics, "trial_status": metrics.pop("status"), "ray_node_id": node_id}
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(adapter_dir)))
 
     checkpoint = tune.get_checkpoint()  # set when Tune retries the trial after a lost worker
