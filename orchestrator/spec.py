@@ -35,7 +35,7 @@ PRESETS_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
 EXAMPLE_SPEC = Path(__file__).resolve().parent.parent / "examples" / "demo.yaml"
 NAME_MAX_CHARS = 64  # a sweep's name goes into folder names, MLflow experiments and SQL rows
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*", re.ASCII)
-URL_FIELDS = ("mlflow_tracking_uri", "optuna_storage", "service_db", "ray_address")
+URL_FIELDS = ("mlflow_tracking_uri", "optuna_storage", "service_db", "ray_address", "ray_storage")
 NOT_A_BOOL = "not true/false (YAML reads yes/no/on/off as booleans)"
 
 
@@ -358,6 +358,12 @@ class StorageSpec(_Strict):
         None, description="SQLAlchemy URL; default sqlite in data_dir"
     )
     ray_address: str | None = Field(None, description="Ray cluster address; default: local Ray")
+    ray_storage: str | None = Field(
+        None,
+        description="Tune's storage (trial checkpoints, adapters until MLflow has them): a folder "
+        "every node reads at the same path (NFS) or an object-store URI (s3://bucket/prefix); "
+        "default <data_dir>/ray, one machine only. Required on a Ray cluster",
+    )
     service_db: str | None = Field(
         None, description="SQLAlchemy URL of the budget ledger; default sqlite in data_dir"
     )

@@ -10,6 +10,13 @@ validate``, and ``run`` before its base-model eval).
 - MLflow on a folder (a path or ``file://``), and ``storage.data_dir``: the folder is writable,
   or, where ``run`` creates it, its nearest existing parent is. Checking never creates a folder.
 
+- On a Ray cluster (``storage.ray_address``, ``RAY_ADDRESS`` as a Ray Job's driver has it, or
+  ``LORASWEEP_RAY_ADDRESS`` as ``lorasweep serve --ray-address`` sets it), nothing of a sweep may
+  live on one node's disk: ``storage.ray_storage`` (Tune's storage: trial checkpoints, the
+  adapters the driver uploads) must be a folder given by its absolute path (one every node mounts
+  there) or an object-store URI that pyarrow's filesystems open; the ledger's database
+  (``storage.service_db``, opened by an actor on any node) must not be a relative sqlite path.
+
 Every refusal names the spec field and shows URLs with their passwords hidden.
 """
 
@@ -23,6 +30,9 @@ from orchestrator.errors import SpecError
 from orchestrator.secrets import hide_password, scrub
 
 CONNECT_TIMEOUT_S = 5
+# pyarrow.fs schemes Tune's storage_path takes (pyarrow.fs.FileSystem.from_uri)
+OBJECT_STORE_SCHEMES = ("s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss")
+CLUSTER_ENV = "LORASWEEP_RAY_ADDRESS"  # set by `lorasweep serve --ray-address`
 _SQL_BACKENDS = ("sqlite", "postgresql", "mysql", "mariadb", "mssql", "oracle")
 _SQL_EXAMPLES = "e.g. sqlite:///lorasweep-data/x.db or postgresql://user@host:5432/db"
 
@@ -36,6 +46,81 @@ def check_storage(spec) -> None:
     check_tracking_uri("storage.mlflow_tracking_uri", tracking, Path(data_dir))
     check_database("storage.optuna_storage", optuna_url, Path(data_dir))
     check_database("storage.service_db", service_db, Path(data_dir))
+    address = cluster_address(spec)
+    if address:
+        check_cluster_storage(spec, address)
+
+
+def cluster_address(spec) -> str | None:
+    """The Ray cluster the sweep runs on, or None for a local Ray of this machine."""
+    return (
+        spec.storage.ray_address
+        or os.environ.get(CLUSTER_ENV)
+        or os.environ.get("RAY_ADDRESS")  # a Ray Job's driver, `ray job submit`
+        or None
+    )
+
+
+def tune_storage(spec) -> str:
+    """Tune's ``storage_path`` of the sweep: ``storage.ray_storage`` (a folder every node reads
+    or an object-store URI), else ``<data_dir>/ray`` as an absolute path (one machine)."""
+    if spec.storage.ray_storage:
+        uri = spec.storage.ray_storage
+        return uri if "://" in uri else str(Path(uri).expanduser())
+    return str((spec.storage.data_dir / "ray").resolve())
+
+
+def check_cluster_storage(spec, address: str) -> None:
+    """On a Ray cluster every node must reach the sweep's storage: refuse, before a cent is
+    spent, a Tune storage only the driver sees and a ledger in a relative sqlite file."""
+    shown = hide_password(address)
+    where = f"this sweep runs on the Ray cluster at {shown}"
+    fix = (
+        "set storage.ray_storage to a folder every node mounts at the same absolute path (NFS, "
+        "e.g. /mnt/shared/lorasweep/ray) or to an object-store URI (e.g. s3://bucket/lorasweep)"
+    )
+    uri = spec.storage.ray_storage
+    if not uri:
+        raise SpecError(
+            "storage.ray_storage",
+            f"{where}, where trials on other nodes cannot write their checkpoints into this "
+            f"machine's {tune_storage(spec)} (nor the driver read them back to upload the "
+            f"adapters); {fix}",
+        )
+    scheme = uri.split("://", 1)[0].lower() if "://" in uri else ""
+    if scheme == "file":
+        path = Path(unquote(urlsplit(uri).path))
+        check_folder("storage.ray_storage", path, creatable=True)
+    elif scheme:
+        if scheme not in OBJECT_STORE_SCHEMES:
+            raise SpecError(
+                "storage.ray_storage",
+                f"unsupported scheme {scheme!r} in {hide_password(uri)}; use a shared folder's "
+                f"absolute path or one of {', '.join(s + '://' for s in OBJECT_STORE_SCHEMES)}",
+            )
+    else:
+        path = Path(uri).expanduser()
+        if not path.is_absolute():
+            raise SpecError(
+                "storage.ray_storage",
+                f"{uri} is a relative path: each node would resolve it against its own working "
+                f"directory; {where}: give the shared folder's absolute path",
+            )
+        check_folder("storage.ray_storage", path, creatable=True)
+    from sqlalchemy.engine import make_url
+
+    from orchestrator.sweep import storage_urls
+
+    service_db = storage_urls(spec)[3]
+    parsed = make_url(service_db)
+    database = parsed.database or ""
+    if parsed.get_backend_name() == "sqlite" and not Path(database).is_absolute():
+        raise SpecError(
+            "storage.service_db",
+            f"{hide_password(service_db)} is a sqlite file relative to whichever node opens it "
+            f"(the ledger's actor may run on any node; {where}); use a database server "
+            "(postgresql://user@host:5432/lorasweep) or an absolute path on shared storage",
+        )
 
 
 def check_folder(field: str, folder: Path, creatable: bool = False) -> None:

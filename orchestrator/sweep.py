@@ -220,22 +220,29 @@ def _first_points(spec: SweepSpec, plan: Plan, space: SearchSpace) -> list[dict]
     return [point] if point else None
 
 
-def _unfinish_search(experiment: Path) -> None:
+def _unfinish_search(experiment: str) -> None:
     """A phase stopped early (Ctrl-C, an error) saved its search as finished (Tune's stop-all
     marks it so) and its concurrency limiter full: clear both in the saved state, or the resumed
     phase proposes nothing. Counting trials against ``num_samples`` is kept. (Tune's
-    ``search_gen_state`` file.)"""
+    ``search_gen_state`` file, in a folder or an object store: pyarrow's filesystems.)"""
+    import pyarrow.fs
     import ray.cloudpickle as cloudpickle
 
-    for path in experiment.glob("search_gen_state-*.json"):
-        state = cloudpickle.loads(path.read_bytes())
+    fs, root = pyarrow.fs.FileSystem.from_uri(experiment)
+    for info in fs.get_file_info(pyarrow.fs.FileSelector(root)):
+        name = info.path.rsplit("/", 1)[-1]
+        if not (name.startswith("search_gen_state-") and name.endswith(".json")):
+            continue
+        with fs.open_input_stream(info.path) as f:
+            state = cloudpickle.loads(f.read())
         state["finished"] = False
         # Tune's concurrency limiter still counts the trials the stop ended (it was never told
         # of their end): a full count would let the resumed phase start nothing
         limiter = state.get("name:ConcurrencyLimiter")
         if isinstance(limiter, dict) and "live_trials" in limiter:
             limiter["live_trials"] = set()
-        path.write_bytes(cloudpickle.dumps(state))
+        with fs.open_output_stream(info.path) as f:
+            f.write(cloudpickle.dumps(state))
 
 
 def _earlier_trials(storage, study_name: str) -> int:
@@ -294,6 +301,7 @@ def _make_tuner(
     from orchestrator.memory_lessons import MemoryLessons
     from orchestrator.optuna_storage import SecretlessRDBStorage
     from orchestrator.search import BudgetedSearcher, DefineByRun
+    from orchestrator.storage_check import tune_storage
     from orchestrator.trainable import train_lorasweep
 
     metric, mode = spec.objective.metric, spec.objective.mode
@@ -347,12 +355,13 @@ def _make_tuner(
         tune.with_parameters(train_lorasweep, base=_base_trial_config(spec, plan), ledger=ledger),
         {"cpu": res.cpus_per_trial, "gpu": res.gpus_per_trial},
     )
-    storage_path = (spec.storage.data_dir / "ray").resolve()
-    experiment = storage_path / f"{sweep_id}-{phase}"
-    if tune.Tuner.can_restore(str(experiment)):  # ``lorasweep resume``: this phase had begun
+    # storage.ray_storage (every node's, on a cluster: storage_check.py) or <data_dir>/ray
+    storage_path = tune_storage(spec)
+    experiment = f"{storage_path.rstrip('/')}/{sweep_id}-{phase}"
+    if tune.Tuner.can_restore(experiment):  # ``lorasweep resume``: this phase had begun
         _unfinish_search(experiment)
         tuner = tune.Tuner.restore(
-            str(experiment), trainable, resume_unfinished=True, resume_errored=False
+            experiment, trainable, resume_unfinished=True, resume_errored=False
         )
         # Tune restores its pickled searcher, callbacks and stopper; this driver's own replace
         # them (their state comes back through restore_from_dir: the Optuna study, its trials)
@@ -377,7 +386,7 @@ def _make_tuner(
         ),
         run_config=tune.RunConfig(
             name=f"{sweep_id}-{phase}",
-            storage_path=str(storage_path),
+            storage_path=storage_path,
             verbose=0,
             callbacks=[callback],
             stop=SweepStopper(sweep_id, callback.control),
