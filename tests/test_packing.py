@@ -1,0 +1,217 @@
+"""Packed LoRA trials (``workers/packed.py``) train exactly as each trial alone (CPU, float32).
+
+The reference is today's code path: ``workers.train.run_trial`` of the same config (PEFT adapter,
+the fast step, its own optimizer), whose per-step losses and saved adapter each slot of a pack
+must reproduce. The tiny random Llama stands in for a real base; the GPU check (bf16 tolerance)
+is ``test_packed_step_on_gpu`` in this file, run on the device machine by ``bench/packing.py``'s
+call (``pytest -m gpu``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from workers import train
+from workers.model import load_tokenizer
+from workers.packed import Pack, PackError
+
+STEPS = 6
+_alone_cache: dict = {}
+
+
+def _cfg(trial_config, **kw):
+    base = dict(max_steps=STEPS, eval_every=STEPS, dropout=0.0, reuse_base_model=False)
+    return trial_config(**{**base, **kw})
+
+
+def _alone(cfg) -> tuple[list[float], dict]:
+    """(loss of every step, saved adapter weights) of ``cfg`` trained by ``run_trial``."""
+    key = repr(cfg)
+    if key not in _alone_cache:
+        saved = {}
+
+        def report(metrics, adapter_dir: Path):
+            saved["losses"] = [loss for _, loss in metrics["train_loss_steps"]]
+            saved["adapter"] = load_file(str(adapter_dir / "adapter_model.safetensors"))
+
+        train.run_trial(cfg, report)
+        _alone_cache[key] = (saved["losses"], saved["adapter"])
+    return _alone_cache[key]
+
+
+def _pack(cfg) -> Pack:
+    torch.set_num_threads(cfg.num_threads)
+    return Pack.load(cfg.model, dtype="float32", device="cpu")
+
+
+def _data(cfg):
+    """The rows ``run_trial`` draws for ``cfg``, step after step."""
+    tokenizer = load_tokenizer(cfg.model)
+    return train._batches(train._encoded_train_rows(tokenizer, cfg), cfg.batch_size, cfg.seed)
+
+
+def _assert_as_alone(pack: Pack, key: str, cfg) -> None:
+    losses, adapter = _alone(cfg)
+    got = [loss for _, loss in pack.slots[key].losses]
+    assert len(got) == len(losses) == cfg.max_steps
+    # run_trial reports losses rounded to 5 decimals
+    assert got == pytest.approx(losses, abs=1e-5), (key, got, losses)
+    mine = {k: v.detach() for k, v in pack.adapter_state(key).items()}
+    assert set(mine) == set(adapter)
+    for name, weight in adapter.items():
+        torch.testing.assert_close(mine[name], weight, rtol=1e-5, atol=1e-6, msg=name)
+    assert any(w.abs().sum() > 0 for n, w in adapter.items() if "lora_B" in n)  # it trained
+
+
+def _run(pack: Pack, plan: dict) -> list[dict]:
+    """Step the pack while any slot in ``plan`` (key -> (cfg, data)) has steps left."""
+    results = []
+    while True:
+        rows = {
+            k: next(data) for k, (cfg, data) in plan.items() if pack.slots[k].step < cfg.max_steps
+        }
+        if not rows:
+            return results
+        results.append(pack.step(rows))
+
+
+def test_slots_of_different_configs_train_as_if_alone(trial_config):
+    cfgs = [
+        _cfg(trial_config, rank=4, alpha=8, target_modules="all_linear", learning_rate=5e-3),
+        _cfg(
+            trial_config,
+            rank=8,
+            alpha=16,
+            target_modules="attn",
+            learning_rate=1e-3,
+            use_rslora=True,
+            seed=1,
+        ),
+        _cfg(
+            trial_config,
+            rank=2,
+            alpha=4,
+            target_modules="mlp",
+            learning_rate=2e-2,
+            seed=2,
+            loraplus_lr_ratio=4.0,
+        ),
+    ]
+    pack = _pack(cfgs[0])
+    keys = [pack.add(cfg) for cfg in cfgs]
+    results = _run(pack, {k: (cfg, _data(cfg)) for k, cfg in zip(keys, cfgs, strict=True)})
+    assert len(results) == STEPS
+    for key, cfg in zip(keys, cfgs, strict=True):
+        _assert_as_alone(pack, key, cfg)
+    # each step returns every slot's tokens; shares (billing) add up to the whole step
+    first = results[0]
+    rows = [next(_data(cfg)) for cfg in cfgs]
+    assert [first[k].tokens for k in keys] == [sum(len(i) for i, _ in r) for r in rows]
+    assert sum(pack.token_shares(first).values()) == pytest.approx(1.0)
+
+
+def test_a_slot_removed_and_refilled_midway(trial_config):
+    a = _cfg(trial_config, rank=4, target_modules="all_linear")
+    b = _cfg(trial_config, rank=8, target_modules="qv", seed=5)
+    c = _cfg(trial_config, rank=6, alpha=12, target_modules="attn_mlp", learning_rate=2e-3, seed=7)
+    pack = _pack(a)
+    base = {n: (p.data_ptr(), p.detach().clone()) for n, p in pack.model.named_parameters()}
+    ka, kb = pack.add(a), pack.add(b)
+    data = {ka: (a, _data(a)), kb: (b, _data(b))}
+    for _ in range(3):
+        pack.step({k: next(d) for k, (_, d) in data.items()})
+    pack.remove(kb)  # pruned after 3 steps
+    assert all(kb not in layer.adapters for layer in pack.layers.values())
+    kc = pack.add(c)
+    del data[kb]
+    data[kc] = (c, _data(c))
+    _run(pack, data)
+    _assert_as_alone(pack, ka, a)
+    _assert_as_alone(pack, kc, c)
+    assert pack.slots[kc].step == STEPS and pack.slots[ka].step == STEPS
+    # the base was never reloaded nor changed: same storage, same values
+    for name, p in pack.model.named_parameters():
+        if name in base:
+            assert p.data_ptr() == base[name][0], name
+            assert torch.equal(p.detach(), base[name][1]), name
+
+
+def test_a_slot_of_padding_rows_changes_nothing(trial_config):
+    a = _cfg(trial_config, rank=4)
+    pad = _cfg(trial_config, rank=4, seed=3)
+    pack = _pack(a)
+    ka, kp = pack.add(a), pack.add(pad)
+    start = {k: v.detach().clone() for k, v in pack.adapter_state(kp).items()}
+    data_a = _data(a)
+    pad_rows = [([0] * 40, [-100] * 40), ([0] * 17, [-100] * 17)]  # pad tokens, nothing labelled
+    for _ in range(STEPS):
+        out = pack.step({ka: next(data_a), kp: pad_rows})
+        assert out[kp].loss == 0.0 and out[kp].tokens == 57
+    _assert_as_alone(pack, ka, a)
+    for name, weight in pack.adapter_state(kp).items():
+        assert torch.equal(weight.detach(), start[name]), name
+
+
+def test_a_pack_of_one_draws_the_dropout_of_the_trial_alone(trial_config):
+    cfg = _cfg(trial_config, dropout=0.1, rank=4)
+    pack = _pack(cfg)
+    key = pack.add(cfg)
+    _run(pack, {key: (cfg, _data(cfg))})
+    _assert_as_alone(pack, key, cfg)
+    plain = _alone(dataclasses.replace(cfg, dropout=0.0))[0]
+    assert [loss for _, loss in pack.slots[key].losses][1:] != pytest.approx(plain[1:], abs=1e-4)
+
+
+def test_a_saved_slot_loads_in_peft_as_its_trial(trial_config, tmp_path):
+    from peft import PeftModel
+
+    from workers.model import load_base_model
+
+    cfg = _cfg(trial_config, rank=4, target_modules="attn", max_steps=3)
+    other = _cfg(trial_config, rank=2, target_modules="all_linear", seed=9, max_steps=3)
+    pack = _pack(cfg)
+    key, _ = pack.add(cfg), pack.add(other)
+    _run(pack, {k: (c, _data(c)) for k, c in zip(pack.slots, (cfg, other), strict=True)})
+    pack.save(key, tmp_path / "adapter")
+    peft = PeftModel.from_pretrained(load_base_model(cfg.model, "float32"), tmp_path / "adapter")
+    ids = torch.tensor([next(_data(cfg))[0][0]])
+    with torch.no_grad(), pack.only(key) as model:
+        model.eval()
+        expected = model(input_ids=ids).logits
+    got = peft.eval()(input_ids=ids).logits
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert peft.peft_config["default"].r == 4
+
+
+def test_trials_that_cannot_be_packed_are_refused(trial_config):
+    cfg = _cfg(trial_config)
+    pack = _pack(cfg)
+    for bad in (dict(method="full"), dict(use_dora=True), dict(micro_batch=2)):
+        with pytest.raises(PackError):
+            pack.add(dataclasses.replace(cfg, **bad))
+    assert not pack.slots
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_packed_step_on_gpu(trial_config):
+    """bf16 on CUDA, packed attention (varlen flash): each slot's losses stay within bf16
+    tolerance of the trial alone (``run_trial`` on CUDA)."""
+    cfgs = [
+        _cfg(trial_config, rank=4, device="cuda"),
+        _cfg(
+            trial_config, rank=8, target_modules="attn", seed=1, device="cuda", learning_rate=1e-3
+        ),
+    ]
+    pack = Pack.load(cfgs[0].model, device="cuda")
+    keys = [pack.add(c) for c in cfgs]
+    _run(pack, {k: (c, _data(c)) for k, c in zip(keys, cfgs, strict=True)})
+    for key, cfg in zip(keys, cfgs, strict=True):
+        losses, _ = _alone(cfg)
+        got = [loss for _, loss in pack.slots[key].losses]
+        assert got == pytest.approx(losses, rel=2e-2, abs=2e-2)

@@ -1,0 +1,478 @@
+"""Several LoRA trials packed on one frozen base: one forward and backward over all their rows.
+
+A small model's LoRA trial leaves most of a GPU idle (launch-bound at batch 8 x 1024), and trials
+run as separate processes on one GPU only time-slice it, each with its own copy of the base
+(measured: K=2 and 4 processes gave 0.95x / 0.94x the tokens/s of one). A :class:`Pack` holds the
+base once and K adapter *slots*, each one trial with its own rank, alpha, target modules, dropout,
+rsLoRA flag, optimizer, learning rate and schedule. One :meth:`Pack.step`:
+
+1. lays the active slots' rows end to end in one padding-free row (``workers/packing.py``), slot
+   after slot, so each slot owns a contiguous span of tokens; attention stays inside each row;
+2. runs every base matmul once over all the rows (one copy of the weights, big matmuls);
+3. adds each slot's LoRA update only to its own span (:class:`PackedLinear`);
+4. gives each slot its own loss (mean over its own labelled tokens, chunked as in
+   ``workers/fast.py``), backpropagates their sum, and steps each slot's own AdamW with its own
+   learning rate from its own schedule (``workers/train.py``'s ``_lr_at``).
+
+Rows never see each other (attention is per row, LoRA per span, the base is frozen), so a slot's
+gradient is exactly the gradient of its own loss: it trains as it would alone
+(``tests/test_packing.py``: equal to ``run_trial`` on CPU in float32). Slots are added
+(:meth:`Pack.add`) and removed (:meth:`Pack.remove`) between steps without touching the base; a
+step returns each slot's token count, by which the GPU's held seconds are billed.
+
+Dropout masks come from torch's global generator in module order, as PEFT's do: a pack of one
+slot draws exactly the masks of the trial alone; in a larger pack a slot's masks depend on its
+neighbours' (same distribution, other draws). DoRA and full fine-tuning run unpacked.
+
+A slot's adapter is saved as PEFT saves an adapter named "default" (``Pack.save``): evaluation,
+promotion and serving read it like any trial's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import math
+from dataclasses import dataclass, field
+
+from workers import fast, packing
+from workers.lora import TARGET_MODULES
+
+METHODS = ("lora", "qlora")  # the base is shared, so only adapters may train
+
+
+class PackError(Exception):
+    """A trial cannot join a pack; the message says why and what runs it instead."""
+
+
+@dataclass
+class _Routing:
+    """Which tokens each slot owns in the current step, shared by every :class:`PackedLinear`:
+    ``spans`` ((slot, start, end) along the token axis) while training, or ``only``: one slot's
+    adapter on every token (evaluation and generation of that slot)."""
+
+    spans: tuple = ()
+    only: str | None = None
+
+
+def _torch_modules():
+    import torch
+
+    class LoRA(torch.nn.Module):
+        """One slot's update for one linear layer: ``B(A(dropout(x))) * scaling`` (PEFT's)."""
+
+        def __init__(self, in_features, out_features, rank, scaling, dropout, device):
+            super().__init__()
+            kw = {"bias": False, "device": device, "dtype": torch.float32}  # the master copy
+            self.lora_A = torch.nn.Linear(in_features, rank, **kw)
+            self.lora_B = torch.nn.Linear(rank, out_features, **kw)
+            self.scaling = scaling
+            self.dropout = dropout
+
+        def forward(self, x):
+            autocast = torch.is_autocast_enabled(x.device.type)
+            if not (autocast and self.dropout == 0.0):
+                # PEFT casts the input to the adapter's dtype; under autocast with no dropout the
+                # matmul casts it straight back (exactly), so the float32 copy is skipped
+                x = x.to(self.lora_A.weight.dtype)
+            if self.dropout > 0.0:
+                x = torch.nn.functional.dropout(x, self.dropout, self.training)
+            return self.lora_B(self.lora_A(x)) * self.scaling
+
+    class PackedLinear(torch.nn.Module):
+        """A frozen base linear layer plus the adapters of the slots that target it, each added
+        to its own slot's tokens only."""
+
+        def __init__(self, base, routing: _Routing):
+            super().__init__()
+            self.base = base
+            self.adapters = torch.nn.ModuleDict()
+            self.routing = routing
+
+        def forward(self, x):
+            y = self.base(x)
+            routing = self.routing
+            if routing.only is not None:
+                if routing.only not in self.adapters:
+                    return y
+                return (y + self.adapters[routing.only](x)).to(y.dtype)
+            pieces, at = [], 0
+            for slot, start, end in routing.spans:
+                if slot not in self.adapters:
+                    continue  # this slot does not target this layer: its span stays as is
+                if start > at:
+                    pieces.append(y[..., at:start, :])
+                delta = self.adapters[slot](x[..., start:end, :])
+                pieces.append((y[..., start:end, :] + delta).to(y.dtype))
+                at = end
+            if not pieces:
+                return y
+            if at < y.shape[-2]:
+                pieces.append(y[..., at:, :])
+            return torch.cat(pieces, dim=-2)
+
+    return LoRA, PackedLinear
+
+
+@dataclass
+class Slot:
+    """One trial in a pack: its config, adapter parameters, optimizer and progress."""
+
+    key: str
+    cfg: object  # workers.train.TrialConfig
+    params: list
+    optimizer: object
+    layers: list[str]  # names of the linear layers it adapts, in module order
+    step: int = 0
+    tokens: int = 0
+    losses: list = field(default_factory=list)  # (step, loss) so far
+
+
+@dataclass(frozen=True)
+class SlotStep:
+    """What one step did for one slot: its loss and the tokens of its rows (its share of the
+    step, for billing)."""
+
+    loss: float
+    tokens: int
+
+
+def _targets(name: str) -> list[str] | str:
+    if name not in TARGET_MODULES:
+        raise PackError(f"search_space.target_modules: unknown set {name!r}; use {TARGET_MODULES}")
+    return TARGET_MODULES[name]
+
+
+class Pack:
+    """A frozen base model shared by K LoRA slots (see the module's docstring).
+
+    Args:
+        model: a causal LM (not a PEFT model) of a family ``workers/fast.py`` supports; its
+            decoder's linear layers are wrapped in place, its weights frozen.
+        device: "cuda" or "cpu" (where ``model`` is).
+        method: "lora" (base in the compute dtype) or "qlora" (base in NF4); a slot's method must
+            be the pack's.
+        compile: compile the decoder layers and replay them as CUDA graphs (GPU). Each distinct
+            layout of slot spans compiles once: keep ``bucket_tokens`` so that layouts repeat.
+        bucket_tokens: each slot's span is rounded up to a multiple of this with a filler row (no
+            labels); None: no rounding. Under CUDA graphs this keeps the shapes few.
+        max_length: the longest-row bound given to the attention (fixed: fewer shapes).
+        gradient_checkpointing: recompute each layer in backward (less memory, ~30% more time).
+    """
+
+    def __init__(
+        self,
+        model,
+        *,
+        device: str = "cpu",
+        method: str = "lora",
+        compile: bool = False,
+        bucket_tokens: int | None = None,
+        max_length: int | None = None,
+        gradient_checkpointing: bool = False,
+    ):
+        import torch
+
+        lm = fast.causal_lm(model)
+        if hasattr(model, "peft_config"):
+            raise PackError("Pack takes the bare base model, not a PEFT model")
+        if not fast.supported(lm) or not packing.enable(lm):
+            raise PackError(
+                f"model type {lm.config.model_type!r} cannot be packed (needs one of "
+                f"{sorted(fast.SUPPORTED)} without sliding-window attention): run trials unpacked"
+            )
+        if method not in METHODS:
+            raise PackError(f"pack method must be one of {METHODS}, got {method!r}")
+        self.model, self.device, self.method = lm, device, method
+        self.bucket_tokens, self.max_length = bucket_tokens, max_length
+        self.routing = _Routing()
+        self.slots: dict[str, Slot] = {}
+        self._keys = itertools.count()
+        for p in lm.parameters():
+            p.requires_grad_(False)
+        _, PackedLinear = _torch_modules()
+        decoder = lm.get_decoder()
+        self.layers: dict[str, object] = {}  # full module name -> PackedLinear, module order
+        prefix = next(n for n, m in lm.named_modules() if m is decoder)
+        for name, module in list(decoder.named_modules()):
+            if isinstance(module, torch.nn.Linear):
+                parent_name, _, child = name.rpartition(".")
+                parent = decoder.get_submodule(parent_name) if parent_name else decoder
+                wrapped = PackedLinear(module, self.routing)
+                setattr(parent, child, wrapped)
+                full = f"{prefix}.{name}" if prefix else name
+                self.layers[full] = wrapped
+        if not self.layers:
+            raise PackError("the model's decoder has no linear layers to adapt")
+        if gradient_checkpointing:
+            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            lm.enable_input_require_grads()  # frozen embeddings: gradients must reach layer inputs
+        self.graphs = compile and device == "cuda"
+        if self.graphs:
+            fast.compile_layers(lm, cuda_graphs=True)
+        lm.train()
+
+    @classmethod
+    def load(
+        cls, ref: str, *, dtype: str = "auto", device: str = "cpu", method: str = "lora", **kw
+    ) -> Pack:
+        """A pack over the base model ``ref`` (bf16 on GPU, float32 on CPU; NF4 for qlora)."""
+        if method == "qlora":
+            return cls(_load_nf4(ref, device), device=device, method="qlora", **kw)
+        from workers.model import load_base_model
+
+        return cls(load_base_model(ref, dtype, device), device=device, method=method, **kw)
+
+    # slots --------------------------------------------------------------------------------
+
+    def add(self, cfg) -> str:
+        """Add a trial (a ``TrialConfig``) as a new slot with a fresh adapter drawn from its seed
+        (as ``workers/lora.py`` draws it); returns the slot's key. The base is not touched."""
+        import torch
+
+        if cfg.method != self.method or cfg.use_dora:
+            raise PackError(
+                f"trial method {cfg.method!r}{' with DoRA' if cfg.use_dora else ''} cannot join a "
+                f"{self.method} pack: full fine-tuning and DoRA run unpacked"
+            )
+        if cfg.micro_batch and cfg.micro_batch < cfg.batch_size:
+            raise PackError(
+                "trial.micro_batch: a pack steps each slot's whole batch; pick a smaller K "
+                "(workers.memory.pick_pack_size) instead of accumulating"
+            )
+        targets = _targets(cfg.target_modules)
+        chosen = [
+            name
+            for name in self.layers
+            if targets == "all-linear" or name.rsplit(".", 1)[-1] in targets
+        ]
+        if not chosen:
+            raise PackError(
+                f"search_space.target_modules: {cfg.target_modules!r} matches no layer of this "
+                "model; use all_linear"
+            )
+        key = f"slot{next(self._keys)}"
+        LoRA, _ = _torch_modules()
+        scaling = cfg.alpha / (math.sqrt(cfg.rank) if cfg.use_rslora else cfg.rank)
+        generators: dict = {}  # one stream per device, as workers.lora.init_adapter draws
+        params_a, params_b = [], []
+        with torch.no_grad():
+            for name in chosen:
+                layer = self.layers[name]
+                base = layer.base
+                adapter = LoRA(
+                    base.in_features,
+                    base.out_features,
+                    cfg.rank,
+                    scaling,
+                    cfg.dropout,
+                    self._weight_device(base),
+                )
+                a = adapter.lora_A.weight
+                if a.device not in generators:
+                    generators[a.device] = torch.Generator(device=a.device).manual_seed(cfg.seed)
+                torch.nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generators[a.device])
+                torch.nn.init.zeros_(adapter.lora_B.weight)
+                adapter.train()
+                layer.adapters[key] = adapter
+                params_a.append(a)
+                params_b.append(adapter.lora_B.weight)
+        params = [p for pair in zip(params_a, params_b, strict=True) for p in pair]
+        if cfg.loraplus_lr_ratio:  # LoRA+: B trains faster, as workers/methods.py groups it
+            groups = [
+                {"params": params_a, "lr_scale": 1.0},
+                {"params": params_b, "lr_scale": float(cfg.loraplus_lr_ratio)},
+            ]
+        else:
+            groups = [{"params": params, "lr_scale": 1.0}]
+        optimizer = torch.optim.AdamW(
+            groups, lr=cfg.learning_rate, weight_decay=0.0, fused=self.device == "cuda"
+        )
+        self.slots[key] = Slot(key, cfg, params, optimizer, chosen)
+        if len(self.slots) == 1:
+            torch.manual_seed(cfg.seed)  # alone in the pack: dropout draws as the trial alone
+        return key
+
+    def remove(self, key: str) -> None:
+        """Take a slot out (its trial finished, was pruned or failed): its adapter and optimizer
+        state are freed; the base and the other slots are untouched."""
+        slot = self.slots.pop(key)
+        for name in slot.layers:
+            del self.layers[name].adapters[key]
+        slot.optimizer.state.clear()
+        slot.params.clear()
+
+    @staticmethod
+    def _weight_device(base):
+        return base.weight.device
+
+    # training -----------------------------------------------------------------------------
+
+    def _batch(self, rows_by_slot: dict) -> tuple[dict, tuple]:
+        """The packed batch of all slots' rows and each slot's span of tokens in it."""
+        rows, spans, at = [], [], 0
+        for key, slot_rows in rows_by_slot.items():
+            slot_rows = list(slot_rows)
+            n = sum(len(ids) for ids, _ in slot_rows)
+            filler = -n % self.bucket_tokens if self.bucket_tokens else 0
+            if filler:  # no labels, attends only to itself
+                slot_rows.append(([0] * filler, [-100] * filler))
+            rows += slot_rows
+            spans.append((key, at, at + n + filler))
+            at += n + filler
+        longest = max(len(ids) for ids, _ in rows)
+        batch = packing.pack(rows, max_length=max(self.max_length or 0, longest))
+        return packing.to_device(batch, self.device), tuple(spans)
+
+    def _losses(self, batch: dict, spans: tuple) -> list:
+        """Each slot's mean cross-entropy over its own labelled tokens (``fast.loss`` per span)."""
+        import torch
+        from torch.utils.checkpoint import checkpoint
+
+        lm = self.model
+        extra = {k: batch[k] for k in fast.PACKED_KEYS}
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device == "cuda"):
+            hidden = lm.get_decoder()(
+                input_ids=batch["input_ids"], use_cache=False, **extra
+            ).last_hidden_state
+        hidden, labels = hidden[0, :-1], batch["labels"][0, 1:]  # position t predicts t + 1
+        losses = []
+        for _, start, end in spans:
+            h, lab = hidden[start:end], labels[start:end]
+            keep = lab != -100
+            h, targets = h[keep], lab[keep]
+            total = h.sum().float() * 0.0  # differentiable even when nothing is labelled
+            for i in range(0, targets.numel(), fast.CHUNK_TOKENS):
+                total = total + checkpoint(
+                    fast._chunk_loss,
+                    lm.get_output_embeddings(),
+                    h[i : i + fast.CHUNK_TOKENS],
+                    targets[i : i + fast.CHUNK_TOKENS],
+                    use_reentrant=False,
+                )
+            losses.append(total / max(targets.numel(), 1))
+        return losses
+
+    def step(self, rows_by_slot: dict) -> dict[str, SlotStep]:
+        """One optimizer step of every slot in ``rows_by_slot`` (key -> its batch of (ids,
+        labels) rows); slots left out idle this step. A slot whose loss is not finite is not
+        stepped (its loss says so: the caller fails that trial and removes it)."""
+        import torch
+
+        from workers.train import _lr_at
+
+        rows_by_slot = {k: v for k, v in rows_by_slot.items() if v}
+        unknown = set(rows_by_slot) - set(self.slots)
+        if unknown:
+            raise KeyError(f"no such slots in this pack: {sorted(unknown)}")
+        if not rows_by_slot:
+            return {}
+        batch, spans = self._batch(rows_by_slot)
+        if self.graphs:
+            fast.step_begin()
+        self.routing.spans = spans
+        try:
+            losses = self._losses(batch, spans)
+            torch.stack(losses).sum().backward()
+        finally:
+            self.routing.spans = ()
+        values = torch.stack([loss.detach() for loss in losses]).tolist()  # one sync
+        out = {}
+        for (key, _, _), value in zip(spans, values, strict=True):
+            slot = self.slots[key]
+            n_tokens = sum(len(ids) for ids, _ in rows_by_slot[key])
+            if math.isfinite(value):
+                for group in slot.optimizer.param_groups:
+                    group["lr"] = _lr_at(slot.step, slot.cfg) * group.get("lr_scale", 1.0)
+                slot.optimizer.step()
+            slot.optimizer.zero_grad(set_to_none=True)
+            slot.step += 1
+            slot.tokens += n_tokens
+            slot.losses.append((slot.step, value))
+            out[key] = SlotStep(value, n_tokens)
+        return out
+
+    # evaluation and saving ------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def only(self, key: str):
+        """Within the block the model is slot ``key``'s trial: its adapter on every token, any
+        input shape (evaluation, generation); compiled layers run eagerly."""
+        if key not in self.slots:
+            raise KeyError(key)
+        eager = fast.eager() if self.graphs else contextlib.nullcontext()
+        self.routing.only = key
+        try:
+            with eager:
+                yield self.model
+        finally:
+            self.routing.only = None
+            self.model.train()
+
+    def adapter_state(self, key: str) -> dict:
+        """Slot ``key``'s weights under the names PEFT saves them with."""
+        state = {}
+        for name in self.slots[key].layers:
+            adapter = self.layers[name].adapters[key]
+            state[f"base_model.model.{name}.lora_A.weight"] = adapter.lora_A.weight
+            state[f"base_model.model.{name}.lora_B.weight"] = adapter.lora_B.weight
+        return state
+
+    def save(self, key: str, out_dir) -> None:
+        """Slot ``key``'s adapter as PEFT saves an adapter named "default"
+        (``adapter_config.json``, ``adapter_model.safetensors``)."""
+        from pathlib import Path
+
+        from peft import LoraConfig
+        from safetensors.torch import save_file
+
+        cfg = self.slots[key].cfg
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().contiguous() for k, v in self.adapter_state(key).items()}
+        save_file(state, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+        names = sorted({n.rsplit(".", 1)[-1] for n in self.slots[key].layers})
+        config = LoraConfig(
+            r=cfg.rank,
+            lora_alpha=cfg.alpha,
+            lora_dropout=cfg.dropout,
+            target_modules=names,
+            task_type="CAUSAL_LM",
+            bias="none",
+            use_rslora=cfg.use_rslora,
+            inference_mode=True,
+            base_model_name_or_path=self.model.__dict__.get("name_or_path"),
+        )
+        config.save_pretrained(str(out))
+
+    def token_shares(self, result: dict[str, SlotStep]) -> dict[str, float]:
+        """Each slot's share of a step's tokens (what its trial is billed of the step's time)."""
+        total = sum(s.tokens for s in result.values())
+        return {k: (s.tokens / total if total else 1.0 / len(result)) for k, s in result.items()}
+
+
+def _load_nf4(ref: str, device: str):
+    """The base quantised to NF4 with double quantisation and bf16 compute (QLoRA's recipe)."""
+    import torch
+
+    if device != "cuda" or not torch.cuda.is_available():
+        raise PackError("a qlora pack needs a CUDA GPU (bitsandbytes 4-bit); use lora on CPU")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise PackError("a qlora pack needs bitsandbytes: pip install bitsandbytes") from None
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    quant = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+    )
+    return AutoModelForCausalLM.from_pretrained(
+        ref,
+        quantization_config=quant,
+        dtype=torch.bfloat16,
+        device_map={"": 0},
+        attn_implementation="sdpa",
+    )
