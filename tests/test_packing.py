@@ -215,3 +215,46 @@ def test_packed_step_on_gpu(trial_config):
         losses, _ = _alone(cfg)
         got = [loss for _, loss in pack.slots[key].losses]
         assert got == pytest.approx(losses, rel=2e-2, abs=2e-2)
+
+
+# memory estimate of packs (workers/memory.py) --------------------------------------------------
+
+SHAPE_05B = dict(vocab=32000, hidden=1024, layers=24, intermediate=4096, heads=16, kv_heads=8)
+
+
+def test_a_pack_holds_the_base_once_and_each_slot_its_own_state_and_activations():
+    from workers.memory import ModelShape, estimate, estimate_pack
+
+    shape = ModelShape(**SHAPE_05B)
+    one = estimate(shape, "lora", batch=8, seq=1024, rank=16, targets="all-linear")
+    assert estimate_pack(shape, "lora", [(16, "all-linear")], batch=8, seq=1024) == one
+    slots = [(16, "all-linear"), (64, "all-linear"), (8, ["q_proj", "v_proj"]), (16, ["up_proj"])]
+    pack = estimate_pack(shape, "lora", slots, batch=8, seq=1024)
+    alone = [estimate(shape, "lora", batch=8, seq=1024, rank=r, targets=t) for r, t in slots]
+    assert pack.weights_gib == one.weights_gib  # one copy of the base
+    assert pack.trainable_state_gib == pytest.approx(sum(e.trainable_state_gib for e in alone))
+    assert pack.activations_gib == pytest.approx(sum(e.activations_gib for e in alone))
+    separate = sum(e.total_gib for e in alone)
+    saved = 3 * (one.weights_gib + one.workspace_gib + one.logits_gib)
+    assert pack.total_gib == pytest.approx(separate - saved)
+    with pytest.raises(ValueError):
+        estimate_pack(shape, "full", slots, batch=8, seq=1024)
+
+
+def test_pick_pack_size_takes_the_largest_k_that_fits():
+    from workers.memory import ModelShape, estimate_pack, pick_pack_size
+
+    shape = ModelShape(**SHAPE_05B)
+    kw = dict(batch=8, seq=1024, rank=16, targets="all-linear")
+
+    def total(k):
+        return estimate_pack(shape, "lora", [(16, "all-linear")] * k, batch=8, seq=1024).total_gib
+
+    memory = total(3) / 0.9 + 0.01  # room for three slots, not four
+    assert pick_pack_size(shape, "lora", memory_gib=memory, **kw) == 3
+    assert pick_pack_size(shape, "lora", memory_gib=total(4) / 0.9, **kw) == 4
+    assert pick_pack_size(shape, "lora", memory_gib=total(1) / 0.9 - 0.01, **kw) == 0
+    assert pick_pack_size(shape, "lora", memory_gib=10_000, max_slots=8, **kw) == 8
+    # checkpointing shrinks the activations: more slots in the same memory
+    ckpt = pick_pack_size(shape, "lora", memory_gib=memory, gradient_checkpointing=True, **kw)
+    assert ckpt > 3

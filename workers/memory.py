@@ -199,3 +199,76 @@ def fit_config(
         while batch % micro:
             micro -= 1
     return None
+
+
+def estimate_pack(
+    shape: ModelShape,
+    method: str,
+    slots: list[tuple[int, list[str] | str]],
+    *,
+    batch: int,
+    seq: int,
+    gradient_checkpointing: bool = False,
+    weight_bytes: int = 2,
+) -> MemoryEstimate:
+    """Predicted peak of one step of a pack (``workers/packed.py``): the base weights once, and
+    for each slot ``(rank, targets)`` its adapter with grads and AdamW moments and the
+    activations of its ``batch`` x ``seq`` tokens. The loss runs slot after slot, one
+    checkpointed chunk at a time, so the logits are one slot's chunk, as for a trial alone."""
+    if method not in ("lora", "qlora"):
+        raise ValueError(f"a pack trains adapters only (lora, qlora), got {method!r}")
+    if not slots:
+        raise ValueError("a pack needs at least one slot")
+    each = [
+        estimate(
+            shape,
+            method,
+            batch=batch,
+            seq=seq,
+            rank=rank,
+            targets=targets,
+            gradient_checkpointing=gradient_checkpointing,
+            weight_bytes=weight_bytes,
+        )
+        for rank, targets in slots
+    ]
+    return MemoryEstimate(
+        weights_gib=each[0].weights_gib,
+        trainable_state_gib=sum(e.trainable_state_gib for e in each),
+        activations_gib=sum(e.activations_gib for e in each),
+        logits_gib=max(e.logits_gib for e in each),
+        workspace_gib=each[0].workspace_gib,
+    )
+
+
+def pick_pack_size(
+    shape: ModelShape,
+    method: str,
+    *,
+    batch: int,
+    seq: int,
+    memory_gib: float,
+    rank: int = 16,
+    targets: list[str] | str = "all-linear",
+    max_slots: int = 8,
+    headroom: float = 0.9,
+    gradient_checkpointing: bool = False,
+) -> int:
+    """The largest K <= ``max_slots`` whose pack of K slots of ``rank``/``targets`` fits within
+    ``headroom`` x ``memory_gib`` (0: not even one slot fits). Size the slots as the largest
+    rank the search space may draw: a refilled slot must fit too."""
+    limit = headroom * memory_gib
+    best = 0
+    for k in range(1, max_slots + 1):
+        est = estimate_pack(
+            shape,
+            method,
+            [(rank, targets)] * k,
+            batch=batch,
+            seq=seq,
+            gradient_checkpointing=gradient_checkpointing,
+        )
+        if est.total_gib > limit:
+            break
+        best = k
+    return best
