@@ -460,19 +460,28 @@ def leaderboard_cmd(
 @app.command()
 @_friendly
 def promote(
-    sweep: Annotated[str | None, typer.Argument(help="Sweep id or spec name (latest).")] = None,
+    sweep: Annotated[
+        str | None, typer.Argument(help="Sweep id, or spec name for its latest sweep (required).")
+    ] = None,
     name: Annotated[
         str | None, typer.Option(help="Registered model name; default: spec name.")
     ] = None,
+    force: Annotated[
+        bool,
+        typer.Option("--force", help="Move `champion` even if the new version is not better."),
+    ] = False,
     tracking_uri: TrackingOpt = DEFAULT_TRACKING_URI,
     server: ServerOpt = None,
 ) -> None:
-    """Register the best adapter and point the alias `champion` at it."""
+    """Register the sweep's best adapter (its best checkpoint by the objective); `champion` moves
+    to it only when it beats the current champion on the same split and scorer (or --force)."""
     if server:
         if name:
             raise LorasweepError("--name: the server names the model TENANT.SPEC; drop --name")
+        if not sweep:
+            raise LorasweepError("SWEEP: say which sweep to promote (lorasweep status --server)")
         client = _client(server)
-        sweep_id = sweep or _latest_sweep_id(client, server)
+        sweep_id = sweep
         console.print(f"[bold]promoting[/] the best trial of {sweep_id} on {server} ...")
         p = client.promote(sweep_id)
         test = "" if p.get("test_score") is None else f", test score {p['test_score']:.3f}"
@@ -480,20 +489,54 @@ def promote(
             f"[green]registered[/] {p['model']} version {p['version']} as @{p['alias']}{test}"
         )
         return
+    _promote_here(tracking_uri, sweep, name, force)
+
+
+def _promote_here(tracking_uri: str, sweep: str | None, name: str | None, force: bool) -> None:
+    """``promote`` on this machine: what was registered, where ``champion`` points and why, the
+    base model's pin, the prompt shape, and how to try and load it."""
+    from rich.markup import escape
+
     from orchestrator.registry import ALIAS
     from orchestrator.registry import promote as do_promote
 
     console.print("[bold]promoting[/] the best trial (scoring it on the test split) ...")
-    p = do_promote(tracking_uri, sweep, name)
+    p = do_promote(tracking_uri, sweep, name, force=force)
     test = "" if p.test_score is None else f", test score {p.test_score:.3f}"
+    step = "" if p.best_step is None else f" at step {p.best_step}"
     console.print(
-        f"[green]registered[/] {p.name} version {p.version} as @{ALIAS}: "
-        f"validation score {p.score:.3f}{test}, trial cost ${p.cost_usd:.5f}"
+        f"[green]registered[/] {p.name} version {p.version} as @{p.alias}: "
+        f"validation score {p.score:.3f} ({escape(p.trial)}{step}, by {p.objective}){test}, "
+        f"trial cost ${p.cost_usd:.5f}"
+    )
+    if p.alias == ALIAS:
+        replaced = f"; replaces version {p.replaced}" if p.replaced else ""
+        console.print(f"[bold]champion[/] version {p.version}: {escape(p.reason)}{replaced}")
+    else:
+        console.print(
+            f"[bold]champion[/] stays at version {p.champion_version}: {escape(p.reason)} "
+            "(--force moves it)"
+        )
+    console.print(f"[bold]base model[/] {escape(p.base)}")
+    for line in p.shape.describe() if p.shape else []:
+        console.print(f"[bold]prompt[/] {escape(line)}")
+    example = shlex.quote(" ".join(p.shape.input_example.split())) if p.shape else '"..."'
+    console.print(
+        f"[bold]try it[/] lorasweep generate --model models:/{p.name}@{p.alias} {escape(example)}"
     )
     console.print(
-        f"[bold]try it[/] lorasweep generate --model models:/{p.name}@{ALIAS} "
-        '"3 bed, 2 bath house in Austin. 1,850 sq ft. Asking $525,000. Has a pool."'
+        f"[bold]load it[/] MLFLOW_TRACKING_URI={shlex.quote(_absolute_uri(tracking_uri))} then "
+        f"mlflow.pyfunc.load_model('models:/{p.name}@{p.alias}'); LORASWEEP_BASE_MODEL=DIR "
+        "points at a copy of the base model"
     )
+
+
+def _absolute_uri(tracking_uri: str) -> str:
+    """A sqlite URI with a relative path made absolute (works from any directory)."""
+    prefix = "sqlite:///"
+    if tracking_uri.startswith(prefix) and not tracking_uri[len(prefix) :].startswith("/"):
+        return prefix + str(Path(tracking_uri[len(prefix) :]).resolve())
+    return tracking_uri
 
 
 @app.command()
@@ -661,10 +704,12 @@ def generate(
     system: Annotated[
         str | None, typer.Option(help="System prompt; default: the training one.")
     ] = None,
-    max_new_tokens: Annotated[int, typer.Option(min=1)] = 128,
+    max_new_tokens: Annotated[
+        int | None, typer.Option(min=1, help="Default: the model's (at least 128).")
+    ] = None,
     tracking_uri: TrackingOpt = DEFAULT_TRACKING_URI,
 ) -> None:
-    """Load base model + adapter and print a completion."""
+    """Load a registered model (base + adapter) as plain MLflow does and print a completion."""
     from orchestrator.registry import generate as do_generate
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -18,6 +18,7 @@ COLUMNS = (
     "lr",
     "score",
     "eval_loss",
+    "best_step",
     "cost_usd",
     "billed_s",
     "status",
@@ -39,6 +40,29 @@ class Row:
     status: str
     run_id: str
     trial_id: str = ""
+    # the eval whose adapter the trial kept (its best by the objective): score and eval_loss
+    # above are that eval's; None while it runs (then they are its latest)
+    best_step: int | None = None
+
+
+def objective(parent) -> tuple[str, str]:
+    """(metric, mode) the sweep ranks by, from its parent run (``score``/``max`` for sweeps that
+    predate the ``objective_mode`` param)."""
+    p = parent.data.params
+    metric = p.get("objective", "score")
+    return metric, p.get("objective_mode", "min" if metric == "eval_loss" else "max")
+
+
+def rank_key(metric: str, mode: str):
+    """Sort key: best by the objective first (unscored last), then cheaper."""
+
+    def key(r: Row):
+        value = getattr(r, metric)
+        if value is None:
+            return (True, 0.0, r.cost_usd)
+        return (False, -value if mode == "max" else value, r.cost_usd)
+
+    return key
 
 
 def _client(tracking_uri: str):
@@ -82,7 +106,7 @@ def find_sweep(tracking_uri: str, sweep: str | None):
 
 
 def trial_rows(tracking_uri: str, parent) -> list[Row]:
-    """Trials of one sweep, best first (by score, then cost)."""
+    """Trials of one sweep, best first by the sweep's objective (then cheaper first)."""
     client = _client(tracking_uri)
     runs = client.search_runs(
         [parent.info.experiment_id],
@@ -100,19 +124,21 @@ def trial_rows(tracking_uri: str, parent) -> list[Row]:
                 alpha=float(p["alpha"]) if "alpha" in p else None,
                 targets=p.get("target_modules", ""),
                 lr=float(p["learning_rate"]) if "learning_rate" in p else None,
-                score=m.get("score"),
-                eval_loss=m.get("eval_loss"),
+                score=m.get("best_score", m.get("score")),
+                eval_loss=m.get("best_eval_loss", m.get("eval_loss")),
                 cost_usd=m.get("cost_usd", 0.0),
                 billed_s=m.get("billed_s", 0.0),
                 status=t.get(STATUS_TAG, "running"),
                 run_id=run.info.run_id,
                 trial_id=t.get("lorasweep.trial_id", ""),
+                best_step=int(m["best_step"]) if "best_step" in m else None,
             )
         )
-    return sorted(rows, key=lambda r: (r.score is None, -(r.score or 0.0), r.cost_usd))
+    return sorted(rows, key=rank_key(*objective(parent)))
 
 
 def best_row(rows: list[Row]) -> Row | None:
+    """The first scored trial that did not fail (``rows`` come ranked by the objective)."""
     scored = [r for r in rows if r.score is not None and r.status != "failed"]
     return scored[0] if scored else None
 
@@ -204,6 +230,7 @@ def render(rows: list[Row], title: str = "leaderboard"):
             fmt(r.lr, ".2e"),
             fmt(r.score, ".3f"),
             fmt(r.eval_loss, ".4f"),
+            fmt(r.best_step, "d"),
             fmt(r.cost_usd, ".5f"),
             fmt(r.billed_s, ".1f"),
             r.status,

@@ -390,7 +390,11 @@ def _make_tuner(
             verbose=0,
             callbacks=[callback],
             stop=SweepStopper(sweep_id, callback.control),
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            # each trial keeps its best checkpoint by the objective (the adapter promote
+            # registers) and, while it runs, its latest (what a retry continues from)
+            checkpoint_config=tune.CheckpointConfig(
+                num_to_keep=1, checkpoint_score_attribute=metric, checkpoint_score_order=mode
+            ),
             # a lost worker's trial is retried from its last checkpoint (workers/train.py)
             failure_config=tune.FailureConfig(max_failures=spec.trial.max_retries),
         ),
@@ -501,14 +505,15 @@ def _gate(spec: SweepSpec, plan: Plan, tracking_uri: str, sweep_id: str, ledger)
     from orchestrator.report import ADAPTER_METHODS, full_ft_gate
 
     rows = leaderboard.trial_rows(tracking_uri, leaderboard.find_sweep(tracking_uri, sweep_id))
-    scores = [r.score for r in rows if r.method in ADAPTER_METHODS and r.score is not None]
+    # rows come ranked by the objective: the best LoRA trial is the first adapter one
+    best_lora = leaderboard.best_row([r for r in rows if r.method in ADAPTER_METHODS])
     snap = remote.call(ledger.snapshot)
     measured = _ledger_timings(ledger)
     return full_ft_gate(
         max_runs=spec.full.max_runs,
         gate=spec.full.gate,
         target_score=spec.full.target_score,
-        best_lora_score=max(scores) if scores else None,
+        best_lora_score=best_lora.score if best_lora else None,
         predicted_usd=plan.admission_usd(measured, {"method": "full"}),
         remaining_usd=snap["remaining_usd"],
     )
@@ -858,6 +863,7 @@ def _open_tracker(spec, plan, sweep_id, tracking_uri, data_dir, resume, experime
             "price_usd_per_hour": plan.price_usd_per_hour,
             "max_trials": spec.max_trials,
             "objective": spec.objective.metric,
+            "objective_mode": spec.objective.mode,  # how the leaderboard and promote rank
         },
     )
     return tracker
