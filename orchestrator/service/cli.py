@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -193,6 +194,10 @@ def serve(
     except LorasweepError as exc:
         Console(stderr=True, highlight=False).print(f"[bold red]error:[/] {exc}")
         raise typer.Exit(2) from None
+    if ray_address:  # submitted specs are checked for a cluster's shared storage (preflight too)
+        from orchestrator.storage_check import CLUSTER_ENV
+
+        os.environ[CLUSTER_ENV] = ray_address
     data_dir = Path("lorasweep-data").resolve()
     runner = Runner(
         engine,

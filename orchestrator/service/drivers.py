@@ -30,7 +30,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from orchestrator.retry import with_backoff
 from orchestrator.secrets import redact
+from orchestrator.watchdog import CLOSING_GRACE_S
 
 log = logging.getLogger("lorasweep.service")
 
@@ -113,6 +115,13 @@ def lorasweep_command() -> list[str]:
         return [str(script)]
     found = shutil.which("lorasweep")
     return [found] if found else [sys.executable, "-c", "from orchestrator.cli import app; app()"]
+
+
+# A Ray Job's entrypoint: lorasweep as the cluster's nodes have it installed (on their PATH)
+JOB_COMMAND = os.environ.get("LORASWEEP_JOB_COMMAND", "lorasweep")
+# how long a stopped (cancelled) Ray Job's driver may close its trials and settle before Ray
+# SIGKILLs it: the watchdog's closing grace plus a minute to settle
+JOB_STOP_WAIT_S = int(CLOSING_GRACE_S + 60)
 
 
 # --- handles -----------------------------------------------------------------------------------
@@ -255,15 +264,35 @@ class RayJobDrivers:
         # the job's driver joins the job's cluster (ray.init would otherwise start its own)
         args += ["--address", "auto"]
         job_id = f"{sweep_id}-{attempt}"
-        self.client.submit_job(
-            entrypoint=" ".join(["lorasweep", *(_quote(a) for a in args)]),
-            submission_id=job_id,
-            runtime_env={
-                "working_dir": str(job_dir),
-                "env_vars": {"LORASWEEP_SERVICE_DB": self.safe_db_url, "PYTHONUNBUFFERED": "1"},
+        runtime_env = {
+            "working_dir": str(job_dir),
+            "env_vars": {
+                "LORASWEEP_SERVICE_DB": self.safe_db_url,
+                "PYTHONUNBUFFERED": "1",
+                # a stop (cancel) is the driver's Ctrl-C: its trials close inside their grants
+                # and it settles; Ray's default is SIGTERM, then SIGKILL after 3 s
+                "RAY_JOB_STOP_SIGNAL": "SIGINT",
+                "RAY_JOB_STOP_WAIT_TIME_S": str(JOB_STOP_WAIT_S),
             },
-            metadata={"lorasweep.sweep_id": sweep_id, "attempt": str(attempt)},
-        )
+        }
+
+        def submit() -> None:
+            self.client.submit_job(
+                entrypoint=" ".join([JOB_COMMAND, *(_quote(a) for a in args)]),
+                submission_id=job_id,
+                runtime_env=runtime_env,
+                metadata={"lorasweep.sweep_id": sweep_id, "attempt": str(attempt)},
+            )
+
+        try:
+            # a head node that just started has no job agent yet ("No available agent to submit
+            # job"): 500 for a few seconds
+            with_backoff(submit, tries=7, first_s=1.0, cap_s=10.0, again=_transient)
+        except RuntimeError as exc:
+            if "already exists" not in str(exc):
+                raise
+            # an API killed between submitting and recording the job: this attempt is that job
+            log.info("sweep %s: Ray Job %s was already submitted; watching it", sweep_id, job_id)
         return DriverHandle(sweep_id, job_id=job_id)
 
     def poll(self, handle: DriverHandle) -> DriverState:
@@ -283,8 +312,8 @@ class RayJobDrivers:
         return DriverState(False, code)
 
     def interrupt(self, handle: DriverHandle) -> None:
-        # Ray stops a job with SIGTERM (then SIGKILL after its grace period): the driver handles
-        # SIGTERM as it does Ctrl-C
+        # Ray stops the job with RAY_JOB_STOP_SIGNAL (SIGINT, set at submission; the driver
+        # handles SIGTERM alike) and SIGKILLs it after RAY_JOB_STOP_WAIT_TIME_S
         self.client.stop_job(handle.job_id)
 
     def cleanup(self, handle: DriverHandle) -> None:
@@ -313,6 +342,12 @@ class RayJobDrivers:
             out.write(data[done:])
         pos[handle.job_id] = len(data)
         pos_file.write_text(json.dumps(pos))
+
+
+def _transient(exc: Exception) -> bool:
+    """A job API error that a later try may not meet: no job agent yet, the head restarting."""
+    text = str(exc)
+    return isinstance(exc, ConnectionError) or "No available agent" in text or "503" in text
 
 
 def _quote(arg: str) -> str:
