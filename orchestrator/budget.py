@@ -242,6 +242,10 @@ class Ledger:
         """A heartbeat or report: the trial has spent ``spent_usd`` so far (spend never goes
         down). Past ceiling + allowance the trial commits what it spent."""
         acct = self.trials[trial_id]
+        # settled: billed and recorded (MLflow too); a late heartbeat or last word is the
+        # worker's time after Tune stopped its trial (the phase's idle tail or the next trial's)
+        if acct.settled:
+            return
         self._apply({trial_id: replace(acct, spent_usd=max(acct.spent_usd, spent_usd))}, "report")
 
     def last_word(self, trial_id: str, spent_usd: float, worker: str) -> None:

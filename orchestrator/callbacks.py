@@ -150,6 +150,13 @@ def describe(p: dict) -> str:
     ).rstrip()
 
 
+def _predictions(config: dict) -> dict[str, float]:
+    """The admission's predictions for a trial, logged once on its run (at step 0) beside what
+    it measures (``measured_*`` at its end)."""
+    keys = ("predicted_step_s", "predicted_closing_s", "predicted_startup_s")
+    return {k: float(config[k]) for k in keys if k in config}
+
+
 def _kill(trial) -> None:
     """Kill a trial's actor (the watchdog's last resort); Tune then errors the trial, and does
     not retry it (``FailureConfig`` retries are for lost workers, not for a spent grant)."""
@@ -241,7 +248,11 @@ class SweepCallback(Callback):
                     made[0]
                     if made
                     else self.tracker.start_trial(
-                        self.sweep_id, name, trial.trial_id, {**params, **self.fixed_params}
+                        self.sweep_id,
+                        name,
+                        trial.trial_id,
+                        {**params, **self.fixed_params},
+                        _predictions(trial.config),
                     )
                 )
 
@@ -254,7 +265,11 @@ class SweepCallback(Callback):
         last checkpoint. Its account stays open: the new attempt's spend adds to the lost one."""
         live = self.live.get(trial.trial_id)
         if self.watchdog is not None:  # nothing is held until its new worker starts
+            # the lost attempt ran until its loss was noticed (now), not only to its last beat
+            lost_usd = self.watchdog.since_heartbeat_usd(trial.trial_id)
             self.watchdog.unwatch(trial.trial_id)
+            if lost_usd is not None:
+                remote.call(self.ledger.update, trial.trial_id, lost_usd)
         if live is not None:
             self.console.print(
                 f"[yellow]{live.name}[/] lost its worker; retrying from its checkpoint"
@@ -397,25 +412,27 @@ class SweepCallback(Callback):
         live = self.live.pop(trial.trial_id, None)
         if live is None:
             return
+        tail_usd = self.watchdog.since_heartbeat_usd(trial.trial_id) if self.watchdog else None
         killed_usd = self.watchdog.unwatch(trial.trial_id) if self.watchdog else None
         now = time.monotonic()
         last = live.last_result
+        price = self.price_usd_per_hour
         if killed_usd is not None:
             # billed to the kill (its process is gone then), not to whenever the driver's loop
             # came to this trial: a driver stalled on MLflow must not bill a dead process
             final_usd = max(killed_usd, remote.call(self.ledger.spent, trial.trial_id))
-            price = self.price_usd_per_hour
-            billed_s = final_usd / price * 3600.0 if price > 0 else now - live.started
         elif (word := remote.call(self.ledger.final_word, trial.trial_id)) is not None:
             # the trial's own last word, on its process's clock, up to its function's end (a
             # reused worker's next trial bills from there; the phase's end bills the idle tail)
-            final_usd = max(word, cost_usd(self.price_usd_per_hour, last.get("billed_s", 0.0)))
-            price = self.price_usd_per_hour
-            billed_s = final_usd / price * 3600.0 if price > 0 else now - live.started
-        else:  # no last word (its worker died, the ledger restarted): the driver's clock
+            final_usd = max(word, cost_usd(price, last.get("billed_s", 0.0)))
+        elif tail_usd is not None:
+            # no last word yet: Tune stopped it on a result (ASHA's last rung) while its function
+            # still runs, or its worker died: its clock's last heartbeat seen, plus the time since
+            final_usd = max(tail_usd, remote.call(self.ledger.spent, trial.trial_id))
+        else:  # not watched (no watchdog) and no last word: the driver's clock
             tail_s = now - live.last_result_at if live.last_result_at else 0.0
-            billed_s = max(last.get("billed_s", 0.0) + tail_s, now - live.started)
-            final_usd = cost_usd(self.price_usd_per_hour, billed_s)
+            final_usd = cost_usd(price, max(last.get("billed_s", 0.0) + tail_s, now - live.started))
+        billed_s = final_usd / price * 3600.0 if price > 0 else now - live.started
         remote.call(self.ledger.settle, trial.trial_id, final_usd)
         if "billed_s" in last and killed_usd is None:  # billed after the last report
             released = self.cost_model.release_measurement(
@@ -439,10 +456,6 @@ class SweepCallback(Callback):
             for key in ("score", "eval_loss"):
                 if key in best:
                     final[f"best_{key}"] = best[key]
-        # the admission's predictions next to what the trial measured (predicted vs actual)
-        for key in ("step_s", "closing_s", "startup_s"):
-            if f"predicted_{key}" in trial.config:
-                final[f"predicted_{key}"] = trial.config[f"predicted_{key}"]
         for key in ("step_s", "closing_s"):
             if key in last:
                 final[f"measured_{key}"] = last[key]

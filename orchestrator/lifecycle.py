@@ -17,6 +17,7 @@ from orchestrator.errors import LorasweepError
 from orchestrator.prices import cost_usd
 
 DRIVER_HEARTBEAT_S = 5.0
+HEARTBEAT_DELIVERY_S = 0.5  # a trial's heartbeat, sent, until the ledger has written it
 # a running sweep's driver is taken for dead after this long without a heartbeat (tests shorten it)
 STALE_S = float(os.environ.get("LORASWEEP_DRIVER_STALE_S", "30"))
 UNFINISHED = ("queued", "running", "interrupted")
@@ -54,18 +55,32 @@ def refuse_unfinished(store, name: str) -> None:
 
 def crash_settlements(store, sweep_id: str, price_usd_per_hour: float) -> dict[str, float]:
     """What each account left open by a dead driver spent: its last heartbeat plus the time
-    until the crash was noticed (the driver's last heartbeat, plus one period), never below
-    what it reported. The trials died with the driver's cluster."""
+    until the crash, never below what it reported. The trials died with the driver (Tune's
+    actors are its own), at a time no later than :func:`crash_bound_unix` says."""
     row = store.sweep(sweep_id)
     beat = row.driver_heartbeat_unix if row is not None else None
+    open_accounts = [a for a in store.accounts(sweep_id) if not (a.settled or a.charge)]
+    crash_unix = crash_bound_unix(beat, [a.updated_unix for a in open_accounts])
     out = {}
-    for acct in store.accounts(sweep_id):
-        if acct.settled or acct.charge:
-            continue
-        crash_unix = max(beat or acct.updated_unix, acct.updated_unix) + DRIVER_HEARTBEAT_S
+    for acct in open_accounts:
         gap_s = max(0.0, crash_unix - acct.updated_unix) if acct.spent_usd > 0 else 0.0
         out[acct.key] = acct.spent_usd + cost_usd(price_usd_per_hour, gap_s)
     return out
+
+
+def crash_bound_unix(beat_unix: float | None, updates_unix: list[float]) -> float:
+    """The latest a dead driver (and its trials) can have died: one period after its last
+    heartbeat; and if its trials were still beating into the ledger then (a write since), one
+    trial heartbeat plus its delivery after the ledger's last write, if that is sooner."""
+    from orchestrator.watchdog import HEARTBEAT_S
+
+    beat_s = HEARTBEAT_S + HEARTBEAT_DELIVERY_S
+    latest = max([u for u in updates_unix if u is not None], default=0.0)
+    if beat_unix is None:  # a row written before drivers beat: the accounts' own writes
+        return latest + beat_s
+    if latest >= beat_unix - beat_s:  # the trials beat until the driver's last beat, or later
+        return max(min(beat_unix + DRIVER_HEARTBEAT_S, latest + beat_s), beat_unix)
+    return beat_unix + DRIVER_HEARTBEAT_S
 
 
 class DriverHeartbeat:

@@ -140,7 +140,14 @@ class Tracker:
         self.client.set_terminated(self.parent_id, run_status(status))
 
     # --- trials (child runs) ----------------------------------------------------------------
-    def start_trial(self, sweep_id: str, trial_name: str, trial_id: str, params: dict) -> str:
+    def start_trial(
+        self,
+        sweep_id: str,
+        trial_name: str,
+        trial_id: str,
+        params: dict,
+        metrics: dict | None = None,
+    ) -> str:
         run = self.client.create_run(
             self.experiment_id,
             run_name=trial_name,
@@ -153,6 +160,8 @@ class Tracker:
             },
         )
         self._log_params(run.info.run_id, params)
+        if metrics:  # known at its start (the admission's predictions): logged once, at step 0
+            self._log_metrics(run.info.run_id, metrics, 0)
         return run.info.run_id
 
     def find_trial(self, sweep_id: str, trial_id: str) -> tuple[str, str] | None:

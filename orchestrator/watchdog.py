@@ -126,6 +126,17 @@ class Watchdog:
             w = self._watched.get(trial_id)
             return None if w is None else self._estimate(w, time.monotonic())
 
+    def since_heartbeat_usd(self, trial_id: str) -> float | None:
+        """The trial's last heartbeat seen (on its own process's clock) plus the driver's time
+        since: what a trial whose end the driver learns of now spent. Unlike :meth:`live_usd`
+        it has no floor at the time since registration, which counts a worker's start-up that
+        its own clock (and the OS) did not yet bill, or a retry's wait for its new worker."""
+        with self._lock:
+            w = self._watched.get(trial_id)
+            if w is None:
+                return None
+            return w.spent_usd + cost_usd(self.price_usd_per_hour, time.monotonic() - w.seen)
+
     # --- the thread -------------------------------------------------------------------------
     def start(self) -> Watchdog:
         self._thread.start()
