@@ -23,9 +23,11 @@ from __future__ import annotations
 
 import hashlib
 import os
+import warnings
 from pathlib import Path
 
 import mlflow
+import pandas as pd
 from mlflow.pyfunc import PythonModel
 
 BASE_ENV = "LORASWEEP_BASE_MODEL"
@@ -84,7 +86,7 @@ def _looks_local(name: str) -> bool:
 
 
 class LorasweepAdapter(PythonModel):
-    """``predict(["user message", ...])`` or a DataFrame with a ``prompt`` column -> completions;
+    """``predict(["user message", ...])`` (or a one-column DataFrame of them) -> completions;
     params ``system_prompt`` and ``max_new_tokens`` override the recorded defaults."""
 
     def load_context(self, context) -> None:
@@ -103,7 +105,11 @@ class LorasweepAdapter(PythonModel):
         dtype = config.get("dtype", "auto")
         torch_dtype = torch.float32 if dtype == "auto" else getattr(torch, dtype)
         base = AutoModelForCausalLM.from_pretrained(ref, dtype=torch_dtype, **kwargs)
-        self.model = PeftModel.from_pretrained(base, context.artifacts["adapter"]).eval()
+        with warnings.catch_warnings():  # peft 0.21 reads a deprecated transformers 5 property
+            warnings.filterwarnings(
+                "ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning
+            )
+            self.model = PeftModel.from_pretrained(base, context.artifacts["adapter"]).eval()
 
     def _encode(self, prompt: str, system: str | None) -> list[int]:
         """The prompt's tokens exactly as training encoded a row's prompt."""
@@ -118,7 +124,9 @@ class LorasweepAdapter(PythonModel):
         text = "\n".join(f"{m['role']}: {m['content']}" for m in messages) + "\nassistant: "
         return self.tokenizer(text, add_special_tokens=True)["input_ids"]
 
-    def predict(self, context, model_input, params=None):
+    # the DataFrame hint keeps MLflow from inferring a schema from hints: the signature logged
+    # with the model (a ``prompt`` string column, two params) is the one enforced
+    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None):
         import torch
         from transformers import GenerationConfig
 

@@ -10,8 +10,11 @@ trial's run: the scores it measures go on the model version.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -159,7 +162,7 @@ def _signature(shape: PromptShape, max_new_tokens: int):
     from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
 
     return ModelSignature(
-        inputs=Schema([ColSpec("string", "prompt")]),
+        inputs=Schema([ColSpec("string")]),  # unnamed: predict(["a prompt", ...]) as is
         outputs=Schema([ColSpec("string")]),
         params=ParamSchema(
             [
@@ -189,6 +192,34 @@ def known_sweeps(tracking_uri: str) -> str:
     return ", ".join(r.info.run_name for r in runs) or "none yet (run `lorasweep run`)"
 
 
+# peft 0.21 reads transformers 5's deprecated ``is_gradient_checkpointing`` on every adapter load:
+# a FutureWarning about neither our code nor the user's
+PEFT_DEPRECATION = r".*`is_gradient_checkpointing` is deprecated.*"
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Promotion's output without the libraries' noise: that known deprecation and the progress
+    bars of artifact downloads and weight loading (several per promotion)."""
+    import transformers
+
+    bars = os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
+    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
+    shown = transformers.utils.logging.is_progress_bar_enabled()
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=PEFT_DEPRECATION, category=FutureWarning)
+            yield
+    finally:
+        if shown:
+            transformers.utils.logging.enable_progress_bar()
+        if bars is None:
+            os.environ.pop("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", None)
+        else:
+            os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = bars
+
+
 def promote(
     tracking_uri: str, sweep: str | None, name: str | None = None, *, force: bool = False
 ) -> Promotion:
@@ -197,8 +228,12 @@ def promote(
     when it beats the current one by the sweep's objective on the same split (test when the data
     has one, else validation) and scorer, or with ``force``; otherwise the new version gets the
     alias ``challenger`` and ``champion`` stays."""
+    with _quiet():
+        return _promote(tracking_uri, sweep, name, force)
+
+
+def _promote(tracking_uri: str, sweep: str | None, name: str | None, force: bool) -> Promotion:
     import mlflow
-    import pandas as pd
     from mlflow.tracking import MlflowClient
 
     from orchestrator.preflight import data_paths
@@ -258,7 +293,7 @@ def promote(
             model_config=config,
             pip_requirements=pinned_requirements(),
             signature=_signature(shape, max_new_tokens),
-            input_example=pd.DataFrame({"prompt": [shape.input_example]}),
+            input_example=[shape.input_example],
         )
     tags = {
         "base_model": spec.model.name_or_path,
