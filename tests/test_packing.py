@@ -188,6 +188,19 @@ def test_a_saved_slot_loads_in_peft_as_its_trial(trial_config, tmp_path):
     assert peft.peft_config["default"].r == 4
 
 
+def test_a_pack_lays_rows_out_as_the_trial_step_does():
+    from workers import packing
+    from workers.packed import _pack_rows
+
+    rows = [([5, 6, 7], [-100, 6, 7]), ([8, 9], [8, 9]), ([1], [1]), ([4] * 9, [-100] * 9)]
+    expected, got = packing.pack(rows, max_length=16), _pack_rows(rows, 16)
+    assert set(got) == set(expected)
+    for key, value in expected.items():
+        assert (got[key].tolist() if torch.is_tensor(value) else got[key]) == (
+            value.tolist() if torch.is_tensor(value) else value
+        ), key
+
+
 def test_trials_that_cannot_be_packed_are_refused(trial_config):
     cfg = _cfg(trial_config)
     pack = _pack(cfg)
