@@ -31,6 +31,12 @@ import psutil
 BIN = Path(sys.executable).parent
 START_TIMEOUT_S = 120.0
 OBJECT_STORE = ["--object-store-memory", str(256 * 2**20)]
+AGENT_PORT_FLAGS = (
+    "--dashboard-agent-listen-port",
+    "--dashboard-agent-grpc-port",
+    "--runtime-env-agent-port",
+    "--metrics-export-port",
+)
 
 
 def free_port() -> int:
@@ -80,9 +86,14 @@ class LocalRayCluster:
         self.stop()
 
     def _ray(self, args: list[str]) -> None:
+        # each node's agents on ports of their own: the defaults (52365, ...) are one per machine,
+        # and another Ray of this machine may hold them
+        ports = []
+        for flag in AGENT_PORT_FLAGS:
+            ports += [flag, str(free_port())]
         done = subprocess.run(
             # a small object store each: nothing big goes through it, and memory is shared
-            [str(BIN / "ray"), "start", *args, "--disable-usage-stats", *OBJECT_STORE],
+            [str(BIN / "ray"), "start", *args, *ports, "--disable-usage-stats", *OBJECT_STORE],
             env=self.env,
             capture_output=True,
             text=True,
