@@ -16,7 +16,7 @@ import time
 from orchestrator.errors import LorasweepError
 from orchestrator.prices import cost_usd
 
-DRIVER_HEARTBEAT_S = 5.0
+DRIVER_HEARTBEAT_S = 1.0  # often: a dead driver's open accounts are priced to its last beat + this
 HEARTBEAT_DELIVERY_S = 0.5  # a trial's heartbeat, sent, until the ledger has written it
 # a running sweep's driver is taken for dead after this long without a heartbeat (tests shorten it)
 STALE_S = float(os.environ.get("LORASWEEP_DRIVER_STALE_S", "30"))
@@ -69,17 +69,18 @@ def crash_settlements(store, sweep_id: str, price_usd_per_hour: float) -> dict[s
 
 
 def crash_bound_unix(beat_unix: float | None, updates_unix: list[float]) -> float:
-    """The latest a dead driver (and its trials) can have died: one period after its last
-    heartbeat; and if its trials were still beating into the ledger then (a write since), one
-    trial heartbeat plus its delivery after the ledger's last write, if that is sooner."""
+    """The latest a dead driver (and its trials, and its ledger) can have died: one period after
+    its last heartbeat; or, while its trials were beating into the ledger (a write since, or
+    less than a trial heartbeat before), one trial heartbeat plus its delivery after the
+    ledger's last write, if that is sooner. Never before either's last sign of life."""
     from orchestrator.watchdog import HEARTBEAT_S
 
     beat_s = HEARTBEAT_S + HEARTBEAT_DELIVERY_S
     latest = max([u for u in updates_unix if u is not None], default=0.0)
-    if beat_unix is None:  # a row written before drivers beat: the accounts' own writes
-        return latest + beat_s
+    if beat_unix is None or latest > beat_unix + DRIVER_HEARTBEAT_S:
+        return latest + beat_s  # no driver beat (an old row), or its beats stalled before
     if latest >= beat_unix - beat_s:  # the trials beat until the driver's last beat, or later
-        return max(min(beat_unix + DRIVER_HEARTBEAT_S, latest + beat_s), beat_unix)
+        return min(beat_unix + DRIVER_HEARTBEAT_S, latest + beat_s)
     return beat_unix + DRIVER_HEARTBEAT_S
 
 

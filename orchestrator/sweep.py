@@ -200,7 +200,10 @@ def _score_base(spec: SweepSpec, plan: Plan, ledger) -> dict | None:
     if stopped:
         ray.cancel(ref, force=True)
         ray.wait([ref], timeout=KILL_LATENCY_S)  # bill until the process is gone
-    cost = cost_usd(plan.price_usd_per_hour, time.monotonic() - start)
+    # billed on the task's own clock when it answered (its process held the resources for that
+    # long: the OS agrees), on the driver's from the submit when it did not
+    held_s = float(out["seconds"]) if not stopped else time.monotonic() - start
+    cost = cost_usd(plan.price_usd_per_hour, held_s)
     remote.call(ledger.settle, "baseline", cost)
     if stopped:
         return {"stopped": stopped, "cost_usd": cost}
