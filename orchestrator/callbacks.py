@@ -481,8 +481,14 @@ class SweepCallback(Callback):
         )
         self._count_failure(status == "failed", last.get("error"))
         score = last.get("score")
+        kept = ""  # the adapter kept is an earlier eval's: say which
+        if "best_step" in final and final["best_step"] != last.get("step"):
+            kept = (
+                f" (kept step {final['best_step']}: score {final.get('best_score', 0):.3f}, "
+                f"eval_loss {final.get('best_eval_loss', 0):.4f})"
+            )
         self.console.print(
             f"[bold]{live.name}[/] {status}  score "
-            f"{'-' if score is None else f'{score:.3f}'}  ${final_usd:.5f} "
+            f"{'-' if score is None else f'{score:.3f}'}{kept}  ${final_usd:.5f} "
             f"({billed_s:.0f} s billed)" + (f"  {redact(last['error'])}" if "error" in last else "")
         )

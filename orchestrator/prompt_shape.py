@@ -22,6 +22,7 @@ class PromptShape:
     system_prompt: str | None  # the training rows' system message, if they share one
     user_prefix: str | None  # the opening every training user turn shares (an instruction)
     input_example: str  # the user turn of this sweep's first validation row
+    rendered: str = ""  # that row's prompt as the model reads it (template applied)
 
     def as_config(self) -> dict:
         return asdict(self)
@@ -36,6 +37,8 @@ class PromptShape:
         if self.user_prefix:
             lines.append(f"every training user turn starts with: {_short(self.user_prefix, width)}")
         lines.append(f"input example (validation row 1): {_short(self.input_example, width)}")
+        if self.rendered:  # what the model reads, newlines shown as \n
+            lines.append(f"as the model reads it: {_short(repr(self.rendered)[1:-1], width)}")
         return lines
 
 
@@ -76,10 +79,16 @@ def prompt_shape(
     train = read_examples(Path(train_path), data_format, "data.train")[:PREFIX_ROWS]
     val = read_examples(Path(validation_path), data_format, "data.validation")
     systems = {_system(ex.prompt) for ex in train}
+    rendered = ""
+    if tokenizer.chat_template:
+        rendered = tokenizer.apply_chat_template(
+            val[0].prompt, add_generation_prompt=True, tokenize=False
+        )
     return PromptShape(
         data_format=data_format,
         chat_template=tokenizer.chat_template or None,
         system_prompt=systems.pop() if len(systems) == 1 else None,
         user_prefix=_shared_opening([_user_turn(ex.prompt) for ex in train]),
         input_example=_user_turn(val[0].prompt),
+        rendered=rendered,
     )

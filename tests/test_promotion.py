@@ -68,8 +68,17 @@ def world(tmp_path_factory, tiny_model, small_data, ray_local):
     shutil.copytree(tiny_model, base)
     # lr 3 (the priors' pick, nearest the published fit) scores 6.25, 6.11, 6.13 at steps 2/4/6
     spec = _spec(tmp, base, small_data, {"choices": [0.5, 3.0]}, 3, 6)
-    result = run_sweep(spec, Console(file=io.StringIO(), width=200))
-    return {"tmp": tmp, "base": base, "spec": spec, "result": result, "data": small_data}
+    console = Console(file=io.StringIO(), width=200)
+    result = run_sweep(spec, console)
+    out = console.file.getvalue()
+    return {
+        "tmp": tmp,
+        "base": base,
+        "spec": spec,
+        "result": result,
+        "data": small_data,
+        "out": out,
+    }
 
 
 def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -102,6 +111,9 @@ def test_trials_keep_their_best_checkpoint_and_rank_by_eval_loss(world):
     assert kept is not None, [(r.trial, r.lr, r.best_step) for r in rows]
     row, last_loss = kept
     assert row.best_step < spec.trial.max_steps
+    assert (
+        f"{row.trial} completed" in world["out"] and f"(kept step {row.best_step}:" in world["out"]
+    )
     adapter = client.download_artifacts(row.run_id, "adapter", str(world["tmp"]))
     again = score_split(
         str(world["base"]),
@@ -141,6 +153,7 @@ def test_promote_registers_the_best_step_as_a_portable_model_without_warnings(wo
     first_val = json.loads(Path(world["data"]["validation"]).read_text().splitlines()[0])
     user = next(m["content"] for m in first_val["messages"] if m["role"] == "user")
     assert "prompt format chat, chat template the tokenizer's" in flat
+    assert "as the model reads it: <|im_start|>system\\nListing to JSON." in flat
     assert f"lorasweep generate --model models:/{NAME}@champion" in flat
     assert " ".join(user.split())[:40] in flat
     assert "weights sha256" in flat and "MLFLOW_TRACKING_URI=sqlite:////" in flat

@@ -64,14 +64,20 @@ def test_prompt_shape_finds_the_instruction_and_the_validation_example(tmp_path)
     (tmp_path / "train.jsonl").write_text(rows(["2 bed in Reno", "3 bath in Austin"]))
     (tmp_path / "val.jsonl").write_text(rows(["loft in Boise"]))
 
-    class Tok:
+    class Tok:  # the few tokenizer members prompt_shape reads
         chat_template = "{{ messages }}"
+
+        def apply_chat_template(self, messages, add_generation_prompt, tokenize):
+            return "".join(f"<{m['role']}>{m['content']}" for m in messages) + "<assistant>"
 
     shape = prompt_shape(tmp_path / "train.jsonl", tmp_path / "val.jsonl", "chat", Tok())
     assert shape.system_prompt == "You answer in JSON."
     assert shape.user_prefix == "Extract the listing as JSON:"
     assert shape.input_example == "Extract the listing as JSON: loft in Boise"
     assert shape.chat_template == "{{ messages }}"
+    assert shape.rendered == (
+        "<system>You answer in JSON.<user>Extract the listing as JSON: loft in Boise<assistant>"
+    )
     assert any("starts with: Extract the listing" in line for line in shape.describe())
     assert _shared_opening(["2 bed house", "2 bath flat"]) is None  # short: a coincidence
 
