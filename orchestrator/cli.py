@@ -117,6 +117,7 @@ def run(
         _refuse_unfinished(sweep_spec)
     from orchestrator.sweep import run_sweep
 
+    _mark_cluster(address)
     _show(
         run_sweep(
             sweep_spec,
@@ -127,6 +128,15 @@ def run(
             experiment=experiment,
         )
     )
+
+
+def _mark_cluster(address: str | None) -> None:
+    """``--address``: the sweep runs on a Ray cluster, so its storage must be every node's
+    (``storage.ray_storage``; checked by ``make_plan``, ``orchestrator/storage_check.py``)."""
+    if address:
+        from orchestrator.storage_check import CLUSTER_ENV
+
+        os.environ[CLUSTER_ENV] = address
 
 
 @app.command()
@@ -154,6 +164,7 @@ def resume(
         raise LorasweepError(
             f"--spec: {path} is spec {sweep_spec.name!r}, the sweep is {row.name!r}"
         )
+    _mark_cluster(address)
     _show(
         run_sweep(
             sweep_spec,

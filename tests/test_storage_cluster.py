@@ -119,6 +119,27 @@ def test_lorasweep_validate_refuses_it_before_anything_runs(tmp_path, tiny_model
     assert not (tmp_path / "data").exists()  # nothing was created
 
 
+def test_lorasweep_run_with_an_address_refuses_it_before_connecting(
+    tmp_path, tiny_model, small_data
+):
+    spec = {
+        "name": "clustered",
+        "budget_usd": 1,
+        "model": {"name_or_path": str(tiny_model)},
+        "data": {"source": "files", **{k: str(v) for k, v in small_data.items()}},
+        "storage": {"data_dir": str(tmp_path / "data")},
+    }
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    # nothing listens at that address: the refusal comes first, before Ray is asked
+    done = run_cli(
+        ["run", str(path), "--address", "127.0.0.1:1"], cwd=tmp_path, env={"RAY_ADDRESS": ""}
+    )
+    out = " ".join(done.stdout.split())
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "error: storage.ray_storage:" in out and "127.0.0.1:1" in out
+
+
 def test_a_resumed_phase_unfinishes_its_saved_search_through_pyarrow(tmp_path):
     """``lorasweep resume`` clears the 'finished' mark Tune saved with a stopped phase's search;
     the experiment folder is a path or a URI (pyarrow's filesystems) on shared storage."""
