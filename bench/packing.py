@@ -184,10 +184,14 @@ def packed(model_dir: Path, ks: list[int], args, vocab: int, alone: list[dict]) 
             if step >= args.warmup:
                 seconds += time.perf_counter() - t
                 tokens += sum(s.tokens for s in out.values())
-        diff = max(
-            abs(loss - ref)
-            for i, key in enumerate(keys)
-            for (_, loss), ref in zip(pack.slots[key].losses, alone[i]["losses"], strict=True)
+        diff = (
+            None
+            if alone is None
+            else max(
+                abs(loss - ref)
+                for i, key in enumerate(keys)
+                for (_, loss), ref in zip(pack.slots[key].losses, alone[i]["losses"], strict=True)
+            )
         )
         results[k] = {
             "tokens_per_s": tokens / seconds,
@@ -233,6 +237,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10, help="timed steps per trial")
     ap.add_argument("--seq", type=int, default=SEQ, help="tokens per row")
     ap.add_argument("--device", default="cuda", help="cpu: a dry run of the script's logic")
+    ap.add_argument(
+        "--no-sequential", action="store_true", help="packed rows only (no loss comparison)"
+    )
     args = ap.parse_args()
     cuda = args.device == "cuda"
     device = torch.cuda.get_device_name(0) if cuda else "cpu"
@@ -263,24 +270,29 @@ def main() -> None:
             )
             if not ks:
                 continue
-            alone = sequential(model_dir, max(ks), args, vocab)
+            alone = None if args.no_sequential else sequential(model_dir, max(ks), args, vocab)
             pack = packed(model_dir, ks, args, vocab, alone)
             fpt = _flops_per_token(model_dir, args.seq)
             one_gib = _one(shape, args.seq)  # a trial alone (sequential rows)
             for k in ks:
-                seq_tps = sum(a["tokens"] for a in alone[:k]) / sum(a["seconds"] for a in alone[:k])
                 est = estimate_pack(
                     shape, "lora", [(RANK, "all-linear")] * k, batch=BATCH, seq=args.seq
                 ).total_gib
-                for impl, tps, peak, diff in (
-                    ("sequential", seq_tps, alone[0]["peak_gib"], None),
+                runs = [
                     (
                         "packed",
                         pack[k]["tokens_per_s"],
                         pack[k]["peak_gib"],
                         pack[k]["max_loss_diff"],
-                    ),
-                ):
+                        est,
+                    )
+                ]
+                if alone is not None:
+                    seq_tps = sum(a["tokens"] for a in alone[:k]) / sum(
+                        a["seconds"] for a in alone[:k]
+                    )
+                    runs.insert(0, ("sequential", seq_tps, alone[0]["peak_gib"], None, one_gib))
+                for impl, tps, peak, diff, gib in runs:
                     rows.append(
                         {
                             "model": name,
@@ -292,7 +304,7 @@ def main() -> None:
                             "max_loss_diff": None if diff is None else round(diff, 5),
                             "device": device,
                             "seq": args.seq,
-                            "estimate_gib": round(est if impl == "packed" else one_gib, 2),
+                            "estimate_gib": round(gib, 2),
                         }
                     )
             out_path.write_text(json.dumps(rows, indent=1) + "\n")  # after each model
@@ -315,14 +327,16 @@ def _table(rows: list[dict]) -> None:
     )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        s = single[(r["model"], r["k"])]
-        speedup = r["tokens_per_s"] / s["tokens_per_s"]
-        sep = (r["peak_gib"] / (r["k"] * s["peak_gib"])) if r["peak_gib"] and s["peak_gib"] else 0
+        s = single.get((r["model"], r["k"]))
+        speedup = f"{r['tokens_per_s'] / s['tokens_per_s']:.2f}x" if s else ""
+        sep = ""
+        if s and r["peak_gib"] and s["peak_gib"]:
+            sep = f"{r['peak_gib'] / (r['k'] * s['peak_gib']):.2f}"
         diff = "" if r["max_loss_diff"] is None else f"{r['max_loss_diff']:.4f}"
         print(
-            f"| {r['model']} | {r['k']} | {r['impl']} | {r['tokens_per_s']:,} | {speedup:.2f}x | "
+            f"| {r['model']} | {r['k']} | {r['impl']} | {r['tokens_per_s']:,} | {speedup} | "
             f"{r['mfu']:.1%} | {r['peak_gib'] or 0:.1f} | "
-            f"{sep:.2f} | {r['estimate_gib']:.1f} | {diff} |"
+            f"{sep} | {r['estimate_gib']:.1f} | {diff} |"
         )
 
 
