@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from workers import train
 from workers.model import load_tokenizer
-from workers.packed import Pack, PackError
+from workers.packed import HoldBilling, Pack, PackError
 
 STEPS = 6
 _alone_cache: dict = {}
@@ -186,6 +186,21 @@ def test_a_saved_slot_loads_in_peft_as_its_trial(trial_config, tmp_path):
     got = peft.eval()(input_ids=ids).logits
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     assert peft.peft_config["default"].r == 4
+
+
+def test_every_held_second_is_billed_to_some_slot_by_token_share():
+    now = [100.0]
+    billing = HoldBilling(start_monotonic=90.0, clock=lambda: now[0])  # 10 s of loading so far
+    assert billing.settle({}) == {}  # an empty pack: the seconds wait
+    now[0] = 104.0
+    first = billing.settle({"a": 3000, "b": 1000})  # a step of 4 s, loading included: 14 s
+    assert first == pytest.approx({"a": 10.5, "b": 3.5})
+    now[0] = 106.0
+    assert billing.settle({"b": 1.0}) == pytest.approx({"b": 2.0})  # b's eval and save
+    now[0] = 107.0
+    billing.settle({"a": 0, "c": 500})  # a idles this step: c (refilled) pays the step
+    assert billing.billed_s == pytest.approx({"a": 10.5, "b": 5.5, "c": 1.0})
+    assert sum(billing.billed_s.values()) == pytest.approx(billing.held_s()) == 17.0
 
 
 def test_a_pack_lays_rows_out_as_the_trial_step_does():
