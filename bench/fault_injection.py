@@ -32,10 +32,13 @@ Faults (which sweep gets which is fixed, ``PLAN``; when they strike is drawn fro
 A fault counts as injected only when it was applied (a sweep that ended first does not count it);
 ``hang``/``nan`` count when their token file (the hook's claim) exists at the end.
 
-Measures, per sweep: the ledger (``Store.totals``: spent) and the outside clock: a thread polls the
-OS every 0.1 s for this cluster's processes titled ``ray::ImplicitFunc`` / ``ray::score_split`` /
-``ray::_Inner`` (children of this run's raylets) and bills each (pid, start time) for its lifetime
-seen (last - first seen + one poll) x $36/h, attributed to the sweep running when it appeared.
+Measures, per sweep: the ledger (``Store.totals``: spent) and the outside clock
+(``tests/outside_clock.ProcessMeter``, the tests' own): a thread polls the OS every 0.1 s for this
+cluster's processes (children of its raylets) titled ``ray::ImplicitFunc`` / ``ray::score_split`` /
+``ray::_Inner``, and bills each for the time it held its lease: from the process's start (the
+cluster keeps no idle pool, ``enable_worker_prestart`` off, as lorasweep's local clusters: Ray
+starts each worker for a lease, and its start-up and imports are held time) to the last poll that
+shows it titled, x $36/h, attributed to the sweep running when the span opened.
 Then writes the JSON with:
 
 - ``sweeps``, ``sweeps_completed``: sweeps run; those whose ledger state ends ``completed`` (the
@@ -73,7 +76,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -83,11 +85,12 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))  # the outside clock the tests use
+from outside_clock import ProcessMeter, title  # noqa: E402
+
 BIN = Path(sys.executable).parent
 PRICE = 36.0  # $/core-hour: 1 cent a second
 CAP = 3.0
-POLL_S = 0.1
-PAID_TITLES = ("ray::ImplicitFunc", "ray::score_split", "ray::_Inner")
 DRIVER_FAULTS = ("kill_worker", "kill_driver", "sigint", "mlflow_down")
 KINDS = ("kill_worker", "kill_driver", "sigint", "hang", "nan", "mlflow_down")
 PLAN = [
@@ -127,11 +130,15 @@ class Cluster:
         head = [str(BIN / "ray"), "start", "--head", "--port", str(self.port), *common]
         head += ["--temp-dir", str(self.temp_dir), "--include-dashboard", "false"]
         head += ["--node-ip-address", "127.0.0.1"]
-        subprocess.run(head, env=self.env, check=True, capture_output=True, timeout=120)
+        # no idle worker pool (as lorasweep's own local clusters): each worker starts for the
+        # lease it serves, so the outside clock can count it from its start
+        no_pool = {"RAY_enable_worker_prestart": "0", "RAY_prestart_worker_first_driver": "0"}
+        env = {**self.env, **no_pool}
+        subprocess.run(head, env=env, check=True, capture_output=True, timeout=120)
         self.remember()
         node = [str(BIN / "ray"), "start", "--address", self.address, *common]
         node += ["--node-ip-address", "127.0.0.1"]
-        subprocess.run(node, env=self.env, check=True, capture_output=True, timeout=120)
+        subprocess.run(node, env=env, check=True, capture_output=True, timeout=120)
         self.remember()
 
     def own(self) -> list[psutil.Process]:
@@ -169,85 +176,21 @@ class Cluster:
         psutil.wait_procs(alive, timeout=5)
 
 
-def title(p: psutil.Process) -> str:
-    try:
-        return (p.cmdline() or [""])[0]
-    except psutil.Error:
-        return ""
-
-
-class Meter:
-    """Polls the cluster's paid worker processes; spans per (pid, create time)."""
+class ClusterProcesses:
+    """The cluster's worker processes (its raylets' descendants), for the outside clock."""
 
     def __init__(self, cluster: Cluster) -> None:
-        self.cluster = cluster
-        self.sweep = -1  # the sweep running now (set by the main thread)
-        self.spans: dict[tuple[int, float], dict] = {}
-        self.live: dict[tuple[int, float], psutil.Process] = {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self.raylets: list[psutil.Process] = []
-        self._lock = threading.Lock()
+        self.cluster, self.raylets, self.scanned = cluster, [], 0.0
 
-    def __enter__(self) -> Meter:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def _run(self) -> None:
-        last_scan = 0.0
-        while not self._stop.is_set():
-            now = time.monotonic()
-            if now - last_scan > 2.0 or not self.raylets:
-                self.raylets = self.cluster.raylets()
-                last_scan = now
-            live = {}
-            for r in self.raylets:
-                try:
-                    kids = r.children(recursive=True)
-                except psutil.Error:
-                    continue
-                for p in kids:
-                    t = title(p)
-                    if not t.startswith(PAID_TITLES):
-                        continue
-                    try:
-                        key = (p.pid, p.create_time())
-                    except psutil.Error:
-                        continue
-                    span = self.spans.setdefault(
-                        key, {"first": now, "last": now, "title": t, "sweep": self.sweep}
-                    )
-                    span["last"] = now
-                    live[key] = p
-            with self._lock:
-                self.live = live
-            self._stop.wait(POLL_S)
-
-    def trial_processes(self, min_age_s: float) -> list[psutil.Process]:
+    def __call__(self) -> list[psutil.Process]:
         now = time.monotonic()
-        with self._lock:
-            return [
-                p
-                for k, p in self.live.items()
-                if self.spans[k]["title"].startswith("ray::ImplicitFunc")
-                and now - self.spans[k]["first"] >= min_age_s
-            ]
-
-    def sweep_usd(self, sweep: int) -> float:
-        spans = [s for s in self.spans.values() if s["sweep"] == sweep]
-        held = sum(s["last"] - s["first"] + POLL_S for s in spans)
-        return PRICE * held / 3600.0
-
-    def sweep_processes(self, sweep: int) -> list[dict]:
-        return [
-            {"pid": k[0], "title": s["title"], "held_s": round(s["last"] - s["first"] + POLL_S, 2)}
-            for k, s in self.spans.items()
-            if s["sweep"] == sweep
-        ]
+        if now - self.scanned > 2.0 or not self.raylets:
+            self.raylets, self.scanned = self.cluster.raylets(), now
+        out = []
+        for r in self.raylets:
+            with contextlib.suppress(psutil.Error):
+                out += r.children(recursive=True)
+        return out
 
 
 # --- MLflow server ---------------------------------------------------------------------------
@@ -375,7 +318,7 @@ class SweepRun:
             if self.proc.poll() is not None:
                 return False
             self._learn_id()
-            if self.meter.trial_processes(2.0):
+            if self.meter.running("ray::ImplicitFunc", 2.0):
                 return True
             time.sleep(0.2)
         return False
@@ -415,7 +358,7 @@ class SweepRun:
             return False
         rec = {"kind": kind, "at": time.time(), "delay_s": round(delay, 2)}
         if kind == "kill_worker":
-            procs = self.meter.trial_processes(2.0)
+            procs = self.meter.running("ray::ImplicitFunc", 2.0)
             if not procs:
                 return False
             victim = self.rng.choice(procs)
@@ -443,7 +386,7 @@ class SweepRun:
         return True
 
     def run(self) -> None:
-        self.meter.sweep = self.i
+        self.meter.tag = self.i
         self._launch(resume=False)
         resumes = 0
         while True:
@@ -470,7 +413,7 @@ class SweepRun:
                 self._wait_interrupted()
             resumes += 1
             self._launch(resume=True)
-        self.meter.sweep = -1
+        self.meter.tag = -1
 
     # --- the checks at the end ---------------------------------------------------------------
     def check(self) -> dict:
@@ -491,9 +434,9 @@ class SweepRun:
             | {"wall_s": round(a.get("ended", time.time()) - a["started"], 1), "log": a["log"]}
             for a in self.attempts
         ]
-        outside = self.meter.sweep_usd(self.i)
+        outside = self.meter.cost_usd(PRICE, self.i)
         out["outside_usd"] = outside
-        out["processes"] = self.meter.sweep_processes(self.i)
+        out["processes"] = self.meter.processes(self.i)
         if self.sweep_id is None:
             out.update(ledger_usd=0.0, completed=False, lost=0, duplicates=0, state="never started")
             return out
@@ -636,11 +579,9 @@ def main() -> None:
         cluster.start()
         mlflow.start()
         log(f"MLflow {mlflow.uri}")
-        with Meter(cluster) as meter:
+        with ProcessMeter(ClusterProcesses(cluster)) as meter:
             runs = []
-            chosen = (
-                [int(x) for x in args.only.split(",")] if args.only else range(args.sweeps)
-            )
+            chosen = [int(x) for x in args.only.split(",")] if args.only else range(args.sweeps)
             for i in chosen:
                 faults = PLAN[i]
                 sweep = SweepRun(i, faults, work, env, cluster, meter, mlflow, rng, model, data)

@@ -112,6 +112,9 @@ def _init_ray(spec: SweepSpec, address: str | None) -> None:
             include_dashboard=False,
             log_to_driver=verbose,
             configure_logging=verbose,
+            # no idle pool: each worker starts for the lease it serves, so a trial's bill starts
+            # with its worker process (orchestrator/trainable.py) and nothing idles on a GPU
+            _system_config={"enable_worker_prestart": False, "prestart_worker_first_driver": False},
         )
 
 
@@ -173,8 +176,8 @@ def _score_base(spec: SweepSpec, plan: Plan, ledger) -> dict | None:
         if not remote.call(ledger.reserve, "baseline", ceiling_usd):
             return None
     res, t = spec.resources, spec.trial
-    task = ray.remote(score_split).options(
-        num_cpus=res.cpus_per_trial, num_gpus=res.gpus_per_trial, max_retries=0
+    task = ray.remote(score_split).options(  # max_calls=1: its worker (and GPU memory) goes
+        num_cpus=res.cpus_per_trial, num_gpus=res.gpus_per_trial, max_retries=0, max_calls=1
     )
     limit_s = ceiling_usd / plan.price_usd_per_hour * 3600 + MARGIN_S + GRACE_S
     start = time.monotonic()
@@ -202,7 +205,7 @@ def _score_base(spec: SweepSpec, plan: Plan, ledger) -> dict | None:
         ray.wait([ref], timeout=KILL_LATENCY_S)  # bill until the process is gone
     # billed on the task's own clock when it answered (its process held the resources for that
     # long: the OS agrees), on the driver's from the submit when it did not
-    held_s = float(out["seconds"]) if not stopped else time.monotonic() - start
+    held_s = float(out["held_s"]) if not stopped else time.monotonic() - start
     cost = cost_usd(plan.price_usd_per_hour, held_s)
     remote.call(ledger.settle, "baseline", cost)
     if stopped:

@@ -1,11 +1,12 @@
 """The Ray Tune function trainable: glue between Tune, the budget ledger and ``workers.train``.
 
 Billing starts when the trial's worker holds its resources: for the first trial of a worker
-process, when Tune's actor loaded this module (the actor is created once its resources are
-granted); for a later trial of a reused actor, when the previous trial in the process returned,
-so the seconds a kept actor holds its resources while the search decides are billed too (to the
-next trial). All on this process's ``time.monotonic()``. While the trial runs, a heartbeat thread
-sends its billed cost to the ledger every ``HEARTBEAT_S`` and picks up a revoked grant.
+process, when the process started or when Tune's actor loaded this module (``workers/held.py``:
+a young process was started by Ray for this trial's lease); for a later trial of a reused actor,
+when the previous trial in the process returned, so the seconds a kept actor holds its resources
+while the search decides are billed too (to the next trial). All on this process's
+``time.monotonic()``. While the trial runs, a heartbeat thread sends its billed cost to the
+ledger every ``HEARTBEAT_S`` and picks up a revoked grant.
 
 A retried trial (its worker was lost; Tune's ``FailureConfig`` starts it again) continues from its
 last checkpoint (``tune.get_checkpoint()``, see ``workers/train.py``), and its clock starts from
@@ -18,7 +19,9 @@ from __future__ import annotations
 
 import time
 
-_HELD_SINCE = time.monotonic()  # this worker process got its resources (module loaded by the actor)
+from workers.held import held_since  # light: the clock below starts before the heavy imports
+
+_HELD_SINCE = held_since(time.monotonic())
 _released_at: float | None = None  # when this process's previous trial returned
 
 import contextlib  # noqa: E402 - after the clock above, which must start first

@@ -76,7 +76,15 @@ def ray_local():
     """One local Ray for the whole session (2 CPUs, like CI)."""
     import ray
 
-    ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, log_to_driver=False)
+    ray.init(
+        num_cpus=2,
+        num_gpus=0,
+        include_dashboard=False,
+        log_to_driver=False,
+        # as lorasweep's own local clusters: no idle pool (the outside clock counts a worker
+        # from its start, tests/outside_clock.py)
+        _system_config={"enable_worker_prestart": False, "prestart_worker_first_driver": False},
+    )
     yield
     ray.shutdown()
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from workers import evaluate
 from workers.data import read_examples
+from workers.held import held_since
 from workers.model import load_base_model, load_tokenizer
 
 
@@ -41,9 +42,11 @@ def score_split(
     device: str = "cpu",
     num_threads: int | None = None,
 ) -> dict:
-    """``{"score", "eval_loss", "examples", "seconds"}`` of one model on one split; ``seconds``
-    from this call's start, imports included (what its process held for it)."""
+    """``{"score", "eval_loss", "examples", "seconds", "held_s"}`` of one model on one split:
+    ``seconds`` from this call's start; ``held_s`` from when its process held its resources
+    (``workers/held.py``: in a Ray task, its worker's start), what the base eval is billed."""
     t0 = time.monotonic()
+    since = held_since(t0)
     import torch
 
     if num_threads and device == "cpu":
@@ -59,4 +62,5 @@ def score_split(
         "eval_loss": result["eval_loss"],
         "examples": len(examples),
         "seconds": time.monotonic() - t0,
+        "held_s": time.monotonic() - since,
     }
