@@ -515,9 +515,10 @@ def _promote_here(tracking_uri: str, sweep: str | None, name: str | None, force:
     p = do_promote(tracking_uri, sweep, name, force=force)
     test = "" if p.test_score is None else f", test score {p.test_score:.3f}"
     step = "" if p.best_step is None else f" at step {p.best_step}"
+    loss = "" if p.eval_loss is None else f" eval_loss {p.eval_loss:.4f}"
     console.print(
         f"[green]registered[/] {p.name} version {p.version} as @{p.alias}: "
-        f"validation score {p.score:.3f} ({escape(p.trial)}{step}, by {p.objective}){test}, "
+        f"validation score {p.score:.3f}{loss} ({escape(p.trial)}{step}, by {p.objective}){test}, "
         f"trial cost ${p.cost_usd:.5f}"
     )
     if p.alias == ALIAS:

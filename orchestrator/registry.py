@@ -43,6 +43,7 @@ class Promotion:
     cost_usd: float
     test_score: float | None
     alias: str = ALIAS  # champion, or challenger when it did not beat the champion
+    eval_loss: float | None = None  # validation, of the adapter registered
     champion_version: str = ""  # where champion points after this promotion
     replaced: str | None = None  # the version champion pointed at before, when it moved
     reason: str = ""
@@ -305,6 +306,7 @@ def _promote(tracking_uri: str, sweep: str | None, name: str | None, force: bool
         "best_step": "" if best.best_step is None else str(best.best_step),
         "objective": f"{metric} {mode}",
         "score": f"{best.score:.4f}",  # validation, the trial's own eval of this adapter
+        "eval_loss": "" if best.eval_loss is None else f"{best.eval_loss:.4f}",
         "cost_usd": f"{best.cost_usd:.6f}",
         **new.tags(),
     }
@@ -328,6 +330,7 @@ def _promote(tracking_uri: str, sweep: str | None, name: str | None, force: bool
         best.cost_usd,
         new.score if has_test else None,
         alias=alias,
+        eval_loss=best.eval_loss,
         champion_version=champion_version,
         replaced=str(current.version) if decision.move and current is not None else None,
         reason=decision.reason,

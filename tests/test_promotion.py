@@ -259,6 +259,15 @@ def test_a_worse_sweep_leaves_champion_where_it_was_unless_forced(world):
     assert "registered promo version 3 as @champion:" in flat and "replaces version 1" in flat
     version = client.get_model_version_by_alias(NAME, "champion")
     assert str(version.version) == "3" and version.tags["replaced_version"] == "1"
+    # a champion measured elsewhere (here: its records wiped, like one promoted before them) is
+    # scored again on the new version's split, not compared across grounds
+    for key in [k for k in version.tags if k.startswith("compare.")]:
+        client.delete_model_version_tag(NAME, "3", key)
+    again = _cli("promote", result.sweep_id, "--tracking-uri", result.tracking_uri, cwd=tmp)
+    flat = " ".join(again.stdout.split())
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "champion version 4: better than version 3: eval_loss" in flat
+    assert "replaces version 3" in flat
     # no SWEEP: refused (the latest sweep of any experiment would be a guess), naming the sweeps
     bare = _cli("promote", "--tracking-uri", result.tracking_uri, cwd=tmp)
     assert bare.returncode == 2 and "SWEEP: say which sweep" in bare.stdout
