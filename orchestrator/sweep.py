@@ -176,8 +176,10 @@ def _score_base(spec: SweepSpec, plan: Plan, ledger) -> dict | None:
         if not remote.call(ledger.reserve, "baseline", ceiling_usd):
             return None
     res, t = spec.resources, spec.trial
-    task = ray.remote(score_split).options(  # max_calls=1: its worker (and GPU memory) goes
-        num_cpus=res.cpus_per_trial, num_gpus=res.gpus_per_trial, max_retries=0, max_calls=1
+    # max_calls=1: its worker (and GPU memory) goes (Ray takes max_calls in ray.remote only:
+    # ``.options(max_calls=...)`` raises ValueError)
+    task = ray.remote(max_calls=1)(score_split).options(
+        num_cpus=res.cpus_per_trial, num_gpus=res.gpus_per_trial, max_retries=0
     )
     limit_s = ceiling_usd / plan.price_usd_per_hour * 3600 + MARGIN_S + GRACE_S
     start = time.monotonic()
