@@ -358,7 +358,7 @@ def generate(
     try:
         model = mlflow.pyfunc.load_model(model_uri)
     except Exception as exc:  # noqa: BLE001 - MLflow raises several types for a bad URI
-        detail = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
+        detail = str(exc).splitlines()[0][:1000] if str(exc) else type(exc).__name__
         if re.search(r"base model", detail):  # our own refusal (model_code.py): say it as is
             raise LorasweepError(f"--model: {detail}") from None
         raise LorasweepError(
