@@ -15,7 +15,8 @@ packages, which are not published. Everything it needs to know comes from the mo
 
 Where the base is read from, first match wins: the environment variable ``LORASWEEP_BASE_MODEL``,
 ``base_path`` (the recorded one, or ``model_config={"base_path": DIR}`` given to ``load_model``)
-if that folder exists here, else the hub id at its recorded revision. A folder whose weights hash
+if that folder exists here, this machine's lorasweep cache for the embedded model, else the hub
+id at its recorded revision. A folder whose weights hash
 differs from ``base_sha256`` is refused (another model or version would load silently otherwise).
 """
 
@@ -59,6 +60,9 @@ def base_location(config: dict) -> tuple[str, str | None]:
         folder, where = Path(given).expanduser(), f"{BASE_ENV}={given}"
     elif recorded and Path(recorded).is_dir():
         folder, where = Path(recorded), recorded
+    elif config["base_model"] == "embedded" and recorded and _embedded_here(recorded).is_dir():
+        folder = _embedded_here(recorded)  # this machine's lorasweep cache holds the same model
+        where = str(folder)
     elif config.get("base_revision") or not _looks_local(config["base_model"]):
         return config["base_model"], config.get("base_revision")
     else:
@@ -79,6 +83,12 @@ def base_location(config: dict) -> tuple[str, str | None]:
                 f"point {BASE_ENV} or model_config base_path at a copy of that model"
             )
     return str(folder), None
+
+
+def _embedded_here(recorded: str) -> Path:
+    """Where lorasweep's cache (``workers/model.py``) keeps the embedded model on this machine."""
+    root = Path(os.environ.get("LORASWEEP_CACHE", Path.home() / ".cache" / "lorasweep"))
+    return root / "models" / Path(recorded).name
 
 
 def _looks_local(name: str) -> bool:

@@ -4,6 +4,7 @@ the prompt shape of a data file, the base model's weight hash and its refusal.""
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 
@@ -99,5 +100,11 @@ def test_a_base_whose_weights_differ_is_refused(tmp_path, monkeypatch):
     assert base_location(config) == (str(good), None)
     monkeypatch.delenv("LORASWEEP_BASE_MODEL")
     assert base_location({**config, "base_path": str(good)}) == (str(good), None)
+    # the embedded model: this machine's lorasweep cache holds it under the same folder name
+    cache = tmp_path / "cache"
+    shutil.copytree(good, cache / "models" / "SmolLM2-135M-Instruct")
+    monkeypatch.setenv("LORASWEEP_CACHE", str(cache))
+    embedded = {**config, "base_model": "embedded", "base_path": "/home/x/SmolLM2-135M-Instruct"}
+    assert base_location(embedded)[0] == str(cache / "models" / "SmolLM2-135M-Instruct")
     hub = {"base_model": "org/model", "base_revision": "abc123", "base_path": None}
     assert base_location(hub) == ("org/model", "abc123")
