@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from workers import train
 from workers.model import load_tokenizer
-from workers.packed import HoldBilling, Pack, PackError
+from workers.packed import HoldBilling, Pack, PackError, PackServer
 
 STEPS = 6
 _alone_cache: dict = {}
@@ -186,6 +186,74 @@ def test_a_saved_slot_loads_in_peft_as_its_trial(trial_config, tmp_path):
     got = peft.eval()(input_ids=ids).logits
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     assert peft.peft_config["default"].r == 4
+
+
+def test_trials_in_threads_share_a_pack_and_train_as_if_alone(trial_config, small_data):
+    """Three trials, each its own thread (as a threaded actor's calls): they join a PackServer,
+    step through it, evaluate and leave; one joins late, after another left. Each trains as it
+    would alone, its eval matches run_trial's, and the held seconds are all billed."""
+    import threading
+
+    from workers import evaluate
+    from workers.data import read_examples
+
+    cfgs = [
+        _cfg(trial_config, rank=4, target_modules="all_linear", max_steps=4),
+        _cfg(trial_config, rank=2, target_modules="attn", seed=1, max_steps=2),
+        _cfg(trial_config, rank=8, target_modules="mlp", seed=2, learning_rate=1e-3, max_steps=4),
+    ]
+    server = PackServer(_pack(cfgs[0]), wait_s=0.5)
+    tokenizer = load_tokenizer(cfgs[0].model)
+    val = read_examples(small_data["validation"], "chat", "data.validation")
+    done: dict = {}
+
+    def trial(i: int, after: threading.Event | None, finished: threading.Event):
+        if after is not None:
+            after.wait()
+        cfg = cfgs[i]
+        key = server.join(cfg)
+        data = _data(cfg)
+        losses = [server.step(key, next(data)).loss for _ in range(cfg.max_steps)]
+        with server.closing(key) as model:
+            model.eval()
+            result = evaluate.evaluate(model, tokenizer, val, cfg.max_seq_len, 8, 4)
+        done[i] = (losses, result["eval_loss"], server.leave(key), key)
+        finished.set()
+
+    ends = [threading.Event() for _ in cfgs]
+    threads = [
+        threading.Thread(target=trial, args=(0, None, ends[0])),
+        threading.Thread(target=trial, args=(1, None, ends[1])),
+        threading.Thread(target=trial, args=(2, ends[1], ends[2])),  # refills trial 1's slot
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert sorted(done) == [0, 1, 2]
+    server.billing.settle({})  # the idle tail since the last slot left: pending
+    billed = sum(server.billing.billed_s.values()) + server.billing.pending_s
+    assert billed == pytest.approx(server.billing.held_s(), abs=0.01)
+    assert all(done[i][2] == server.billing.billed_s[done[i][3]] > 0 for i in range(3))
+    assert max(server.step_sizes) == 2  # steps did pack two trials
+    for i, cfg in enumerate(cfgs):
+        alone_losses, _ = _alone(cfg)
+        assert done[i][0] == pytest.approx(alone_losses, abs=1e-5), i
+        report: dict = {}
+        train.run_trial(cfg, lambda m, _d, report=report: report.update(m))
+        assert done[i][1] == pytest.approx(report["eval_loss"], rel=1e-4), i
+
+
+def test_a_failed_packed_step_reaches_every_trial_in_it(trial_config):
+    cfg = _cfg(trial_config)
+    server = PackServer(_pack(cfg), wait_s=0.01)
+    key = server.join(cfg)
+    with pytest.raises(ValueError):
+        server.step(key, [])
+    vocab = server.pack.model.config.vocab_size
+    with pytest.raises(IndexError):  # a token id past the vocabulary: the embedding refuses it
+        server.step(key, [([vocab + 5, 1, 2], [vocab + 5, 1, 2])])
+    assert server.step(key, next(_data(cfg))).tokens > 0  # the pack goes on
 
 
 def test_every_held_second_is_billed_to_some_slot_by_token_share():

@@ -580,3 +580,83 @@ class HoldBilling:
     def held_s(self) -> float:
         """Seconds held so far (billed or pending)."""
         return self._clock() - self.start_monotonic
+
+
+class PackServer:
+    """A pack shared by concurrent trials, each in its own thread (what a threaded Ray actor's
+    calls are): a trial ``join``s, hands in one batch per ``step`` and blocks until the packed
+    step that includes it has run. A step runs once every joined slot has handed in its rows, or
+    ``wait_s`` after the first did (a slot busy evaluating is not waited for). Evaluation and
+    saving of one slot (``closing``) hold the pack alone: the routing is the pack's, not a
+    thread's. Every held second is billed to the slots (``billing``)."""
+
+    def __init__(self, pack: Pack, *, wait_s: float = 0.05, billing: HoldBilling | None = None):
+        import threading
+
+        self.pack = pack
+        self.wait_s = wait_s
+        self.billing = billing or HoldBilling()
+        self._cond = threading.Condition()
+        self._gpu = threading.Lock()  # one packed step or one slot's closing at a time
+        self._pending: dict[str, list] = {}
+        self._results: dict[str, SlotStep | BaseException] = {}
+        self._first_pending: float | None = None
+        self.step_sizes: dict[int, int] = {}  # slots per packed step -> steps run
+
+    # lock order: the condition, then the GPU (a closing holds only the GPU)
+
+    def join(self, cfg) -> str:
+        with self._cond, self._gpu:
+            return self.pack.add(cfg)
+
+    def leave(self, key: str) -> float:
+        """Remove the slot; returns the seconds billed to it (the time since the last
+        settlement included: its closing's tail). Seconds held after the last slot left wait in
+        ``billing.pending_s`` for the next slot, or for the caller to bill as the pack's idle
+        tail."""
+        with self._cond, self._gpu:
+            self.billing.settle({key: 1.0})
+            self.pack.remove(key)
+            return self.billing.billed_s.get(key, 0.0)
+
+    def step(self, key: str, rows: list) -> SlotStep:
+        """Hand in this slot's batch; returns its loss and tokens once its step has run."""
+        if not rows:
+            raise ValueError("PackServer.step: a batch needs at least one row")
+        with self._cond:
+            self._pending[key] = rows
+            if self._first_pending is None:
+                self._first_pending = time.monotonic()
+            while key not in self._results:
+                waited = time.monotonic() - self._first_pending
+                if len(self._pending) >= len(self.pack.slots) or waited >= self.wait_s:
+                    self._run_pending()
+                else:
+                    self._cond.wait(self.wait_s - waited)
+            result = self._results.pop(key)
+        if isinstance(result, BaseException):
+            raise result  # the packed step failed: every trial in it sees why
+        return result
+
+    def _run_pending(self) -> None:
+        """The step of what was handed in (called under the condition's lock)."""
+        batch, self._pending, self._first_pending = self._pending, {}, None
+        try:
+            with self._gpu:
+                result = self.pack.step(batch)
+                self.step_sizes[len(result)] = self.step_sizes.get(len(result), 0) + 1
+                self.billing.settle(self.pack.token_shares(result))
+        except Exception as exc:  # noqa: BLE001 - handed to every waiting trial
+            result = dict.fromkeys(batch, exc)
+        self._results.update(result)
+        self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def closing(self, key: str):
+        """The pack's model as slot ``key``'s trial, for its eval and adapter save; the time is
+        billed to that slot."""
+        with self._gpu, self.pack.only(key) as model:
+            try:
+                yield model
+            finally:
+                self.billing.settle({key: 1.0})
