@@ -249,7 +249,6 @@ class Pack:
         self.bucket_tokens, self.max_length = bucket_tokens, max_length
         self.routing = _Routing()
         self.slots: dict[str, Slot] = {}
-        self._keys = itertools.count()
         for p in lm.parameters():
             p.requires_grad_(False)
         _, PackedLinear = _torch_modules()
@@ -313,7 +312,9 @@ class Pack:
                 f"search_space.target_modules: {cfg.target_modules!r} matches no layer of this "
                 "model; use all_linear"
             )
-        key = f"slot{next(self._keys)}"
+        # the lowest free key: a refilled slot keeps the module names of the one it replaces, so
+        # compiled layers see the same structure (fewer recompiles)
+        key = next(f"slot{i}" for i in itertools.count() if f"slot{i}" not in self.slots)
         LoRA, _ = _torch_modules()
         scaling = cfg.alpha / (math.sqrt(cfg.rank) if cfg.use_rslora else cfg.rank)
         generators: dict = {}  # one stream per device, as workers.lora.init_adapter draws
@@ -550,7 +551,8 @@ class HoldBilling:
     (key -> weight: a step's tokens from :meth:`Pack.token_shares`, or ``{key: 1}`` after that
     slot's eval and save). Seconds with no slot to bill (loading the base, an empty pack) wait and
     go to the next settlement's slots, as a trial alone pays its own load. So at every settlement
-    the slots' billed seconds add up to the time held since ``start_monotonic``.
+    the seconds billed (to slots in the pack, and ``closed_s`` to trials that left) add up to the
+    time held since ``start_monotonic``.
     """
 
     def __init__(
@@ -560,7 +562,8 @@ class HoldBilling:
         self.start_monotonic = clock() if start_monotonic is None else start_monotonic
         self._last = self.start_monotonic
         self.pending_s = 0.0  # held, not yet billed to any slot
-        self.billed_s: dict[str, float] = {}
+        self.billed_s: dict[str, float] = {}  # slots in the pack
+        self.closed_s = 0.0  # billed to trials that left
 
     def settle(self, shares: dict[str, float]) -> dict[str, float]:
         """Bill the time since the last settlement (and any pending) by ``shares``; returns the
@@ -576,6 +579,13 @@ class HoldBilling:
             self.billed_s[key] = self.billed_s.get(key, 0.0) + seconds
         self.pending_s = 0.0
         return billed
+
+    def close(self, key: str) -> float:
+        """A slot's trial ended: its billed seconds, moved to ``closed_s`` (its key may be
+        reused by the next trial)."""
+        seconds = self.billed_s.pop(key, 0.0)
+        self.closed_s += seconds
+        return seconds
 
     def held_s(self) -> float:
         """Seconds held so far (billed or pending)."""
@@ -617,7 +627,7 @@ class PackServer:
         with self._cond, self._gpu:
             self.billing.settle({key: 1.0})
             self.pack.remove(key)
-            return self.billing.billed_s.get(key, 0.0)
+            return self.billing.close(key)
 
     def step(self, key: str, rows: list) -> SlotStep:
         """Hand in this slot's batch; returns its loss and tokens once its step has run."""
