@@ -1,7 +1,6 @@
 """Several LoRA trials packed on one frozen base: one forward and backward over all their rows.
 
-A small model's LoRA trial leaves most of a GPU idle (launch-bound at batch 8 x 1024), and trials
-run as separate processes on one GPU only time-slice it, each with its own copy of the base
+Trials run as separate processes on one GPU only time-slice it, each with its own copy of the base
 (measured: K=2 and 4 processes gave 0.95x / 0.94x the tokens/s of one). A :class:`Pack` holds the
 base once and K adapter *slots*, each one trial with its own rank, alpha, target modules, dropout,
 rsLoRA flag, optimizer, learning rate and schedule. One :meth:`Pack.step`:
@@ -29,9 +28,12 @@ promotion and serving read it like any trial's. :class:`HoldBilling` bills every
 GPU is held to its slots, by their share of each step's tokens.
 
 Measured on an H200 (``bench/packing.py``, bench/RESULTS.md): at batch 8 x 1024 per slot a pack of
-4 runs at the tokens/s of the same trials one after another (0.5B: 126.6k vs 127.2k; the step is
-already GPU-bound at 8k tokens, so sharing the base matmuls saves no time) and peaks at 0.80x the
-memory of four separate trials (activations dominate). Each span is one piece of a single split of
+4 runs at the tokens/s of the same trials one after another (0.5B: 126.6k vs 127.2k): one trial's
+step is already GPU-bound at 8k tokens (LoRA-MFU ~26% is lost in per-token work, not in launches),
+so sharing the base matmuls saves no time there; it peaks at 0.80x the memory of four separate
+trials (activations dominate). Packing pays where one trial's step is small (short rows, small
+batches: 8 x 256 tokens per trial gave 76k tokens/s packed by 4 against 59-74k one by one, before
+the split below). Each span is one piece of a single split of
 the layer's input and output: slicing per span cost a full-size copy per slot in backward
 (O(K^2) per layer; tokens/s fell with K).
 """
