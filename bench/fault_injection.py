@@ -256,7 +256,12 @@ def spec_dict(i: int, work: Path, model: Path, data: dict, tracking_uri: str) ->
         "resources": {"accelerator": "cpu", "cpus_per_trial": 1, "max_concurrent_trials": 2},
         "max_trials": 4,
         "prices": {"overrides": {"cpu": PRICE}},
-        "storage": {"data_dir": str(work / f"sweep{i}"), "mlflow_tracking_uri": tracking_uri},
+        "storage": {
+            "data_dir": str(work / f"sweep{i}"),
+            "mlflow_tracking_uri": tracking_uri,
+            # both nodes run on this machine: its folder is storage every node reads
+            "ray_storage": str(work / f"sweep{i}" / "ray"),
+        },
     }
 
 

@@ -54,17 +54,23 @@ def refuse_unfinished(store, name: str) -> None:
 
 
 def crash_settlements(store, sweep_id: str, price_usd_per_hour: float) -> dict[str, float]:
-    """What each account left open by a dead driver spent: its last heartbeat plus the time
-    until the crash, never below what it reported. The trials died with the driver (Tune's
-    actors are its own), at a time no later than :func:`crash_bound_unix` says."""
+    """What each account left open by a dead driver spent: its last heartbeat (or, started and
+    not yet beating, its start) plus the time until the crash, never below what it reported.
+    The trials died with the driver (Tune's actors are its own), at a time no later than
+    :func:`crash_bound_unix` says."""
     row = store.sweep(sweep_id)
     beat = row.driver_heartbeat_unix if row is not None else None
     open_accounts = [a for a in store.accounts(sweep_id) if not (a.settled or a.charge)]
     crash_unix = crash_bound_unix(beat, [a.updated_unix for a in open_accounts])
     out = {}
     for acct in open_accounts:
-        gap_s = max(0.0, crash_unix - acct.updated_unix) if acct.spent_usd > 0 else 0.0
-        out[acct.key] = acct.spent_usd + cost_usd(price_usd_per_hour, gap_s)
+        if acct.spent_usd > 0:  # from its last heartbeat
+            since = acct.updated_unix
+        elif acct.started_unix is not None:  # started, loading, no heartbeat yet: from its start
+            since = acct.started_unix
+        else:  # reserved, never started
+            since = crash_unix
+        out[acct.key] = acct.spent_usd + cost_usd(price_usd_per_hour, max(0.0, crash_unix - since))
     return out
 
 

@@ -300,7 +300,6 @@ def _make_tuner(
     num_samples: int,
 ):
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search.optuna import OptunaSearch
 
     from orchestrator.acquisition import CalibratedCost, CostAwareTPESampler
@@ -308,6 +307,7 @@ def _make_tuner(
     from orchestrator.callbacks import interrupted as sweep_interrupted
     from orchestrator.memory_lessons import MemoryLessons
     from orchestrator.optuna_storage import SecretlessRDBStorage
+    from orchestrator.schedulers import SweepASHA, SweepFIFO
     from orchestrator.search import BudgetedSearcher, DefineByRun
     from orchestrator.storage_check import tune_storage
     from orchestrator.trainable import train_lorasweep
@@ -348,7 +348,8 @@ def _make_tuner(
         lessons=MemoryLessons(spec.trial.batch_size),
     )
     if spec.early_stopping.enabled:
-        scheduler = ASHAScheduler(
+        scheduler = SweepASHA(
+            sweep_id,
             time_attr="training_iteration",
             metric=metric,
             mode=mode,
@@ -357,7 +358,7 @@ def _make_tuner(
             reduction_factor=spec.early_stopping.reduction_factor,
         )
     else:
-        scheduler = FIFOScheduler()
+        scheduler = SweepFIFO(sweep_id)
     res = spec.resources
     trainable = tune.with_resources(
         tune.with_parameters(train_lorasweep, base=_base_trial_config(spec, plan), ledger=ledger),

@@ -52,19 +52,23 @@ def test_open_accounts_are_settled_to_the_bound_never_below_what_they_reported(t
     store.open_sweep("s1", "s1", 1.0)
     fields = {"ceiling_usd": 0.5, "settled": False, "charge": False}
     store.save_account("s1", "quiet", spent_usd=0.0, **fields)  # reserved, never started
+    started = time.time() - 3.0  # started 3 s ago, still loading: no heartbeat yet
+    store.save_account("s1", "loading", spent_usd=0.0, started_unix=started, **fields)
     store.save_account("s1", "done", spent_usd=0.2, **{**fields, "settled": True})
     store.save_account("s1", "a", spent_usd=0.1, **fields)
     store.save_account("s1", "b", spent_usd=0.3, **fields)
     beat = time.time() - 1.0
     store.set_sweep("s1", driver_heartbeat_unix=beat)
     rows = {a.key: a for a in store.accounts("s1")}
-    bound = crash_bound_unix(beat, [rows[k].updated_unix for k in ("quiet", "a", "b")])
+    bound = crash_bound_unix(beat, [rows[k].updated_unix for k in ("quiet", "loading", "a", "b")])
     assert bound <= beat + DRIVER_HEARTBEAT_S + 1e-6
 
     price = 36.0  # 1 cent a second
     out = crash_settlements(store, "s1", price)
-    assert set(out) == {"quiet", "a", "b"}  # settled accounts are left as they are
-    assert out["quiet"] == 0.0  # a trial that never spent is not billed for the gap
+    assert set(out) == {"quiet", "loading", "a", "b"}  # settled accounts are left as they are
+    assert out["quiet"] == 0.0  # a trial that never started is not billed for the gap
+    # one that started is billed from its start, its first heartbeat not yet written
+    assert out["loading"] == pytest.approx(price * (bound - started) / 3600.0)
     for key in ("a", "b"):
         gap_s = bound - rows[key].updated_unix
         assert out[key] == pytest.approx(rows[key].spent_usd + price * gap_s / 3600.0)
