@@ -30,7 +30,16 @@ __all__ = ["ALIAS", "Promotion", "promote", "generate", "pinned_requirements"]
 
 MODEL_CODE = Path(__file__).with_name("model_code.py")
 # what model_code.py imports, and what those need at load (jinja2: chat templates)
-REQUIREMENTS = ("mlflow", "torch", "transformers", "peft", "safetensors", "tokenizers", "jinja2")
+REQUIREMENTS = (
+    "mlflow",
+    "torch",
+    "transformers",
+    "peft",
+    "pandas",
+    "safetensors",
+    "tokenizers",
+    "jinja2",
+)
 DEFAULT_MAX_NEW_TOKENS = 128  # ``lorasweep generate``'s default; at least the eval's
 
 
