@@ -690,8 +690,7 @@ def _trials_table(info: dict):
 
     table = Table(title=f"leaderboard — {info['id']}")
     rows = info.get("trials") or []
-    wanted = ("trial", "method", "rank", "alpha", "targets", "lr", "score", "eval_loss", "cost_usd")
-    wanted += ("billed_s", "status")
+    from orchestrator.leaderboard import COLUMNS as wanted
     cols = [c for c in wanted if any(c in r for r in rows)] or list(rows[0]) if rows else []
     for col in cols:
         table.add_column(col)

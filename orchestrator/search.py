@@ -100,7 +100,9 @@ class BudgetedSearcher(Searcher):
         from orchestrator import remote
 
         if self.stopping is not None and self.stopping():
-            return None  # Tune ends the phase once the running trials have closed
+            # the search is over for this driver (resume un-finishes it): Tune ends the phase
+            # once the running trials have closed; with none running it must not wait for one
+            return Searcher.FINISHED
         floor = self.predict(self.cheapest).admission_usd
         if not remote.call(self.ledger.reserve, trial_id, floor):
             snap = remote.call(self.ledger.snapshot)

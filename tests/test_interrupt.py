@@ -23,10 +23,14 @@ from orchestrator.store import Store
 pytestmark = pytest.mark.slow
 
 
-def _run_and_interrupt(tmp_path, raw: dict) -> tuple[str, int, Path]:
-    """Start ``lorasweep run`` on spec ``raw`` as a user would, send SIGINT once a trial has
-    printed its first eval (it is past its first report, training on), and wait for the driver to
-    end: (output, exit code, the ledger's sqlite file)."""
+def _run_and_interrupt(
+    tmp_path, raw: dict, when: re.Pattern | None = None
+) -> tuple[str, int, Path]:
+    """Start ``lorasweep run`` on spec ``raw`` as a user would, send SIGINT once a line matches
+    ``when`` (by default: a trial has printed its first eval, it is past its first report,
+    training on), and wait for the driver to end: (output, exit code, the ledger's sqlite
+    file)."""
+    when = when or FIRST_EVAL
     spec_path = tmp_path / "spec.yaml"
     spec_path.write_text(yaml.safe_dump(raw))
     db = Path(raw["storage"]["data_dir"]) / "lorasweep.db"
@@ -42,7 +46,7 @@ def _run_and_interrupt(tmp_path, raw: dict) -> tuple[str, int, Path]:
     reader.start()
     try:
         t0 = time.monotonic()
-        while not any(FIRST_EVAL.search(line) for line in list(lines)):
+        while not any(when.search(line) for line in list(lines)):
             assert proc.poll() is None, "".join(lines)
             assert time.monotonic() - t0 < 300, "no trial reported: " + "".join(lines)
             time.sleep(0.2)
@@ -141,3 +145,22 @@ def test_an_interrupted_sweep_resumes_and_runs_its_remaining_trials(
     assert len(finished) >= 2, [(r.trial, r.status) for r in rows]  # it ran on after Ctrl-C
     totals = store.totals(sweep_id)
     assert totals.reserved_usd == pytest.approx(0.0) and totals.spent_usd <= 2.0
+
+
+def test_sigint_between_the_base_eval_and_the_first_trial_ends_the_sweep(
+    tmp_path, tiny_model, small_data
+):
+    """Ctrl-C once the base model is scored, before Tune started a trial: no trial starts, the
+    driver exits 130 with every account settled (it used to wait for a trial forever)."""
+    raw = _spec(tmp_path, tiny_model, small_data, budget_usd=2.0, max_trials=3).model_dump(
+        mode="json"
+    )
+    raw["search_space"].pop("preset")
+    out, returncode, db = _run_and_interrupt(tmp_path, raw, re.compile(r"base model score"))
+    assert returncode == 130, out
+    assert not re.search(r"trial-\d+ started", out), out
+    store = Store(f"sqlite:///{db}")
+    sweep_id = store.sweep_ids()[0]
+    assert store.sweep(sweep_id).state == "interrupted"
+    assert all(a.settled for a in store.accounts(sweep_id))
+    assert store.totals(sweep_id).reserved_usd == pytest.approx(0.0)

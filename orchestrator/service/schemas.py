@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, create_model
 
 SweepStateName = Literal["queued", "running", "completed", "failed", "cancelled", "interrupted"]
 
@@ -31,22 +31,26 @@ class SweepCreated(BaseModel):
     )
 
 
-class TrialRow(BaseModel):
-    """One trial of the leaderboard (``lorasweep leaderboard``'s columns)."""
+def _row_model() -> type[BaseModel]:
+    """``TrialRow``: ``lorasweep leaderboard``'s row (``orchestrator.leaderboard.Row``) as a
+    pydantic model, field for field, so the API's rows can never drift from the CLI's."""
+    import dataclasses
+    import typing
 
-    trial: str
-    method: str
-    rank: int | None
-    alpha: float | None
-    targets: str
-    lr: float | None
-    score: float | None
-    eval_loss: float | None
-    cost_usd: float
-    billed_s: float
-    status: str
-    run_id: str
-    trial_id: str = ""
+    from orchestrator.leaderboard import Row
+
+    hints = typing.get_type_hints(Row)
+    return create_model(
+        "TrialRow",
+        __doc__="One trial of the leaderboard (``lorasweep leaderboard``'s columns).",
+        **{
+            f.name: (hints[f.name], ... if f.default is dataclasses.MISSING else f.default)
+            for f in dataclasses.fields(Row)
+        },
+    )
+
+
+TrialRow = _row_model()
 
 
 class MlflowInfo(BaseModel):
