@@ -295,7 +295,10 @@ class SweepCallback(Callback):
         live = self.live[trial.trial_id]
         live.trial = trial
         if self.watchdog is not None:  # watched afresh: the new worker's heartbeats restart
-            self.watchdog.watch(trial.trial_id, functools.partial(_kill, trial))
+            # from what the lost attempts spent: a retry lost before its first heartbeat (still
+            # loading) is billed from there to its loss, not from zero
+            prior_usd = remote.call(self.ledger.spent, trial.trial_id)
+            self.watchdog.watch(trial.trial_id, functools.partial(_kill, trial), prior_usd)
 
     @_guarded
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:

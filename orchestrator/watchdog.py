@@ -105,10 +105,12 @@ class Watchdog:
         self.kills: list[str] = []
 
     # --- registration (from the Tune callback) --------------------------------------------
-    def watch(self, trial_id: str, kill: Callable[[], None]) -> None:
+    def watch(self, trial_id: str, kill: Callable[[], None], spent_usd: float = 0.0) -> None:
+        """Watch a trial from now; ``spent_usd``: what its earlier attempts spent (a retry),
+        from which its live spend goes on until its own first heartbeat."""
         now = time.monotonic()
         with self._lock:
-            self._watched[trial_id] = _Watched(kill, since=now, seen=now)
+            self._watched[trial_id] = _Watched(kill, since=now, spent_usd=spent_usd, seen=now)
 
     def unwatch(self, trial_id: str) -> float | None:
         """Stop watching; returns the spend the watchdog settled a killed trial at, if it did."""
