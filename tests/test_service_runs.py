@@ -528,15 +528,16 @@ def test_ctrl_c_stops_watching_not_the_sweep_and_cancel_settles_and_stops_its_dr
     server, tokens = sqlite_service
     token = tokens["team-b"]
     env = {**os.environ, "LORASWEEP_TOKEN": token, "COLUMNS": "200"}
-    # long enough (a few minutes of trials) that Ctrl-C and the cancel come while it runs
+    # long enough (a few minutes of trials) that Ctrl-C and the cancel come while it runs: a
+    # reused worker trains the tiny model's 60 steps in ~2 s, so 8 such trials were over in 20 s
     spec = _spec(
         tiny_model,
         small_data,
         name="watched",
         budget_usd=2.0,
         max_trials=8,
-        max_steps=60,
-        eval_every=10,
+        max_steps=600,
+        eval_every=100,
     )
     spec_path = tmp_path / "watched.yaml"
     spec_path.write_text(yaml.safe_dump(spec))
