@@ -607,8 +607,15 @@ def _submit_and_follow(server: str, spec: Path | None) -> None:
 
 def _follow(client, server: str, sweep_id: str) -> None:
     """Print the sweep's events to its end, then its outcome; Ctrl-C stops watching only."""
+    import signal
+    import threading
+
     from orchestrator.service.client import FINAL_STATES
 
+    if threading.current_thread() is threading.main_thread():
+        # Ctrl-C / SIGINT stops watching also where the shell started us ignoring it (a
+        # background job: Python then installs no handler, and the watch went on to the end)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         for _, event in client.follow(sweep_id):
             console.print(event.get("line", ""), markup=False, highlight=False, soft_wrap=True)
@@ -691,6 +698,7 @@ def _trials_table(info: dict):
     table = Table(title=f"leaderboard — {info['id']}")
     rows = info.get("trials") or []
     from orchestrator.leaderboard import COLUMNS as wanted
+
     cols = [c for c in wanted if any(c in r for r in rows)] or list(rows[0]) if rows else []
     for col in cols:
         table.add_column(col)
