@@ -3,7 +3,8 @@
 A fault is ``KIND@STEP`` (several joined by ``,``): ``hang@3`` sleeps ``HANG_S`` inside step 3
 (a hung kernel, NCCL wait or dead filesystem, as the watchdog sees it), ``nan@3`` makes step 3's
 loss NaN, ``slow@3`` makes step 3 and every later one last at least ``SLOW_S`` (a slow GPU: a test
-that must act while a trial trains gets the time to). The sweep driver passes the environment variable ``LORASWEEP_FAULT`` to every trial.
+that must act while a trial trains gets the time to). The sweep driver passes the environment
+variable ``LORASWEEP_FAULT`` to every trial.
 
 Plain ``KIND@STEP`` hits every trial (and every retry) that reaches the step. ``KIND@STEPxN|DIR``
 fires at most ``N`` times across the whole sweep, whichever trials and processes reach the step
