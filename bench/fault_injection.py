@@ -86,6 +86,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))  # the outside clock the tests use
+from local_cluster import own_processes, stop_processes  # noqa: E402
 from outside_clock import ProcessMeter, title  # noqa: E402
 
 BIN = Path(sys.executable).parent
@@ -142,13 +143,7 @@ class Cluster:
         self.remember()
 
     def own(self) -> list[psutil.Process]:
-        """This cluster's daemons (their command lines name its temp dir)."""
-        out = []
-        for p in psutil.process_iter(["cmdline"]):
-            with contextlib.suppress(psutil.Error):
-                if any(str(self.temp_dir) in a for a in p.info["cmdline"] or []):
-                    out.append(p)
-        return out
+        return own_processes(self.temp_dir)
 
     def raylets(self) -> list[psutil.Process]:
         return [p for p in self.own() if "raylet" in " ".join(p.info["cmdline"][:1])]
@@ -157,23 +152,7 @@ class Cluster:
         self.seen |= {p.pid for p in self.own()}
 
     def stop(self) -> None:
-        procs: dict[int, psutil.Process] = {}
-        for p in self.own():
-            procs[p.pid] = p
-            with contextlib.suppress(psutil.Error):
-                for c in p.children(recursive=True):
-                    procs[c.pid] = c
-        for pid in self.seen:
-            with contextlib.suppress(psutil.Error):
-                procs.setdefault(pid, psutil.Process(pid))
-        for p in procs.values():
-            with contextlib.suppress(psutil.Error):
-                p.terminate()
-        _, alive = psutil.wait_procs(list(procs.values()), timeout=10)
-        for p in alive:
-            with contextlib.suppress(psutil.Error):
-                p.kill()
-        psutil.wait_procs(alive, timeout=5)
+        stop_processes(self.temp_dir, self.seen)
 
 
 class ClusterProcesses:

@@ -59,6 +59,38 @@ def cluster_env(token: str) -> dict[str, str]:
     return env
 
 
+def own_processes(temp_dir: Path) -> list[psutil.Process]:
+    """A cluster's daemons: the processes whose command lines name its ``--temp-dir``."""
+    out = []
+    for p in psutil.process_iter(["cmdline"]):
+        with contextlib.suppress(psutil.Error):
+            if any(str(temp_dir) in a for a in p.info["cmdline"] or []):
+                out.append(p)
+    return out
+
+
+def stop_processes(temp_dir: Path, seen: set[int]) -> None:
+    """Stop a cluster by PID: its daemons, their children and the pids ``seen`` earlier,
+    SIGTERM then (after 10 s) SIGKILL."""
+    procs: dict[int, psutil.Process] = {}
+    for p in own_processes(temp_dir):
+        procs[p.pid] = p
+        with contextlib.suppress(psutil.Error):
+            for c in p.children(recursive=True):
+                procs[c.pid] = c
+    for pid in seen:
+        with contextlib.suppress(psutil.Error):
+            procs.setdefault(pid, psutil.Process(pid))
+    for p in procs.values():
+        with contextlib.suppress(psutil.Error):
+            p.terminate()
+    _, alive = psutil.wait_procs(list(procs.values()), timeout=10)
+    for p in alive:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+    psutil.wait_procs(alive, timeout=5)
+
+
 class LocalRayCluster:
     """A head node (``head_cpus``, dashboard on) and, when ``worker_cpus`` is set, a worker node
     with its own CPUs and a custom resource ``worker_node`` (so a test can tell the nodes apart)."""
@@ -156,33 +188,11 @@ class LocalRayCluster:
         raise RuntimeError(f"the Ray dashboard did not answer in {START_TIMEOUT_S:g} s")
 
     def own(self) -> list[psutil.Process]:
-        """This cluster's daemons (their command lines name its temp dir)."""
-        out = []
-        for p in psutil.process_iter(["cmdline"]):
-            with contextlib.suppress(psutil.Error):
-                if any(str(self.temp_dir) in a for a in p.info["cmdline"] or []):
-                    out.append(p)
-        return out
+        return own_processes(self.temp_dir)
 
     def remember(self) -> None:
         self.seen |= {p.pid for p in self.own()}
 
     def stop(self) -> None:
-        procs: dict[int, psutil.Process] = {}
-        for p in self.own():
-            procs[p.pid] = p
-            with contextlib.suppress(psutil.Error):
-                for c in p.children(recursive=True):
-                    procs[c.pid] = c
-        for pid in self.seen:
-            with contextlib.suppress(psutil.Error):
-                procs.setdefault(pid, psutil.Process(pid))
-        for p in procs.values():
-            with contextlib.suppress(psutil.Error):
-                p.terminate()
-        _, alive = psutil.wait_procs(list(procs.values()), timeout=10)
-        for p in alive:
-            with contextlib.suppress(psutil.Error):
-                p.kill()
-        psutil.wait_procs(alive, timeout=5)
+        stop_processes(self.temp_dir, self.seen)
         shutil.rmtree(self.temp_dir, ignore_errors=True)
