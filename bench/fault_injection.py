@@ -89,6 +89,8 @@ sys.path.insert(0, str(ROOT / "tests"))  # the outside clock the tests use
 from local_cluster import own_processes, stop_processes  # noqa: E402
 from outside_clock import ProcessMeter, title  # noqa: E402
 
+from workers.synthetic import build_demo_inputs  # noqa: E402
+
 BIN = Path(sys.executable).parent
 PRICE = 36.0  # $/core-hour: 1 cent a second
 CAP = 3.0
@@ -495,28 +497,6 @@ class SweepRun:
         return out
 
 
-def build_inputs(work: Path) -> tuple[Path, dict]:
-    from workers import demo_task
-    from workers.synthetic import build_random_llama, build_tokenizer
-
-    def texts():
-        for split in ("train", "validation"):
-            for row in demo_task.make_split(split):
-                for m in row["messages"]:
-                    yield m["content"]
-
-    model_dir = work / "tiny-llama"
-    model_dir.mkdir()
-    model = build_random_llama(model_dir, build_tokenizer(texts()))
-    data = {}
-    for split, n in (("train", 48), ("validation", 4), ("test", 4)):
-        path = work / f"{split}.jsonl"
-        rows = demo_task.make_split(split)[:n]
-        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        data[split] = path
-    return Path(model), data
-
-
 def table(per: list[dict]) -> str:
     lines = [
         "| sweep | faults injected | driver runs (exit codes) | completed | ledger $ | outside $ "
@@ -558,7 +538,7 @@ def main() -> None:
     per: list[dict] = []
     try:
         log("building the tiny model")
-        model, data = build_inputs(work)
+        model, data = build_demo_inputs(work)
         log(f"starting Ray (head {cluster.address} + 1 node, token auth) and MLflow")
         cluster.start()
         mlflow.start()

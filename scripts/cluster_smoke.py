@@ -50,25 +50,10 @@ def createdb(base_url: str, names: list[str]) -> None:
 def inputs(work: Path) -> None:
     """The tiny random-init Llama (a tokenizer trained in code) and the demo task's files: no
     model hub is needed. Prints their paths as JSON."""
-    from workers import demo_task
-    from workers.synthetic import build_random_llama, build_tokenizer
+    from workers.synthetic import build_demo_inputs
 
-    def texts():
-        for split in ("train", "validation"):
-            for row in demo_task.make_split(split):
-                for m in row["messages"]:
-                    yield m["content"]
-
-    model_dir = work / "tiny-llama"
-    model_dir.mkdir(parents=True, exist_ok=True)
-    model = build_random_llama(model_dir, build_tokenizer(texts()))
-    data = {}
-    for split, n in (("train", 48), ("validation", 4), ("test", 4)):
-        path = work / f"{split}.jsonl"
-        rows = demo_task.make_split(split)[:n]
-        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        data[split] = str(path)
-    print(json.dumps({"model": str(model), "data": data}))
+    model, data = build_demo_inputs(work)
+    print(json.dumps({"model": str(model), "data": {k: str(v) for k, v in data.items()}}))
 
 
 def _nodes(dashboard_url: str) -> tuple[list, str]:

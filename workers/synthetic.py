@@ -89,3 +89,29 @@ def build_random_llama(
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
+
+
+def build_demo_inputs(work: Path) -> tuple[Path, dict[str, Path]]:
+    """The tiny random-init Llama (its tokenizer trained on the demo task's text) and small
+    train/validation/test JSONL files cut from the demo task, under ``work``: a sweep's inputs
+    with no model hub (the fault benchmark's and the cluster smoke's)."""
+    import json
+
+    from workers import demo_task
+
+    def texts():
+        for split in ("train", "validation"):
+            for row in demo_task.make_split(split):
+                for m in row["messages"]:
+                    yield m["content"]
+
+    model_dir = Path(work) / "tiny-llama"
+    model_dir.mkdir(parents=True, exist_ok=True)
+    model = build_random_llama(model_dir, build_tokenizer(texts()))
+    data = {}
+    for split, n in (("train", 48), ("validation", 4), ("test", 4)):
+        path = Path(work) / f"{split}.jsonl"
+        rows = demo_task.make_split(split)[:n]
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        data[split] = path
+    return Path(model), data
