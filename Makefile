@@ -28,6 +28,7 @@ demo: install  ## run the embedded demo sweep end to end, then promote its best 
 test: install  ## the whole suite (unit + local-Ray integration); gpu tests are deselected
 	./scripts/ensure-postgres.sh
 	./scripts/ensure-docker-compose.sh
+	./scripts/ensure-chromium.sh
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 test-fast: install  ## unit tests only (seconds)
