@@ -23,21 +23,32 @@ app = typer.Typer(
 )
 # piped output (CI, `| tee`) gets a width that fits the leaderboard instead of rich's 80
 console = Console(highlight=False, width=None if os.isatty(1) else 132)
-DEFAULT_TRACKING_URI = "sqlite:///lorasweep-data/mlflow.db"
-
-DEFAULT_SERVICE_DB = "sqlite:///lorasweep-data/lorasweep.db"
-ServiceDbOpt = Annotated[
-    str,
+# where results live (orchestrator/results_home.py): one data folder for every command, single
+# stores overridable; read commands never create a store
+DataDirOpt = Annotated[
+    Path | None,
     typer.Option(
-        "--service-db", envvar="LORASWEEP_SERVICE_DB", help="SQLAlchemy URL of the budget ledger."
+        "--data-dir",
+        envvar="LORASWEEP_DATA",
+        help="Folder of the embedded stores (mlflow.db, lorasweep.db, ...); default "
+        "./lorasweep-data. For run: used when the spec sets no storage.data_dir.",
+    ),
+]
+ServiceDbOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--service-db",
+        envvar="LORASWEEP_SERVICE_DB",
+        help="SQLAlchemy URL of the budget ledger; default: lorasweep.db in --data-dir.",
     ),
 ]
 TrackingOpt = Annotated[
-    str,
+    str | None,
     typer.Option(
         "--tracking-uri",
         envvar="LORASWEEP_TRACKING_URI",
-        help="MLflow tracking URI holding the sweeps (sqlite file or http server).",
+        help="MLflow tracking URI holding the sweeps (sqlite file or http server); default: "
+        "mlflow.db in --data-dir.",
     ),
 ]
 
@@ -102,6 +113,7 @@ def run(
     ] = None,
     experiment: ExperimentOpt = None,
     server: ServerOpt = None,
+    data_dir: DataDirOpt = None,
 ) -> None:
     """Run a budget-capped sweep and print its leaderboard (with --server: submit it to the
     sweep service and follow it; Ctrl-C stops watching, not the sweep)."""
@@ -111,7 +123,7 @@ def run(
         _submit_and_follow(server, spec)
         return
 
-    sweep_spec = load_spec(spec)
+    sweep_spec = _in_data_dir(load_spec(spec), data_dir)
     console.print(f"[bold]spec[/] {spec or f'{EXAMPLE_SPEC.name} (the embedded demo)'}")
     if not new:
         _refuse_unfinished(sweep_spec)
@@ -128,6 +140,15 @@ def run(
             experiment=experiment,
         )
     )
+
+
+def _in_data_dir(sweep_spec, data_dir: Path | None):
+    """The spec with ``--data-dir`` / ``LORASWEEP_DATA`` as its data folder, unless the spec sets
+    ``storage.data_dir`` itself (the spec's own choice wins)."""
+    if data_dir is None or "data_dir" in sweep_spec.storage.model_fields_set:
+        return sweep_spec
+    storage = sweep_spec.storage.model_copy(update={"data_dir": data_dir})
+    return sweep_spec.model_copy(update={"storage": storage})
 
 
 def _mark_cluster(address: str | None) -> None:
@@ -147,19 +168,21 @@ def resume(
     spec: Annotated[
         Path | None, typer.Option(help="Spec file; default: the one the sweep ran with.")
     ] = None,
-    service_db: ServiceDbOpt = DEFAULT_SERVICE_DB,
+    service_db: ServiceDbOpt = None,
     experiment: ExperimentOpt = None,
+    data_dir: DataDirOpt = None,
 ) -> None:
     """Continue an interrupted sweep where it stopped: same budget, ledger, Optuna study, Tune
     experiment and MLflow runs."""
+    from orchestrator.results_home import require_ledger
     from orchestrator.spec import load_spec
     from orchestrator.sweep import run_sweep
 
-    row = _sweep_row(service_db, sweep)
+    row = _sweep_row(require_ledger(service_db, data_dir), sweep)
     path = spec or (Path(row.spec_path) if row.spec_path else None)
     if path is None:
         raise LorasweepError(f"--spec: sweep {sweep} recorded no spec file; pass the spec it ran")
-    sweep_spec = load_spec(path)
+    sweep_spec = _in_data_dir(load_spec(path), data_dir)
     if sweep_spec.name != row.name:
         raise LorasweepError(
             f"--spec: {path} is spec {sweep_spec.name!r}, the sweep is {row.name!r}"
@@ -181,14 +204,17 @@ def resume(
 @_friendly
 def abandon(
     sweep: Annotated[str, typer.Argument(help="Id of the unfinished sweep to give up.")],
-    service_db: ServiceDbOpt = DEFAULT_SERVICE_DB,
-    tracking_uri: TrackingOpt = DEFAULT_TRACKING_URI,
+    service_db: ServiceDbOpt = None,
+    tracking_uri: TrackingOpt = None,
+    data_dir: DataDirOpt = None,
 ) -> None:
     """Give up an interrupted sweep: settle every open account at what it spent up to the crash,
     close its MLflow runs as KILLED, mark it cancelled."""
     from orchestrator.abandon import abandon as do_abandon
+    from orchestrator.results_home import require_ledger, require_tracking_store
 
-    snap = do_abandon(service_db, tracking_uri, sweep)
+    ledger = require_ledger(service_db, data_dir)
+    snap = do_abandon(ledger, require_tracking_store(tracking_uri, data_dir), sweep)
     console.print(
         f"[bold]abandoned[/] {sweep}: spent ${snap['spent_usd']:.5f} of ${snap['cap_usd']:g}, "
         "every account settled, its MLflow runs closed"
@@ -251,12 +277,15 @@ def _show(result) -> None:
 
 @app.command()
 @_friendly
-def validate(spec: Annotated[Path, typer.Argument(help="Sweep YAML to check.")]) -> None:
+def validate(
+    spec: Annotated[Path, typer.Argument(help="Sweep YAML to check.")],
+    data_dir: DataDirOpt = None,
+) -> None:
     """Check a spec, its data, model and prices, and predict costs; spends nothing."""
     from orchestrator.preflight import make_plan
     from orchestrator.spec import config_label, load_spec
 
-    sweep_spec = load_spec(spec)
+    sweep_spec = _in_data_dir(load_spec(spec), data_dir)
     plan = make_plan(sweep_spec)
     steps = len(sweep_spec.eval_steps)
     console.print(
@@ -303,12 +332,13 @@ def status(
     sweep: Annotated[
         str | None, typer.Argument(help="Sweep id or spec name; omit to list all.")
     ] = None,
-    tracking_uri: TrackingOpt = DEFAULT_TRACKING_URI,
-    service_db: ServiceDbOpt = DEFAULT_SERVICE_DB,
+    tracking_uri: TrackingOpt = None,
+    service_db: ServiceDbOpt = None,
     server: ServerOpt = None,
     follow: Annotated[
         bool, typer.Option("--follow", help="With --server: follow the sweep's events to its end.")
     ] = False,
+    data_dir: DataDirOpt = None,
 ) -> None:
     """Sweeps and their spend, or one sweep's spent / reserved / remaining and its trials'
     predicted vs actual cost."""
@@ -320,7 +350,10 @@ def status(
         return
     if follow:
         raise LorasweepError("--follow: needs --server (a local sweep prints to its own terminal)")
+    from orchestrator import results_home
 
+    tracking_uri = results_home.require_tracking_store(tracking_uri, data_dir)
+    service_db = results_home.service_db(service_db, data_dir)
     if sweep is None:
         console.print(_sweeps_table(tracking_uri, service_db))
         return
@@ -452,8 +485,9 @@ def _predicted_vs_actual(rows, accounts: dict):
 @_friendly
 def leaderboard_cmd(
     sweep: Annotated[str | None, typer.Argument(help="Sweep id or spec name (latest).")] = None,
-    tracking_uri: TrackingOpt = DEFAULT_TRACKING_URI,
+    tracking_uri: TrackingOpt = None,
     server: ServerOpt = None,
+    data_dir: DataDirOpt = None,
 ) -> None:
     """The trials of a sweep, best first."""
     from orchestrator import leaderboard
@@ -463,6 +497,9 @@ def leaderboard_cmd(
         info = client.sweep(sweep or _latest_sweep_id(client, server))
         console.print(_trials_table(info))
         return
+    from orchestrator.results_home import require_tracking_store
+
+    tracking_uri = require_tracking_store(tracking_uri, data_dir)
     parent = leaderboard.find_sweep(tracking_uri, sweep)
     rows = leaderboard.trial_rows(tracking_uri, parent)
     console.print(leaderboard.render(rows, title=f"leaderboard — {parent.info.run_name}"))
@@ -481,8 +518,9 @@ def promote(
         bool,
         typer.Option("--force", help="Move `champion` even if the new version is not better."),
     ] = False,
-    tracking_uri: TrackingOpt = DEFAULT_TRACKING_URI,
+    tracking_uri: TrackingOpt = None,
     server: ServerOpt = None,
+    data_dir: DataDirOpt = None,
 ) -> None:
     """Register the sweep's best adapter (its best checkpoint by the objective); `champion` moves
     to it only when it beats the current champion on the same split and scorer (or --force)."""
@@ -500,7 +538,9 @@ def promote(
             f"[green]registered[/] {p['model']} version {p['version']} as @{p['alias']}{test}"
         )
         return
-    _promote_here(tracking_uri, sweep, name, force)
+    from orchestrator.results_home import require_tracking_store
+
+    _promote_here(require_tracking_store(tracking_uri, data_dir), sweep, name, force)
 
 
 def _promote_here(tracking_uri: str, sweep: str | None, name: str | None, force: bool) -> None:
@@ -726,10 +766,19 @@ def generate(
     max_new_tokens: Annotated[
         int | None, typer.Option(min=1, help="Default: the model's (at least 128).")
     ] = None,
-    tracking_uri: TrackingOpt = DEFAULT_TRACKING_URI,
+    tracking_uri: TrackingOpt = None,
+    data_dir: DataDirOpt = None,
 ) -> None:
     """Load a registered model (base + adapter) as plain MLflow does and print a completion."""
     from orchestrator.registry import generate as do_generate
+    from orchestrator.results_home import require_tracking_store
+    from orchestrator.results_home import tracking_uri as default_uri
+
+    registered = model.startswith(("models:/", "runs:/"))  # those URIs read the tracking store
+    if registered:
+        tracking_uri = require_tracking_store(tracking_uri, data_dir)
+    else:
+        tracking_uri = default_uri(tracking_uri, data_dir)
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     print(do_generate(tracking_uri, model, prompt, system=system, max_new_tokens=max_new_tokens))
