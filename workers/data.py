@@ -31,72 +31,120 @@ class Example:
     line: int = field(default=0, compare=False)  # line in its file (0: not from a file)
 
 
-def _row_to_example(row: object, fmt: str, where: str, line: int = 0) -> Example:
+MAX_BAD_ROWS_SHOWN = 5  # bad rows listed in one error; the rest are counted
+
+
+def _row_problem(row: object, fmt: str) -> str | None:
+    """What is wrong with one parsed row, in words naming the field; None if it is usable."""
     if not isinstance(row, dict):
-        raise DataError(f"{where}: each line must be a JSON object")
+        return f"each line must be a JSON object, this one is a {type(row).__name__}"
     if fmt == "instruction":
-        for key in ("instruction", "output"):
-            if not isinstance(row.get(key), str):
-                raise DataError(
-                    f"{where}: missing string field `{key}` (instruction format needs "
-                    "`instruction` and `output`, `input` optional)"
-                )
-        user = row["instruction"] + (f"\n\n{row['input']}" if row.get("input") else "")
-        return Example([{"role": "user", "content": user}], row["output"], line)
-    messages = row.get("messages")
-    if not isinstance(messages, list) or len(messages) < 2:
-        raise DataError(
-            f"{where}: missing field `messages` (a list of at least a user and an "
-            "assistant message); for instruction rows set data.format: instruction"
+        missing = [k for k in ("instruction", "output") if not isinstance(row.get(k), str)]
+        if missing:
+            fields = " and ".join(f"`{k}`" for k in missing)
+            return (
+                f"missing string field {fields} (instruction format needs `instruction` and "
+                "`output`, `input` optional)"
+            )
+        if "input" in row and not isinstance(row["input"], str | None):
+            return "`input` must be a string"
+        return None
+    if "messages" not in row:
+        return (
+            f"no `messages` (keys: {sorted(row)}); a chat row is {{\"messages\": [user..., "
+            "assistant]}}; for instruction rows set data.format: instruction"
         )
+    messages = row["messages"]
+    if not isinstance(messages, list):
+        return f"`messages` must be a list of messages, not a {type(messages).__name__}"
     for i, msg in enumerate(messages):
         if (
             not isinstance(msg, dict)
             or msg.get("role") not in _ROLES
             or not isinstance(msg.get("content"), str)
         ):
-            raise DataError(
-                f"{where}: messages[{i}] needs `role` (system|user|assistant) and a "
-                "string `content`"
-            )
-    if messages[-1]["role"] != "assistant":
-        raise DataError(f"{where}: the last message must have role `assistant` (the answer)")
+            return f"messages[{i}] needs `role` (system|user|assistant) and a string `content`"
+    roles = [m["role"] for m in messages]
+    if "assistant" not in roles:
+        return (
+            f"`messages` has no assistant message (roles: {roles}); the last message must be "
+            "the answer, role `assistant`"
+        )
+    if roles[-1] != "assistant":
+        return (
+            f"the last message, messages[{len(roles) - 1}], has role `{roles[-1]}`; it must have "
+            "role `assistant` (the answer trained on)"
+        )
+    if len(roles) < 2:
+        return "`messages` has only the answer; add the user message before it"
+    return None
+
+
+def _row_to_example(row: dict, fmt: str, line: int = 0) -> Example:
+    """A row :func:`_row_problem` passed, as an :class:`Example`."""
+    if fmt == "instruction":
+        user = row["instruction"] + (f"\n\n{row['input']}" if row.get("input") else "")
+        return Example([{"role": "user", "content": user}], row["output"], line)
+    messages = row["messages"]
     return Example([dict(m) for m in messages[:-1]], messages[-1]["content"], line)
 
 
 def read_examples(path: Path, fmt: str = "chat", field: str = "data.train") -> list[Example]:
-    """Every row of a JSONL file, checked; raises :class:`DataError` naming the spec field."""
+    """Every row of a JSONL file, checked; raises :class:`DataError` naming the spec field and
+    every bad row (the first :data:`MAX_BAD_ROWS_SHOWN` with their line and problem)."""
     if not Path(path).is_file():
         raise DataError(
             f"{field}: file {path} not found; fix the path (relative paths are "
             "resolved against the spec's folder)"
         )
-    examples = []
+    examples, bad = [], []
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
-            where = f"{field} ({path}:{lineno})"
-            line = _decode(raw, where, first=lineno == 1)
+            where = f"{path}:{lineno}"
+            line, problem = _decode(raw, first=lineno == 1), None
+            if isinstance(line, DataError):
+                bad.append((where, str(line)))
+                continue
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise DataError(f"{where}: not valid JSON ({exc.msg})") from None
-            examples.append(_row_to_example(row, fmt, where, lineno))
+                problem = f"not valid JSON: {exc}"  # the parser's whole message (line, column)
+            else:
+                problem = _row_problem(row, fmt)
+            if problem:
+                bad.append((where, problem))
+            elif not bad:  # once a row is bad, only the problems are kept
+                examples.append(_row_to_example(row, fmt, lineno))
+    if bad:
+        raise DataError(_bad_rows(field, path, bad))
     if not examples:
         raise DataError(f"{field}: {path} has no rows")
     return examples
 
 
-def _decode(raw: bytes, where: str, first: bool) -> str:
-    """One line of a data file as text; a byte that is not UTF-8 names the line and column."""
+def _bad_rows(field: str, path: Path, bad: list[tuple[str, str]]) -> str:
+    """One message for every bad row of a file (``(file:line, problem)``): the first few in
+    full, the rest counted."""
+    if len(bad) == 1:
+        return f"{field} ({bad[0][0]}): {bad[0][1]}"
+    shown = [f"{where}: {problem}" for where, problem in bad[:MAX_BAD_ROWS_SHOWN]]
+    more = len(bad) - len(shown)
+    tail = f"\n  ... and {more} more" if more else ""
+    return f"{field}: {len(bad)} bad rows in {path}:\n  " + "\n  ".join(shown) + tail
+
+
+def _decode(raw: bytes, first: bool) -> str | DataError:
+    """One line of a data file as text, or the error of a byte that is not UTF-8 (naming its
+    column)."""
     try:
         return raw.decode("utf-8-sig" if first else "utf-8")  # a BOM may open the file
     except UnicodeDecodeError as exc:
-        raise DataError(
-            f"{where}: not UTF-8 text (byte {raw[exc.start]:#04x} at column {exc.start + 1}); "
+        return DataError(
+            f"not UTF-8 text (byte {raw[exc.start]:#04x} at column {exc.start + 1}); "
             "save the file as UTF-8"
-        ) from None
+        )
 
 
 def encode_answer(tokenizer, ex: Example) -> list[int]:

