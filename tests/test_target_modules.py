@@ -11,8 +11,8 @@ from orchestrator.spec import parse_spec
 
 
 def _space(target_modules):
-    spec = parse_spec({"name": "x", "budget_usd": 1, "search_space": {"target_modules": target_modules}})
-    return spec
+    space = {"target_modules": target_modules}
+    return parse_spec({"name": "x", "budget_usd": 1, "search_space": space})
 
 
 def test_a_raw_module_list_is_a_fixed_storage_safe_value():

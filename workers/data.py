@@ -51,8 +51,9 @@ def _row_problem(row: object, fmt: str) -> str | None:
         return None
     if "messages" not in row:
         return (
-            f"no `messages` (keys: {sorted(row)}); a chat row is {{\"messages\": [user..., "
-            "assistant]}}; for instruction rows set data.format: instruction"
+            f"no `messages` (keys: {sorted(row)}); a chat row is "
+            '{"messages": [{"role": "user", ...}, {"role": "assistant", ...}]}; '
+            "for instruction rows set data.format: instruction"
         )
     messages = row["messages"]
     if not isinstance(messages, list):

@@ -118,7 +118,7 @@ def _hub_ref(repo_id: str) -> str:
     )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _hub_unreachable(endpoint: str) -> str | None:
     """Why the hub at ``endpoint`` cannot be reached (no network), or None: one connect to its
     host, or to the proxy the environment names for it, within ``HUB_CONNECT_TIMEOUT_S``. Asked
