@@ -282,6 +282,7 @@ def validate(
     data_dir: DataDirOpt = None,
 ) -> None:
     """Check a spec, its data, model and prices, and predict costs; spends nothing."""
+    from orchestrator import validate_report as report
     from orchestrator.preflight import make_plan
     from orchestrator.spec import config_label, load_spec
 
@@ -292,6 +293,10 @@ def validate(
         f"[green]ok[/] {spec}: model {plan.model_ref}, trial resources "
         f"${plan.price_usd_per_hour:.4f}/h"
     )
+    for line in [report.data_line(sweep_spec, plan), *report.shape_lines(sweep_spec, plan)]:
+        console.print(line, markup=False)
+    for line in report.money_lines(sweep_spec, plan):
+        console.print(line)
     console.print(_calibration_line(sweep_spec, plan.cost_model))
     extremes = plan.extremes(sweep_spec.search_space)
     for label, hp in zip(("cheapest", "dearest"), extremes, strict=True):

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 from pathlib import Path
 
 from orchestrator.costmodel import CostModel, ModelDims, stored_calibration
@@ -27,6 +29,11 @@ class Plan:
     first_rung_evals: int
     baseline_usd: float  # predicted cost of scoring the base model
     memory_fit: MemoryFit | None = None  # GPU runs of Llama-family models only
+    # what the ledger keeps free beside each running trial's ceiling (the watchdog's margin,
+    # orchestrator/watchdog.py): admission needs ceiling + allowance under the cap
+    allowance_usd: float = 0.0
+    # rows by spec field (``data.train``, ...)
+    row_counts: dict[str, int] = dataclass_field(default_factory=dict)
 
     def admission_usd(self, measured: dict[str, float], hp: dict) -> float:
         """Predicted cost of a trial with hyperparameters ``hp`` up to its first early-stopping
@@ -36,6 +43,26 @@ class Plan:
     def trial_usd(self, measured: dict[str, float], hp: dict, steps: int, evals: int) -> float:
         """Predicted cost of ``steps`` training steps and ``evals`` evals of config ``hp``."""
         return self.cost_model.usd(hp, steps, evals, measured)
+
+    def least_budget_usd(self, space: SearchSpace) -> float:
+        """The least ``budget_usd`` that runs: the base-model eval and the space's cheapest
+        trial up to its first rung, with the allowance the ledger keeps beside a running one.
+        ``make_plan`` refuses any budget below it, so this is what ``run`` accepts."""
+        cheapest, _ = self.extremes(space)
+        return self.baseline_usd + self.admission_usd({}, cheapest) + self.allowance_usd
+
+    def full_trial_budget_usd(self, hp: dict, max_steps: int, evals: int) -> float:
+        """The least ``budget_usd`` that pays the base-model eval and one full trial of ``hp``."""
+        return self.baseline_usd + self.trial_usd({}, hp, max_steps, evals) + self.allowance_usd
+
+    def buys(self, budget_usd: float, hp: dict, max_steps: int, evals: int) -> tuple[int, int]:
+        """(trials to the first rung, full trials) of config ``hp`` that ``budget_usd`` pays
+        one after another after the base-model eval, by the predictions admission reserves."""
+        room = budget_usd - self.baseline_usd - self.allowance_usd
+        if room <= 0:
+            return 0, 0
+        to_rung = int(room // self.admission_usd({}, hp))
+        return to_rung, int(room // self.trial_usd({}, hp, max_steps, evals))
 
     def extremes(self, space: SearchSpace) -> tuple[dict, dict]:
         """The cheapest and the dearest config the space can propose (by FLOPs per step)."""
@@ -58,6 +85,12 @@ def data_paths(spec: SweepSpec) -> tuple[Path, Path, Path | None]:
 
 
 DATA_FIELDS = ("data.train", "data.validation", "data.test")
+
+
+def usd_up(usd: float) -> str:
+    """Dollars rounded up to a millionth: a budget of the printed figure is enough."""
+    up = math.ceil(usd * 1e6) / 1e6
+    return f"${up + 1e-6 if up < usd else up:.6f}"  # a float product may round below
 
 
 def _check_data(spec: SweepSpec, paths: tuple[Path, Path, Path | None]) -> dict[str, list]:
@@ -199,6 +232,7 @@ def _memory_fit(spec: SweepSpec, model_ref: str, catalog) -> MemoryFit | None:
 
 def make_plan(spec: SweepSpec) -> Plan:
     """Validate everything a sweep needs and predict costs; raises before any spend."""
+    from orchestrator.watchdog import allowance_usd
     from workers.model import ModelNotFound, check_loadable
 
     check_storage(spec)
@@ -245,15 +279,18 @@ def make_plan(spec: SweepSpec) -> Plan:
         first_rung_evals=first_evals,
         baseline_usd=cost_model.usd({}, 0, 1, {}),
         memory_fit=_memory_fit(spec, model_ref, catalog),
+        allowance_usd=allowance_usd(price),
+        row_counts={k: len(v) for k, v in rows.items()},
     )
-    cheapest, _ = plan.extremes(spec.search_space)
-    trial = plan.admission_usd({}, cheapest)
-    if plan.baseline_usd + trial > spec.budget_usd:
+    least = plan.least_budget_usd(spec.search_space)
+    if least > spec.budget_usd:
+        cheapest, _ = plan.extremes(spec.search_space)
         raise BudgetError(
             f"budget_usd: ${spec.budget_usd:g} cannot pay for the base-model eval "
-            f"(predicted ${plan.baseline_usd:.4f}) and the cheapest trial up to its first rung "
-            f"(predicted ${trial:.4f}: {cheapest['method']} rank {cheapest['rank']} "
-            f"{cheapest['target_modules']}, at ${price:.4f}/h). Raise budget_usd to at least "
-            f"${plan.baseline_usd + trial:.4f} or shrink trial.max_steps / trial.batch_size."
+            f"(predicted ${plan.baseline_usd:.6f}), the cheapest trial up to its first rung "
+            f"(predicted ${plan.admission_usd({}, cheapest):.6f}: {cheapest['method']} rank "
+            f"{cheapest['rank']} {cheapest['target_modules']}, at ${price:.4f}/h) and the "
+            f"watchdog's allowance beside it (${plan.allowance_usd:.6f}). Raise budget_usd to at "
+            f"least {usd_up(least)} or shrink trial.max_steps / trial.batch_size."
         )
     return plan
