@@ -21,6 +21,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    field_serializer,
     field_validator,
     model_validator,
 )
@@ -199,10 +200,56 @@ class SearchSpace(_Strict):
     @field_validator("target_modules")
     @classmethod
     def _known_sets(cls, dim: Dim) -> Dim:
-        bad = [v for v in dim.candidates() if v not in TARGET_MODULE_SETS]
-        if bad:
-            raise ValueError(f"unknown set {bad}; use {list(TARGET_MODULE_SETS)}")
-        return dim
+        """Named sets stay as they are; a raw module list becomes its storage-safe key
+        (``workers.lora.raw_target_key``); anything else is refused."""
+        if dim.low is not None or dim.high is not None:
+            raise ValueError(TARGETS_HINT)
+        if dim.value is not None:
+            return dim.model_copy(update={"value": _target_key(dim.value)})
+        return dim.model_copy(update={"choices": [_target_key(c) for c in dim.choices]})
+
+    @field_serializer("target_modules")
+    def _targets_as_written(self, dim: Dim) -> dict:
+        """Raw keys are dumped back as the lists they were written as (the dump parses back)."""
+        out = dim.model_dump()
+        if out["value"] is not None:
+            out["value"] = _target_as_written(out["value"])
+        if out["choices"] is not None:
+            out["choices"] = [_target_as_written(c) for c in out["choices"]]
+        return out
+
+
+TARGETS_HINT = (
+    f"use a named set ({', '.join(TARGET_MODULE_SETS)}) or a list of the model's module names "
+    "as PEFT takes them, e.g. [q_proj, v_proj]; several: {choices: [attn, [q_proj, v_proj]]}"
+)
+
+
+def _target_key(v: Any) -> str:
+    """A named set as is; a raw module list as its key (``q_proj+v_proj``)."""
+    from workers.lora import MODULE_NAME, raw_target_key
+
+    if isinstance(v, str):
+        if v in TARGET_MODULE_SETS:
+            return v
+        raise ValueError(f"unknown set {v!r}; {TARGETS_HINT}")
+    if not isinstance(v, list):
+        raise ValueError(f"{v!r} is neither a set name nor a list of module names; {TARGETS_HINT}")
+    if not v:
+        raise ValueError(f"a module list needs at least one module name; {TARGETS_HINT}")
+    bad = [m for m in v if not isinstance(m, str) or not MODULE_NAME.fullmatch(m)]
+    if bad:
+        raise ValueError(
+            f"{bad[0]!r} is not a module name (module names are letters, digits and '_', as "
+            f"the last part of a name in model.named_modules(), e.g. q_proj); {TARGETS_HINT}"
+        )
+    return raw_target_key(v)
+
+
+def _target_as_written(key: str) -> str | list[str]:
+    from workers.lora import raw_modules
+
+    return key if key in TARGET_MODULE_SETS else raw_modules(key)
 
 
 class FullSpec(_Strict):

@@ -1,4 +1,10 @@
-"""LoRA adapters: named target-module sets, and a fresh adapter for each trial.
+"""LoRA adapters: target-module sets (named, or raw module lists), a fresh adapter per trial.
+
+A trial's ``target_modules`` is a named set (``qv``, ``attn``, ``mlp``, ``attn_mlp``,
+``all_linear``) or a raw PEFT-style list of module names, carried as one string (Optuna's
+categoricals and MLflow params take strings, not lists): the sorted names joined by ``+``,
+``q_proj+v_proj`` (:func:`raw_target_key`). ``TARGET_MODULES[key]`` gives the module names of
+either.
 
 A trial's adapter starts from weights drawn from its seed alone (``init_adapter``: A
 Kaiming-uniform as PEFT does, B zero, layer by layer in module order), so how the adapter came
@@ -25,16 +31,52 @@ from __future__ import annotations
 
 import contextlib
 import math
+import re
 
-# Named sets (storage-safe for Optuna, unlike lists). Names follow the Llama family; other
-# architectures use `all_linear`, which PEFT resolves for any model.
-TARGET_MODULES: dict[str, list[str] | str] = {
-    "qv": ["q_proj", "v_proj"],
-    "attn": ["q_proj", "k_proj", "v_proj", "o_proj"],
-    "mlp": ["gate_proj", "up_proj", "down_proj"],
-    "attn_mlp": ["q_proj", "v_proj", "up_proj", "down_proj"],
-    "all_linear": "all-linear",  # every linear layer except the output head
-}
+RAW_SEPARATOR = "+"  # joins a raw module list into one storage-safe string
+MODULE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*", re.ASCII)  # matched as PEFT does: last part
+
+
+def raw_target_key(modules: list[str]) -> str:
+    """The one string a raw module list travels as: sorted, without repeats, ``+``-joined."""
+    return RAW_SEPARATOR.join(sorted(set(modules)))
+
+
+def raw_modules(key: str) -> list[str] | None:
+    """The module names of a raw key (``q_proj+v_proj``), or None if ``key`` is not one."""
+    if not isinstance(key, str) or not key:
+        return None
+    names = key.split(RAW_SEPARATOR)
+    return names if all(MODULE_NAME.fullmatch(n) for n in names) else None
+
+
+class _TargetSets(dict):
+    """Named sets by name; any other key that is a raw module list gives its names."""
+
+    def __missing__(self, key: str) -> list[str]:
+        names = raw_modules(key)
+        if names is None:
+            raise KeyError(key)
+        return names
+
+    def __contains__(self, key: object) -> bool:
+        return dict.__contains__(self, key) or raw_modules(key) is not None  # type: ignore[arg-type]
+
+    def get(self, key, default=None):
+        return self[key] if key in self else default
+
+
+# Named sets. Names follow the Llama family; other architectures use `all_linear`, which PEFT
+# resolves for any model, or a raw list of their own module names.
+TARGET_MODULES: dict[str, list[str] | str] = _TargetSets(
+    {
+        "qv": ["q_proj", "v_proj"],
+        "attn": ["q_proj", "k_proj", "v_proj", "o_proj"],
+        "mlp": ["gate_proj", "up_proj", "down_proj"],
+        "attn_mlp": ["q_proj", "v_proj", "up_proj", "down_proj"],
+        "all_linear": "all-linear",  # every linear layer except the output head
+    }
+)
 
 # PEFT finds an adapter's weights by ".<name>." in parameter names: a prefix no module name has
 ADAPTER_PREFIX = "lorasweep_"
@@ -93,16 +135,47 @@ def attach_lora(
     return model
 
 
-def _check_targets(model, target_modules: str) -> None:
+def linear_module_names(model) -> list[str]:
+    """The names (last part, as PEFT matches them) of ``model``'s linear layers that LoRA can
+    target: every ``nn.Linear`` (4-bit ones included) or GPT-2 ``Conv1D`` but the output head;
+    sorted. Layers already wrapped by PEFT count under their own name."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    names = set()
+    for name, module in model.named_modules():
+        parts = name.split(".")
+        if any(p.startswith("lora_") for p in parts) or module is head:
+            continue
+        if parts[-1] == "base_layer":  # PEFT's wrapper keeps the original under base_layer
+            parts = parts[:-1]
+        if parts[-1] and _is_linear(module):
+            names.add(parts[-1])
+    return sorted(names)
+
+
+def _is_linear(module) -> bool:
+    import torch
+
+    return isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D"
+
+
+def missing_modules(model, target_modules: str) -> list[str]:
+    """The modules of target set ``target_modules`` (named or raw) that ``model`` has no
+    linear layer for; ``all_linear`` misses nothing where the model has a linear layer."""
     targets = TARGET_MODULES[target_modules]
-    if isinstance(targets, list):
-        present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-        missing = [t for t in targets if t not in present]
-        if missing:
-            raise ValueError(
-                f"search_space.target_modules: {target_modules!r} needs modules "
-                f"{missing} that this model lacks; use all_linear"
-            )
+    linear = linear_module_names(model)
+    if isinstance(targets, str):  # all-linear
+        return [] if linear else [target_modules]
+    return [t for t in targets if t not in linear]
+
+
+def _check_targets(model, target_modules: str) -> None:
+    missing = missing_modules(model, target_modules)
+    if missing:
+        raise ValueError(
+            f"search_space.target_modules: {target_modules!r} needs modules {missing} that "
+            f"this model lacks; its linear modules are {linear_module_names(model)}; use "
+            "all_linear or a list of those"
+        )
 
 
 def _layers(model, name: str) -> list:
