@@ -5,6 +5,9 @@ must be finite (no YAML ``.nan`` / ``.inf``) and are never booleans (YAML reads 
 ``on``/``off`` as true/false, which pydantic would otherwise take for 1 and 0). A key given twice
 in the YAML is refused, naming its path. Relative paths inside a spec are resolved against the
 spec file's folder.
+
+Every field has a ``description``: ``docs/spec-reference.md`` is generated from them
+(``python -m orchestrator.spec_reference``), and errors point there.
 """
 
 from __future__ import annotations
@@ -36,6 +39,8 @@ PRESETS_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
 EXAMPLE_SPEC = Path(__file__).resolve().parent.parent / "examples" / "demo.yaml"
 NAME_MAX_CHARS = 64  # a sweep's name goes into folder names, MLflow experiments and SQL rows
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*", re.ASCII)
+# every key with its type, default and meaning (generated: python -m orchestrator.spec_reference)
+SPEC_REFERENCE = "docs/spec-reference.md"
 URL_FIELDS = ("mlflow_tracking_uri", "optuna_storage", "service_db", "ray_address", "ray_storage")
 NOT_A_BOOL = "not true/false (YAML reads yes/no/on/off as booleans)"
 
@@ -64,11 +69,11 @@ class Dim(_Strict):
     """One search dimension: a fixed ``value``, a list of ``choices``, or a ``low``..``high`` range
     (``log: true`` samples log-uniformly)."""
 
-    value: Any = None
-    choices: list[Any] | None = None
-    low: Num | None = None
-    high: Num | None = None
-    log: bool = False
+    value: Any = Field(None, description="the one value every trial gets (not searched)")
+    choices: list[Any] | None = Field(None, description="values the search picks among")
+    low: Num | None = Field(None, description="lower end of a searched range (with `high`)")
+    high: Num | None = Field(None, description="upper end of a searched range (with `low`)")
+    log: bool = Field(False, description="sample the range log-uniformly (needs low > 0)")
 
     @model_validator(mode="before")
     @classmethod
@@ -122,13 +127,37 @@ class SearchSpace(_Strict):
     """What Optuna searches. Start from a ``preset`` (a file in ``search_spaces/``); keys given
     here override the preset's."""
 
-    preset: str | None = Field(None, description="light | medium | heavy | default")
-    method: Dim = Field(Dim(value="lora"), description="lora | qlora | full, fixed or searched")
-    learning_rate: Dim = Dim(low=1e-4, high=1e-2, log=True)
-    rank: Dim = Dim(choices=[4, 8, 16, 32, 64])
-    alpha: Dim = Dim(value=32)
-    target_modules: Dim = Dim(choices=["attn", "attn_mlp", "all_linear"])
-    dropout: Dim = Dim(value=0.05)
+    preset: str | None = Field(
+        None,
+        description="light | medium | heavy | default: a file in search_spaces/ whose keys this "
+        "section overrides; a spec without search_space gets `default`",
+    )
+    method: Dim = Field(
+        Dim(value="lora"),
+        description="lora | qlora (CUDA GPU, bitsandbytes) | full, fixed or searched",
+    )
+    learning_rate: Dim = Field(
+        Dim(low=1e-4, high=1e-2, log=True),
+        description="LoRA learning rate, > 0; matters most: search it log-uniformly about a "
+        "decade either side of ~1e-3 (1-4B models)",
+    )
+    rank: Dim = Field(
+        Dim(choices=[4, 8, 16, 32, 64]),
+        description="LoRA rank r, integers >= 1; higher: more capacity, more memory and time",
+    )
+    alpha: Dim = Field(
+        Dim(value=32),
+        description="LoRA alpha (scaling alpha/r), > 0; with it fixed the best lr barely moves "
+        "with rank, so searching it beside lr is mostly redundant",
+    )
+    target_modules: Dim = Field(
+        Dim(choices=["attn", "attn_mlp", "all_linear"]),
+        description="layers that get adapters: a named set (qv, attn, mlp, attn_mlp: Llama "
+        "module names; all_linear: every linear layer but the output head, any architecture) "
+        "or a list of the model's module names as PEFT takes them, e.g. [q_proj, v_proj]; "
+        "checked against the model before anything is spent",
+    )
+    dropout: Dim = Field(Dim(value=0.05), description="LoRA dropout, in [0, 1)")
     use_rslora: Dim = Field(
         Dim(value=False), description="alpha/sqrt(r) scaling; stable high ranks"
     )
@@ -263,7 +292,9 @@ class FullSpec(_Strict):
         description="below_target: only if the best LoRA score < target_score; "
         "always: compare LoRA with full FT on your data",
     )
-    target_score: Num | None = Field(None, description="the score LoRA must reach")
+    target_score: Num | None = Field(
+        None, description="the score LoRA must reach (gate: below_target needs it)"
+    )
     learning_rate: Dim = Field(
         Dim(low=1e-5, high=1e-3, log=True), description="full-FT lr, ~10x below LoRA's"
     )
@@ -284,7 +315,12 @@ class ModelSpec(_Strict):
     """The base model: ``embedded`` (SmolLM2-135M-Instruct shipped with lorasweep), a Hugging Face
     id, or a local folder saved with ``save_pretrained``."""
 
-    name_or_path: str = EMBEDDED_MODEL
+    name_or_path: str = Field(
+        EMBEDDED_MODEL,
+        description="`embedded` (SmolLM2-135M-Instruct, no download), a Hugging Face id "
+        "(HF_HUB_OFFLINE=1: from the local hub cache only), or a local folder written by "
+        "save_pretrained (relative: to the spec's folder)",
+    )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="auto: bfloat16 on GPU, float32 on CPU"
     )
@@ -294,11 +330,25 @@ class DataSpec(_Strict):
     """Training data: the embedded demo task, or your own JSONL files (one example per line, chat
     ``{"messages": [...]}`` or instruction ``{"instruction", "input"?, "output"}`` format)."""
 
-    source: Literal["embedded", "files"] = "embedded"
-    train: Path | None = None
-    validation: Path | None = None
-    test: Path | None = None
-    format: Literal["chat", "instruction"] = "chat"
+    source: Literal["embedded", "files"] = Field(
+        "embedded", description="embedded: the demo task shipped with lorasweep; files: yours"
+    )
+    train: Path | None = Field(
+        None, description="JSONL rows trained on (source: files; relative: to the spec's folder)"
+    )
+    validation: Path | None = Field(
+        None,
+        description="JSONL rows scored by generation after each eval interval, the objective "
+        "(source: files)",
+    )
+    test: Path | None = Field(
+        None, description="optional JSONL rows scored once, for the promoted adapter only"
+    )
+    format: Literal["chat", "instruction"] = Field(
+        "chat",
+        description='chat: {"messages": [...]} whose last message is the assistant\'s answer; '
+        'instruction: {"instruction", "input"?, "output"}',
+    )
     truncation: Literal["refuse", "left"] = Field(
         "refuse",
         description="a row longer than trial.max_seq_len (prompt + answer; for validation rows "
@@ -328,8 +378,10 @@ class TrialSpec(_Strict):
     )
     eval_examples: Int = Field(24, ge=1, description="validation rows scored by generation")
     max_new_tokens: Int = Field(96, ge=1, description="generation length when scoring")
-    warmup_fraction: Num = Field(0.1, ge=0, lt=1)
-    seed: Int = 0
+    warmup_fraction: Num = Field(
+        0.1, ge=0, lt=1, description="share of max_steps the learning rate warms up over"
+    )
+    seed: Int = Field(0, description="seed of adapter initialisation and data order")
     max_retries: Int = Field(
         2,
         ge=0,
@@ -363,9 +415,15 @@ class ResourcesSpec(_Strict):
     """What each trial holds, and how many run at once."""
 
     accelerator: str = Field("cpu", description="a key of the price catalog, e.g. cpu, H100, A10G")
-    gpus_per_trial: Int = Field(0, ge=0)
-    cpus_per_trial: Int = Field(1, ge=1)
-    max_concurrent_trials: Int = Field(1, ge=1)
+    gpus_per_trial: Int = Field(
+        0, ge=0, description="GPUs each trial holds (and is billed for); 0 with accelerator: cpu"
+    )
+    cpus_per_trial: Int = Field(
+        1, ge=1, description="CPU cores each trial holds; on CPU, what a trial is billed for"
+    )
+    max_concurrent_trials: Int = Field(
+        1, ge=1, description="trials running at once (each admitted only within the budget)"
+    )
 
     @model_validator(mode="after")
     def _gpu_matches(self) -> ResourcesSpec:
@@ -383,7 +441,10 @@ class PricesSpec(_Strict):
     market: Literal["on_demand", "spot"] = Field(
         "on_demand", description="bill at on-demand or spot rates (spot trials can be preempted)"
     )
-    overrides: dict[str, Num] = Field(default_factory=dict)
+    overrides: dict[str, Num] = Field(
+        default_factory=dict,
+        description="your own price per accelerator, e.g. {A10G: 0.75}; each > 0, US dollars",
+    )
 
     @field_validator("overrides")
     @classmethod
@@ -397,7 +458,10 @@ class PricesSpec(_Strict):
 class StorageSpec(_Strict):
     """Where results go. Defaults are embedded (no servers) under ``data_dir``."""
 
-    data_dir: Path = Path("lorasweep-data")
+    data_dir: Path = Field(
+        Path("lorasweep-data"),
+        description="folder of the embedded stores (MLflow, Optuna, ledger, Ray results)",
+    )
     mlflow_tracking_uri: str | None = Field(
         None, description="default sqlite:///<data_dir>/mlflow.db"
     )
@@ -419,16 +483,24 @@ class StorageSpec(_Strict):
 class EarlyStoppingSpec(_Strict):
     """ASHA: trials are compared at rungs; the worse ones stop."""
 
-    enabled: bool = True
+    enabled: bool = Field(True, description="false: every trial runs all its steps")
     grace_fraction: Num = Field(
         0.3, ge=0.2, le=1, description="first rung as a share of max_steps (>= 0.2)"
     )
-    reduction_factor: Int = Field(3, ge=2)
+    reduction_factor: Int = Field(
+        3, ge=2, description="1 in this many trials goes on past each rung; higher: cut harder"
+    )
 
 
 class ObjectiveSpec(_Strict):
-    metric: Literal["score", "eval_loss"] = "score"
-    mode: Literal["max", "min"] = "max"
+    """What the search optimises, measured on the validation rows."""
+
+    metric: Literal["score", "eval_loss"] = Field(
+        "score",
+        description="score: field-level exact match of generated JSON (whole-answer match "
+        "otherwise); eval_loss: loss on the validation answers",
+    )
+    mode: Literal["max", "min"] = Field("max", description="max for score, min for eval_loss")
 
     @model_validator(mode="after")
     def _mode_matches(self) -> ObjectiveSpec:
@@ -445,20 +517,26 @@ class SweepSpec(_Strict):
         description=f"1-{NAME_MAX_CHARS} letters, digits, '_', '.', '-'; names folders and runs"
     )
     budget_usd: Num = Field(description="hard cap on total spend, US dollars")
-    objective: ObjectiveSpec = ObjectiveSpec()
-    model: ModelSpec = ModelSpec()
-    data: DataSpec = DataSpec()
-    search_space: SearchSpace = SearchSpace(preset="default")
-    trial: TrialSpec = TrialSpec()
-    resources: ResourcesSpec = ResourcesSpec()
+    objective: ObjectiveSpec = Field(ObjectiveSpec(), description="what the search optimises")
+    model: ModelSpec = Field(ModelSpec(), description="the base model")
+    data: DataSpec = Field(DataSpec(), description="training and validation data")
+    search_space: SearchSpace = Field(
+        SearchSpace(preset="default"), description="what Optuna searches (a preset + overrides)"
+    )
+    trial: TrialSpec = Field(TrialSpec(), description="limits of one trial")
+    resources: ResourcesSpec = Field(
+        ResourcesSpec(), description="what each trial holds, how many run at once"
+    )
     max_trials: Int = Field(32, ge=1, description="upper bound; the budget usually ends it first")
     max_consecutive_failures: Int = Field(
         3, ge=1, description="the sweep stops after this many trials in a row failed"
     )
-    early_stopping: EarlyStoppingSpec = EarlyStoppingSpec()
-    full: FullSpec = FullSpec()
-    prices: PricesSpec = PricesSpec()
-    storage: StorageSpec = StorageSpec()
+    early_stopping: EarlyStoppingSpec = Field(
+        EarlyStoppingSpec(), description="ASHA: worse trials stop at rungs"
+    )
+    full: FullSpec = Field(FullSpec(), description="optional full-parameter runs after LoRA")
+    prices: PricesSpec = Field(PricesSpec(), description="price catalog, market, overrides")
+    storage: StorageSpec = Field(StorageSpec(), description="where results and state go")
 
     @model_validator(mode="after")
     def _methods_fit_resources(self) -> SweepSpec:
@@ -525,9 +603,9 @@ class SweepSpec(_Strict):
 def _fix_hint(err: dict) -> str:
     kind = err["type"]
     if kind == "extra_forbidden":
-        return "unknown key; remove it or fix its spelling (see examples/demo.yaml for every key)"
+        return f"unknown key; remove it or fix its spelling (every key: {SPEC_REFERENCE})"
     if kind == "missing":
-        return "required key is missing; add it (see examples/demo.yaml)"
+        return f"required key is missing; add it (every key: {SPEC_REFERENCE})"
     if kind == "finite_number":
         return f"must be a finite number, not .nan or .inf (got {err.get('input')!r})"
     return err["msg"].removeprefix("Value error, ")
