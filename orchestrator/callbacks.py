@@ -21,6 +21,7 @@ from orchestrator import remote
 from orchestrator.outbox import Outbox
 from orchestrator.prices import cost_usd
 from orchestrator.retry import with_backoff
+from orchestrator.run_notes import config_summary
 from orchestrator.secrets import redact
 from orchestrator.spec import HYPERPARAMETERS
 from orchestrator.watchdog import SweepControl
@@ -139,15 +140,8 @@ def trial_params(config: dict) -> dict:
 
 
 def describe(p: dict) -> str:
-    if p["method"] == "full":
-        return f"full lr {p['learning_rate']:.2e}"
-    extras = [k for k in ("use_rslora", "use_dora") if p.get(k)]
-    if p.get("loraplus_lr_ratio"):
-        extras.append(f"lora+ x{p['loraplus_lr_ratio']:g}")
-    return (
-        f"{p['method']} r{p['rank']} alpha {p['alpha']:g} {p['target_modules']} "
-        f"lr {p['learning_rate']:.2e} {' '.join(extras)}"
-    ).rstrip()
+    """One line of a trial's config, as the console and its MLflow description say it."""
+    return config_summary(p)
 
 
 def _predictions(config: dict) -> dict[str, float]:

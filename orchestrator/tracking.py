@@ -1,7 +1,8 @@
 """MLflow logging, owned by the driver: one parent run per sweep, one child run per trial.
 
-Only the driver process writes to MLflow (workers report through Tune), so an embedded sqlite
-backend sees a single writer, and metrics are logged in batches, once per eval report.
+Only the driver process writes to MLflow (workers report through Tune, system metrics too), so an
+embedded sqlite backend sees a single writer, and metrics are logged in batches, once per eval
+report. What a person reads in the UI (run descriptions, costs in cents) is ``run_notes``.
 """
 
 from __future__ import annotations
@@ -11,11 +12,20 @@ from pathlib import Path
 
 import yaml
 
+from orchestrator import run_notes
+from orchestrator.run_notes import NOTE_TAG, with_cents
 from orchestrator.secrets import redact
 
 KIND_TAG, SWEEP_TAG, STATUS_TAG = "lorasweep.kind", "lorasweep.sweep_id", "lorasweep.status"
 PARENT_TAG = "mlflow.parentRunId"
 TENANT_TAG = "lorasweep.tenant"
+# MLflow 3's experiment type: "custom_model_development" is "Machine learning" in the UI's own
+# kind selector (the other it offers is "genai_development"), so the UI lists it as a training
+# experiment and MLflow versions that route by the tag open its runs table, with child runs nested
+# under their parent. ("finetuning", a Databricks label, routes the same but is no choice there.)
+# The UI of MLflow 3.17 routes by its sidebar's GenAI / Model training switch instead (default
+# GenAI): the link that opens the runs table either way is ``runs_url``.
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
 # files of a trial's checkpoint that only a resumed attempt needs (workers.train.STATE_FILE):
 # not part of the adapter logged to MLflow
 RESUME_ONLY = ("trainer_state.pt",)
@@ -40,6 +50,13 @@ def default_tracking_uri(data_dir: Path) -> str:
     return f"sqlite:///{data_dir / 'mlflow.db'}"
 
 
+def runs_url(ui_url: str, experiment_id: str) -> str:
+    """The MLflow UI page of an experiment's training runs (the sweep's parent run with its trials
+    nested), on the UI's "Model training" side: without ``workflowType`` MLflow 3.17 opens an
+    experiment on its GenAI overview (traces, latency)."""
+    return f"{ui_url.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+
+
 class Tracker:
     """Thin wrapper over ``MlflowClient`` with explicit run ids (no global active run)."""
 
@@ -52,6 +69,8 @@ class Tracker:
         # the service names each tenant's experiments TENANT/NAME: tagged with the tenant, so the
         # MLflow UI (and a search) can keep tenants apart
         tags = {TENANT_TAG: experiment.split("/", 1)[0]} if "/" in experiment else {}
+        if exp is None or EXPERIMENT_KIND_TAG not in exp.tags:  # an older store's gets it too
+            tags[EXPERIMENT_KIND_TAG] = EXPERIMENT_KIND  # a kind someone chose is kept
         if exp is None:
             location = None
             if artifact_root is not None and not tracking_uri.startswith(("http:", "https:")):
@@ -78,6 +97,7 @@ class Tracker:
             self.parent_id, redact(yaml.safe_dump(spec, sort_keys=False)), "spec.yaml"
         )
         self._log_params(self.parent_id, params)
+        self._note_sweep(sweep_id, "running", params, {"spent_usd": 0.0}, {})
         return self.parent_id
 
     def attach_sweep(self, sweep_id: str) -> str:
@@ -96,6 +116,8 @@ class Tracker:
         self.parent_id = runs[0].info.run_id
         self.client.update_run(self.parent_id, status="RUNNING")
         self.client.set_tag(self.parent_id, STATUS_TAG, "running")
+        data = runs[0].data
+        self._note_sweep(sweep_id, "running", data.params, {"spent_usd": None}, {})
         return self.parent_id
 
     def sweep_metrics(self) -> dict[str, float]:
@@ -116,6 +138,13 @@ class Tracker:
             usd = costs.get(run.data.tags.get("lorasweep.trial_id", ""))
             if usd is not None:
                 self._log_metrics(run.info.run_id, {"cost_usd": usd}, 0)
+            note = run_notes.trial_note(
+                run.info.run_name,
+                status,
+                run_notes.config_summary(run.data.params),
+                cost_usd=usd,
+            )
+            self.client.set_tag(run.info.run_id, NOTE_TAG, note)
             self.client.set_tag(run.info.run_id, STATUS_TAG, status)
             self.client.set_terminated(run.info.run_id, run_status(status))
         return [r.info.run_id for r in runs]
@@ -136,6 +165,9 @@ class Tracker:
         self._log_metrics(self.parent_id, metrics, 0)
         for path in artifacts:
             self.client.log_artifact(self.parent_id, str(path))
+        parent = self.client.get_run(self.parent_id)
+        sweep_id = parent.data.tags.get(SWEEP_TAG, parent.info.run_name)
+        self._note_sweep(sweep_id, status, parent.data.params, metrics, parent.data.tags)
         self.client.set_tag(self.parent_id, STATUS_TAG, status)
         self.client.set_terminated(self.parent_id, run_status(status))
 
@@ -162,6 +194,10 @@ class Tracker:
         self._log_params(run.info.run_id, params)
         if metrics:  # known at its start (the admission's predictions): logged once, at step 0
             self._log_metrics(run.info.run_id, metrics, 0)
+        summary = run_notes.config_summary(params)
+        predicted = params.get("predicted_cost_usd")
+        note = run_notes.trial_note(trial_name, "running", summary, predicted_usd=predicted)
+        self.client.set_tag(run.info.run_id, NOTE_TAG, note)
         return run.info.run_id
 
     def find_trial(self, sweep_id: str, trial_id: str) -> tuple[str, str] | None:
@@ -175,7 +211,8 @@ class Tracker:
         return (runs[0].info.run_id, runs[0].info.run_name) if runs else None
 
     def log_trial_result(self, run_id: str, result: dict) -> None:
-        """One eval report: train loss of every step since the last one, and the eval metrics."""
+        """One eval report: train loss of every step since the last one, the eval metrics, and
+        the system metrics its worker sampled since its last report (``system_metrics``)."""
         from mlflow.entities import Metric
 
         now_ms = int(time.time() * 1000)
@@ -184,8 +221,11 @@ class Tracker:
             for s, v in result.get("train_loss_steps", [])
         ]
         step = int(result["step"])
+        evals = with_cents({k: result[k] for k in _TRIAL_METRICS if k in result})
+        metrics += [Metric(k, float(v), now_ms, step) for k, v in evals.items()]
         metrics += [
-            Metric(k, float(result[k]), now_ms, step) for k in _TRIAL_METRICS if k in result
+            Metric(str(k), float(v), int(ts_ms), int(n))
+            for k, v, ts_ms, n in result.get("system_metrics", [])
         ]
         self.client.log_batch(run_id, metrics=metrics)
 
@@ -204,15 +244,39 @@ class Tracker:
                     self.client.log_artifact(run_id, str(path), "adapter")
         if error:
             self.client.set_tag(run_id, "lorasweep.error", redact(error)[:5000])
+        run = self.client.get_run(run_id)
+        self.client.set_tag(run_id, NOTE_TAG, _ended_trial_note(run, status, final, error))
         self.client.set_tag(run_id, STATUS_TAG, status)
         self.client.set_terminated(run_id, run_status(status))
 
     # --- helpers --------------------------------------------------------------------------
+    def _note_sweep(self, sweep_id: str, status: str, params, metrics: dict, tags) -> None:
+        """Write the parent run's description from its params, these metrics and its tags."""
+        metric = params.get("objective", "score")
+        objective = f"{metric} ({params.get('objective_mode', 'max')})"
+        best = None
+        if tags.get("lorasweep.best_run_id"):
+            best = _best_text(self.client.get_run(tags["lorasweep.best_run_id"]), metric)
+        budget = metrics.get("budget_usd", metrics.get("cap_usd", params.get("budget_usd")))
+        note = run_notes.sweep_note(
+            sweep_id,
+            status,
+            budget_usd=None if budget is None else float(budget),
+            spent_usd=metrics.get("spent_usd"),
+            trials=None if metrics.get("trials") is None else int(metrics["trials"]),
+            best=best,
+            end_reason=tags.get("lorasweep.end_reason", ""),
+            model=str(params.get("model", "")),
+            objective=objective,
+        )
+        self.client.set_tag(self.parent_id, NOTE_TAG, redact(note))
+
     def _log_params(self, run_id: str, params: dict) -> None:
         from mlflow.entities import Param
 
         self.client.log_batch(
-            run_id, params=[Param(k, redact(str(v))[:6000]) for k, v in params.items()]
+            run_id,
+            params=[Param(k, redact(str(v))[:6000]) for k, v in with_cents(params).items()],
         )
 
     def _log_metrics(self, run_id: str, metrics: dict[str, float], step: int) -> None:
@@ -222,6 +286,38 @@ class Tracker:
         self.client.log_batch(
             run_id,
             metrics=[
-                Metric(k, float(v), now_ms, step) for k, v in metrics.items() if v is not None
+                Metric(k, float(v), now_ms, step)
+                for k, v in with_cents(metrics).items()
+                if v is not None
             ],
         )
+
+
+def _best_text(run, metric: str) -> str:
+    """``trial-003: score 0.812 (lora r8 ...), $0.00123 (0.123 cents)``: a sweep's best trial."""
+    m = run.data.metrics
+    value = m.get(f"best_{metric}", m.get(metric))
+    shown = "-" if value is None else f"{value:.4g}"
+    return (
+        f"{run.info.run_name}: {metric} {shown} ({run_notes.config_summary(run.data.params)}), "
+        f"{run_notes.money(m.get('cost_usd'))}"
+    )
+
+
+def _ended_trial_note(run, status: str, final: dict, error: str | None) -> str:
+    """A trial's description once it ended: its config, status, cost and kept eval."""
+    score = ""
+    if "best_step" in final:
+        parts = [
+            f"{k} {final[f'best_{k}']:.4g}" for k in ("score", "eval_loss") if f"best_{k}" in final
+        ]
+        score = f"Kept step {int(final['best_step'])}: {', '.join(parts)}."
+    return run_notes.trial_note(
+        run.info.run_name,
+        status,
+        run_notes.config_summary(run.data.params),
+        cost_usd=final.get("cost_usd"),
+        billed_s=final.get("billed_s"),
+        score=score,
+        error=redact(error) if error else "",
+    )

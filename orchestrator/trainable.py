@@ -17,16 +17,21 @@ so the ledger (which keeps the highest) counts the lost attempt once.
 
 from __future__ import annotations
 
+import os
 import time
 
+from orchestrator.actor_spans import record_birth  # light, as is workers.held
 from workers.held import held_since  # light: the clock below starts before the heavy imports
 
 _HELD_SINCE = held_since(time.monotonic())
 _released_at: float | None = None  # when this process's previous trial returned
+_WORKER = f"{os.uname().nodename}:{os.getpid()}"  # this process, as the ledger tells them apart
+# in a Tune actor: its birth, before the heavy imports below (an actor can die loading them),
+# for the time it holds outside every trial's bill (orchestrator/actor_spans.py)
+_BIRTH_RECORDED = record_birth(_WORKER, time.time() - (time.monotonic() - _HELD_SINCE))
 
 import contextlib  # noqa: E402 - after the clock above, which must start first
 import dataclasses  # noqa: E402
-import os  # noqa: E402
 import threading  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -34,6 +39,7 @@ from orchestrator import remote  # noqa: E402
 from orchestrator.costmodel import PRIOR_RELEASE_S  # noqa: E402
 from orchestrator.prices import cost_usd  # noqa: E402
 from orchestrator.spec import HYPERPARAMETERS  # noqa: E402
+from orchestrator.system_metrics import SystemSampler  # noqa: E402
 from orchestrator.watchdog import HEARTBEAT_S  # noqa: E402
 from workers.train import TrialConfig, checkpoint_billed_s, run_trial  # noqa: E402
 
@@ -124,7 +130,7 @@ class LedgerBudget:
 
 def _worker() -> str:
     """This worker process, as the ledger tells processes apart."""
-    return f"{os.uname().nodename}:{os.getpid()}"
+    return _WORKER
 
 
 def _failure(exc: BaseException, budget: LedgerBudget) -> dict:
@@ -183,9 +189,16 @@ def train_lorasweep(config: dict, *, base: dict, ledger) -> None:
     # the Ray node this trial runs on: the driver tags its MLflow child run with it (a cluster's
     # runs say which node did the work; cluster-smoke checks trials landed on the worker node)
     node_id = ray.get_runtime_context().get_node_id()
+    # CPU, memory and GPU use while the trial runs, sent with each report (MLflow's system/...)
+    sampler = SystemSampler()
 
     def report(metrics: dict, adapter_dir: Path) -> None:
-        metrics = {**metrics, "trial_status": metrics.pop("status"), "ray_node_id": node_id}
+        metrics = {
+            **metrics,
+            "trial_status": metrics.pop("status"),
+            "ray_node_id": node_id,
+            "system_metrics": sampler.drain(),
+        }
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(adapter_dir)))
 
     checkpoint = tune.get_checkpoint()  # set when Tune retries the trial after a lost worker
@@ -195,9 +208,13 @@ def train_lorasweep(config: dict, *, base: dict, ledger) -> None:
             prior_s = _prior_billed_s(ledger, trial_id, cfg.price_usd_per_hour, resume)
             cfg = dataclasses.replace(cfg, prior_billed_s=prior_s)
             # a trial refused before training reports nothing: its bill is its last heartbeat
-            with LedgerBudget(
-                ledger, trial_id, cfg.price_usd_per_hour, t0, prior_s, cfg.prior_startup_s
-            ) as budget:
+            # the sampler stops inside the grant (before the last word): its end is billed
+            with (
+                LedgerBudget(
+                    ledger, trial_id, cfg.price_usd_per_hour, t0, prior_s, cfg.prior_startup_s
+                ) as budget,
+                sampler,
+            ):
                 try:
                     run_trial(cfg, report, budget, resume_from=resume)
                 except Exception as exc:  # noqa: BLE001 - a failed trial, reported as such
