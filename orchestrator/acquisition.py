@@ -17,13 +17,17 @@ sweep's current calibration (``CalibratedCost``): measured FLOP/s per method onc
 ``cost_power`` 0 is plain TPE; 1 is EI per dollar. Joint candidates need ``multivariate=True``
 (set here), so the whole config, and so its cost, is known when the candidates are compared.
 
-It hooks into Optuna's ``TPESampler`` at ``_compute_acquisition_func``, a private method: the
-pinned Optuna range in ``pyproject.toml`` is the one this was written and tested against
-(``tests/test_acquisition.py`` fails if the hook stops being called).
+It hooks into Optuna's ``TPESampler`` at two private methods, ``_sample`` (to learn the search
+space and gamma) and ``_compute_acquisition_func`` (to rank the candidates), and reads its
+``_gamma``: the Optuna minor range pinned in ``pyproject.toml`` is the one this was written and
+tested against (``tests/test_acquisition.py`` fails if the hook stops being called). Where the
+installed Optuna's methods differ from the signatures this was written for (:func:`hook_problem`,
+checked when a sampler is made), the sampler is plain TPE and warns once (``CostAwareFallback``).
 """
 
 from __future__ import annotations
 
+import inspect
 import time
 import warnings
 from collections.abc import Callable
@@ -33,8 +37,37 @@ import optuna
 from optuna.samplers import TPESampler
 from optuna.trial import TrialState
 
+# the private TPESampler methods hooked, with the parameters this was written for (Optuna 5.0)
+HOOKED = {
+    "_sample": ("self", "study", "trial", "search_space"),
+    "_compute_acquisition_func": ("self", "samples", "mpe_below", "mpe_above"),
+}
+
+
+class CostAwareFallback(UserWarning):
+    """The installed Optuna's TPESampler no longer has the hooks: the search is plain TPE."""
+
+
+def hook_problem(sampler_class: type = TPESampler) -> str | None:
+    """Why the hooks do not fit ``sampler_class`` (a method gone or its parameters changed), or
+    None when they fit."""
+    for name, params in HOOKED.items():
+        method = getattr(sampler_class, name, None)
+        if method is None:
+            return f"TPESampler.{name} is gone"
+        try:
+            found = tuple(inspect.signature(method).parameters)
+        except (TypeError, ValueError):
+            return f"TPESampler.{name} has no readable signature"
+        if found != params:
+            return f"TPESampler.{name}{found} is not {name}{params}"
+    return None
+
 
 class CostAwareTPESampler(TPESampler):
+    """TPE whose candidates are ranked by expected improvement per dollar (see the module); plain
+    TPE, with a :class:`CostAwareFallback` warning, where the installed Optuna's hooks differ."""
+
     def __init__(
         self,
         cost_of: Callable[[dict], float],
@@ -53,15 +86,36 @@ class CostAwareTPESampler(TPESampler):
         self.acquisitions = 0  # how many times candidates were ranked (tests read it)
         self._space: dict = {}
         self._gamma_fraction = 0.1
+        self.fallback = hook_problem(TPESampler) or (
+            None if hasattr(self, "_gamma") else "TPESampler._gamma is gone"
+        )
+        if self.fallback:
+            warnings.warn(
+                f"cost-aware search is off, plain TPE instead: {self.fallback} in Optuna "
+                f"{optuna.__version__} (lorasweep's hook was written for the range pinned in "
+                "its pyproject.toml); install that Optuna to rank candidates per dollar",
+                CostAwareFallback,
+                stacklevel=2,
+            )
 
-    def _sample(self, study, trial, search_space):
+    def _sample(self, *args, **kwargs):
+        if self.fallback:  # the methods changed: pass everything through untouched
+            return super()._sample(*args, **kwargs)
+        return self._cost_aware_sample(*args, **kwargs)
+
+    def _cost_aware_sample(self, study, trial, search_space):
         self._space = search_space
         n = len(study._get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
         gamma = self._gamma or (lambda k: min(int(np.ceil(0.1 * k)), 25))
         self._gamma_fraction = min(max(gamma(n) / max(n, 1), 1e-3), 1.0)
         return super()._sample(study, trial, search_space)
 
-    def _compute_acquisition_func(self, samples, mpe_below, mpe_above) -> np.ndarray:
+    def _compute_acquisition_func(self, *args, **kwargs) -> np.ndarray:
+        if self.fallback:
+            return super()._compute_acquisition_func(*args, **kwargs)
+        return self._ei_per_dollar(*args, **kwargs)
+
+    def _ei_per_dollar(self, samples, mpe_below, mpe_above) -> np.ndarray:
         log_ratio = mpe_below.log_pdf(samples) - mpe_above.log_pdf(samples)  # log l(x)/g(x)
         g = self._gamma_fraction
         log_ei = -np.logaddexp(np.log(g), np.log1p(-g) - log_ratio) if g < 1 else log_ratio
