@@ -19,10 +19,12 @@ from orchestrator.errors import LorasweepError
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
-    help="Budget-capped LoRA sweeps on Ray, driven by Optuna, tracked in MLflow.",
+    help="Budget-capped LoRA sweeps on Ray, driven by Optuna, tracked in MLflow. "
+    "LORASWEEP_VERBOSE=1 shows the libraries' own logs, warnings and progress bars.",
 )
-# piped output (CI, `| tee`) gets a width that fits the leaderboard instead of rich's 80
-console = Console(highlight=False, width=None if os.isatty(1) else 132)
+# piped output (CI, `| tee`) gets a width that fits the leaderboard instead of rich's 80, or
+# COLUMNS when set
+console = Console(highlight=False, width=None if os.isatty(1) or os.environ.get("COLUMNS") else 132)
 # where results live (orchestrator/results_home.py): one data folder for every command, single
 # stores overridable; read commands never create a store
 DataDirOpt = Annotated[
@@ -69,6 +71,15 @@ ExperimentOpt = Annotated[
     str | None,
     typer.Option("--experiment", hidden=True, help="MLflow experiment name (set by the service)."),
 ]
+
+
+@app.callback()
+def _start() -> None:
+    """Budget-capped LoRA sweeps on Ray, driven by Optuna, tracked in MLflow. Set
+    LORASWEEP_VERBOSE=1 to see the libraries' own logs, warnings and progress bars."""
+    from orchestrator import quiet
+
+    quiet.apply()  # before any library is imported: the commands import them lazily
 
 
 def _friendly(fn):
