@@ -100,6 +100,11 @@ class Ledger:
         # bills): (final spend, this actor's monotonic time it came, the worker process)
         self._last_words: dict[str, tuple[float, float, str]] = {}
         self._began: dict[str, tuple[float, str]] = {}  # trial -> (this actor's time, worker)
+        # per worker process, on this actor's wall clock (unix s): its latest trial's start and
+        # latest last word; joined with Ray's actor records after a phase (actor_spans.py)
+        self._worker_began_unix: dict[str, float] = {}
+        self._worker_word_unix: dict[str, float] = {}
+        self._reported_unix: dict[str, float] = {}  # trial -> when its spend last grew
         self._store = None
         if self.store_url:
             from orchestrator.store import Store
@@ -246,6 +251,8 @@ class Ledger:
         # worker's time after Tune stopped its trial (the phase's idle tail or the next trial's)
         if acct.settled:
             return
+        if spent_usd > acct.spent_usd:  # when the latest spend came (the watchdog bills on)
+            self._reported_unix[trial_id] = time.time()
         self._apply({trial_id: replace(acct, spent_usd=max(acct.spent_usd, spent_usd))}, "report")
 
     def last_word(self, trial_id: str, spent_usd: float, worker: str) -> None:
@@ -254,10 +261,18 @@ class Ledger:
         bills from that moment, so nothing after it belongs to this trial."""
         self.update(trial_id, spent_usd)
         self._last_words[trial_id] = (float(spent_usd), time.monotonic(), worker)
+        self._worker_word_unix[worker] = time.time()
 
     def began(self, trial_id: str, worker: str) -> None:
         """The trial started in worker process ``worker`` (for the phase's idle tails)."""
         self._began[trial_id] = (time.monotonic(), worker)
+        self._worker_began_unix[worker] = time.time()
+
+    def trial_workers(self) -> dict[str, tuple[float, float | None]]:
+        """Each worker process that ran a trial: (when its latest trial began, when its latest
+        last word came, None if none), unix seconds on this actor's clock."""
+        words = self._worker_word_unix
+        return {w: (began, words.get(w)) for w, began in self._worker_began_unix.items()}
 
     def final_word(self, trial_id: str) -> float | None:
         """The spend of the trial's last word, if it came."""
@@ -341,9 +356,17 @@ class Ledger:
         return "closing" if getattr(self, "closing", False) else "ok"
 
     def open_accounts(self) -> dict[str, dict]:
-        """Every unsettled trial's ceiling, spend and whether it is revoked (for the watchdog)."""
+        """Every unsettled trial's ceiling, spend, how long ago that spend came and whether it is
+        revoked (for the watchdog)."""
+        now = time.time()
         return {
-            k: {"ceiling_usd": a.ceiling_usd, "spent_usd": a.spent_usd, "revoked": a.revoked}
+            k: {
+                "ceiling_usd": a.ceiling_usd,
+                "spent_usd": a.spent_usd,
+                "revoked": a.revoked,
+                # seconds since that spend came: the watchdog bills on from then, not from its poll
+                "reported_s_ago": max(0.0, now - self._reported_unix.get(k, now)),
+            }
             for k, a in self.trials.items()
             if not a.settled
         }

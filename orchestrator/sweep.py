@@ -474,7 +474,7 @@ def _run_phase(spec, plan, sweep_id, ledger, callback, optuna_url, space, phase,
     )
     if tuner is None:  # resumed with no Tune state, and every trial of the phase already ran
         return searcher
-    before = set(callback.started_ids)
+    before, since_unix = set(callback.started_ids), time.time()
     try:
         tuner.fit()
     finally:  # trials Tune stopped without a word (an interrupt, an error) are closed here
@@ -485,22 +485,36 @@ def _run_phase(spec, plan, sweep_id, ledger, callback, optuna_url, space, phase,
                 searcher.on_trial_complete(trial_id, result=None)  # PRUNED in Optuna
             except Exception:  # noqa: BLE001 - the study is told what it can be told
                 pass
-        _charge_idle_tails(ledger, plan, phase, callback.started_ids - before)
+        _charge_idle_tails(ledger, plan, phase, callback.started_ids - before, since_unix)
     if not (callback.control.fatal or callback.control.interrupted):
         _fail_orphans(searcher)
     return searcher
 
 
-def _charge_idle_tails(ledger, plan: Plan, phase: str, trial_ids: set[str]) -> None:
-    """Bill what each worker process held after its last trial of the phase until Tune let it
-    go (a trial's own bill ends with its function; ``Ledger.idle_tails``)."""
+def _charge_idle_tails(
+    ledger, plan: Plan, phase: str, trial_ids: set[str], since_unix: float
+) -> None:
+    """Bill what the phase's trial actors held outside every trial's bill: Ray's records of
+    them where they can be read (an actor Tune started and gave no trial, a used one's time from
+    its last trial's last word until Tune stopped it; ``actor_spans.py``), else the ledger's
+    bounded tails (``Ledger.idle_tails``). Each actor on a key of its own: billed once. Only
+    actors born since ``since_unix`` (the phase's start) are this phase's."""
     import uuid
 
+    from orchestrator import actor_spans
     from orchestrator.prices import cost_usd
 
-    if not trial_ids:
-        return
     try:
+        spans = actor_spans.trial_actor_spans(born_after_unix=since_unix)
+        if spans is not None:
+            workers = remote.call(ledger.trial_workers)
+            held = actor_spans.unbilled_s(spans, workers, time.time())
+            for actor_id, held_s in held.items():
+                usd = cost_usd(plan.price_usd_per_hour, held_s)
+                remote.call(ledger.charge_once, f"actor:{actor_id}", usd)
+            return
+        if not trial_ids:
+            return
         idle_s = sum(remote.call(ledger.idle_tails, sorted(trial_ids)).values())
         if idle_s > 0:
             key = f"idle:{phase}:{uuid.uuid4().hex[:8]}"  # its own key: a retry adds nothing

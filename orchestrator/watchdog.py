@@ -31,6 +31,7 @@ from orchestrator.prices import cost_usd
 from orchestrator.secrets import redact
 
 POLL_S = 0.5
+REPORT_SLACK_S = 0.5  # a spend is taken as at most one poll plus this old (clocks of two nodes)
 MARGIN_S = 2.0  # over the ceiling before the grant is revoked
 GRACE_S = 5.0  # after revoking, before the actor is killed
 HEARTBEAT_S = 2.0  # a running trial's billed seconds reach the ledger at least this often
@@ -181,8 +182,9 @@ class Watchdog:
                 acct = accounts.get(trial_id)
                 if acct is None or w.killed_usd is not None:
                     continue
-                if acct["spent_usd"] > w.spent_usd:
-                    w.spent_usd, w.seen = acct["spent_usd"], now
+                if acct["spent_usd"] > w.spent_usd:  # as of when it came, not of this poll
+                    ago_s = min(acct.get("reported_s_ago", 0.0), POLL_S + REPORT_SLACK_S)
+                    w.spent_usd, w.seen = acct["spent_usd"], now - ago_s
                 live = self._estimate(w, now)
                 if live >= acct["ceiling_usd"] + margin and trial_id not in self.control.revoked:
                     self.control.revoked.add(trial_id)

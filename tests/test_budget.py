@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from orchestrator.budget import Ledger
@@ -88,7 +90,26 @@ def test_a_revoked_trial_gets_no_more():
     assert not ledger.resize("a", 3.0)
     assert ledger.resize("a", 0.5) and ledger.ceiling("a") == 0.5  # lowering is always allowed
     ledger.update("a", 0.7)  # it still reports what it spends until it stops
-    assert ledger.open_accounts() == {"a": {"ceiling_usd": 0.5, "spent_usd": 0.7, "revoked": True}}
+    assert _accounts(ledger) == {"a": {"ceiling_usd": 0.5, "spent_usd": 0.7, "revoked": True}}
+
+
+def _accounts(ledger) -> dict:
+    """``open_accounts`` less each spend's age (a clock reading: tested on its own below)."""
+    out = ledger.open_accounts()
+    for acct in out.values():
+        assert acct.pop("reported_s_ago") >= 0.0
+    return out
+
+
+def test_open_accounts_say_how_long_ago_each_spend_came():
+    ledger = Ledger(cap_usd=10.0, allowance_usd=0.5)
+    assert ledger.reserve("a", 1.0) and ledger.reserve("b", 1.0)
+    ledger.update("a", 0.25)
+    time.sleep(0.3)
+    ledger.update("b", 0.25)
+    ledger.update("a", 0.25)  # no new spend: the age runs on from the first report of it
+    ages = {k: a["reported_s_ago"] for k, a in ledger.open_accounts().items()}
+    assert 0.3 <= ages["a"] < 2.0 and 0.0 <= ages["b"] < ages["a"] - 0.25
 
 
 def test_open_accounts_and_settle_open():
@@ -98,7 +119,7 @@ def test_open_accounts_and_settle_open():
     ledger.update("a", 0.25)
     ledger.update("b", 1.75)  # past its ceiling
     ledger.settle("c", 0.5)
-    assert ledger.open_accounts() == {
+    assert _accounts(ledger) == {
         "a": {"ceiling_usd": 1.0, "spent_usd": 0.25, "revoked": False},
         "b": {"ceiling_usd": 1.0, "spent_usd": 1.75, "revoked": False},
     }
