@@ -29,7 +29,9 @@ FLOPs per token (forward + backward; ``N_matmul`` = weights of every matmul incl
     lora, qlora:  4 x N_matmul + 6 x N_lora + 12 x layers x d_model x seq
     full:         6 x N_matmul            + 12 x layers x d_model x seq
 
-Priors, and the measurements they come from (bench/RESULTS.md, the project's architecture notes):
+Priors, and the measurements they come from (bench/RESULTS.md: its throughput section for the GPU
+rates, goodput and eval_decode for the trial phases; CPU figures measured on this project's 2-core
+x86_64 CI machine, SmolLM2-135M-Instruct in float32):
 
 - CPU: 6e10 FLOP/s per core, counted on padded tokens (rows are packed, so fewer are computed).
   SmolLM2-135M LoRA r16 all-linear, 8 x 128 tokens on 2 cores: 4-5 s a step (prior 5.1 s); the
