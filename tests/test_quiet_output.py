@@ -5,6 +5,7 @@ the libraries' known lines may show; with ``LORASWEEP_VERBOSE=1`` those lines co
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import subprocess
@@ -17,9 +18,8 @@ from test_sweep_e2e import _spec
 
 from orchestrator.quiet import QUIET_ENV
 
-pytestmark = pytest.mark.slow
-
 CLI = Path(sys.executable).with_name("lorasweep")
+TUNE = "ray.tune.execution.tune_controller"
 
 # lines the libraries print by default (seen running the README): none may show unless verbose
 THIRD_PARTY = {
@@ -112,6 +112,7 @@ def _third_party(lines: list[str]) -> dict[str, list[str]]:
     return found
 
 
+@pytest.mark.slow
 def test_default_output_is_only_lorasweeps_own_lines(tmp_path, tiny_model, small_data):
     lines = _sweep_and_promote(tmp_path, tiny_model, small_data, max_trials=2)
     text = "\n".join(lines)
@@ -134,6 +135,7 @@ def test_default_output_is_only_lorasweeps_own_lines(tmp_path, tiny_model, small
     assert len(gen.stdout.splitlines()) == 1, gen.stdout
 
 
+@pytest.mark.slow
 def test_lorasweep_verbose_brings_the_libraries_lines_back(tmp_path, tiny_model, small_data):
     lines = _sweep_and_promote(
         tmp_path, tiny_model, small_data, max_trials=1, LORASWEEP_VERBOSE="1"
@@ -160,3 +162,42 @@ def test_our_errors_stay_in_quiet_mode(tmp_path):
     )
     assert out.returncode == 2
     assert out.stdout.startswith("error: no lorasweep results here"), out.stdout + out.stderr
+
+
+def _tune_failure(exc: BaseException) -> logging.LogRecord:
+    """The record Tune logs for a failed trial task: its message and the exception."""
+    try:
+        raise exc
+    except type(exc):
+        info = sys.exc_info()
+    return logging.LogRecord(TUNE, logging.ERROR, __file__, 1, "Trial task failed", (), info)
+
+
+def test_only_the_watchdogs_kill_is_dropped_from_tunes_failure_tracebacks():
+    from ray.exceptions import ActorDiedError, RayTaskError
+
+    from orchestrator.quiet import _not_a_killed_trial
+
+    killed = ActorDiedError()
+    killed.error_msg = "The actor is dead because it was killed by `ray.kill`."
+    assert "killed by `ray.kill`" in str(killed)
+    assert not _not_a_killed_trial(_tune_failure(killed))
+    died = ActorDiedError()  # a worker lost for another reason: its traceback stays
+    died.error_msg = "The actor died unexpectedly: the worker's process exited (SIGSEGV)."
+    assert _not_a_killed_trial(_tune_failure(died))
+    bug = RayTaskError("train", "Traceback ...\nValueError: a bug in a trial", ValueError("bug"))
+    assert _not_a_killed_trial(_tune_failure(bug))
+    assert _not_a_killed_trial(logging.LogRecord(TUNE, logging.WARNING, "", 1, "x", (), None))
+
+
+def test_verbose_0_is_quiet_for_every_reader(monkeypatch):
+    from orchestrator import quiet
+
+    monkeypatch.setenv("LORASWEEP_VERBOSE", "0")
+    for key in QUIET_ENV:  # restored after the test, whatever apply() sets
+        monkeypatch.setenv(key, "")
+        monkeypatch.delenv(key)
+    quiet.apply()
+    # orchestrator/sweep.py reads any value as verbose (Ray's log_to_driver): "0" is gone
+    assert "LORASWEEP_VERBOSE" not in os.environ
+    assert os.environ["TQDM_DISABLE"] == "1"
