@@ -460,7 +460,8 @@ class StorageSpec(_Strict):
 
     data_dir: Path = Field(
         Path("lorasweep-data"),
-        description="folder of the embedded stores (MLflow, Optuna, ledger, Ray results)",
+        description="folder of the embedded stores (MLflow, Optuna, ledger, Ray results); "
+        "unset: --data-dir / LORASWEEP_DATA if given, else ./lorasweep-data; set here, it wins",
     )
     mlflow_tracking_uri: str | None = Field(
         None, description="default sqlite:///<data_dir>/mlflow.db"

@@ -89,6 +89,7 @@ def test_the_demo_keeps_its_sweep():
     spec = S.load_spec(S.EXAMPLE_SPEC)
     assert (spec.name, spec.budget_usd, spec.max_trials) == ("demo", 0.01, 16)
     assert spec.search_space.rank.choices == [4, 8, 16, 32]
+    assert not spec.storage.model_fields_set  # storage: {} leaves --data-dir / LORASWEEP_DATA on
     assert (
         spec.model_dump()
         == S.parse_spec(
