@@ -73,37 +73,36 @@ def sweep_note(
     budget_usd: float | None,
     spent_usd: float | None = None,
     trials: int | None = None,
-    best: str | None = None,
+    best: tuple[str, str] | None = None,
     end_reason: str = "",
     model: str = "",
     objective: str = "",
 ) -> str:
-    """The parent run's description: budget, spent, best trial and score, why it ended, and how
-    to promote (or, while it runs, that it does)."""
-    lines = [f"**Sweep `{sweep_id}`: {status}**", ""]
-    if model or objective:
-        lines += [f"Model `{model}`, ranked by {objective}.", ""]
-    lines += [
-        "| | |",
-        "|---|---|",
-        f"| Budget | {money(budget_usd)} |",
-    ]
+    """The parent run's description: what to do next first (the UI shows a description's first
+    lines, the rest behind "Show more"), then budget, spent, trials, the best trial (``best``:
+    its name and a line about it) and why it ended."""
+    promote = f"`lorasweep promote {sweep_id}`"
+    head = f"**Sweep `{sweep_id}`: {status}.**"
+    if status == "running":
+        head += f" When it ends, {promote} registers its best trial's adapter as `champion`."
+    elif status in ("completed", "interrupted") and best:
+        head += f" Best: {best[0]}. Promote it (alias `champion`): {promote}"
+    elif status == "interrupted":
+        head += f" Continue it: `lorasweep resume {sweep_id}`"
+    lines = [head, ""]
+    if spent_usd is not None:
+        lines += [f"Spent {money(spent_usd)} of {money(budget_usd)}.", ""]
+    lines += ["| | |", "|---|---|", f"| Budget | {money(budget_usd)} |"]
     if spent_usd is not None:
         lines.append(f"| Spent | {money(spent_usd)} |")
     if trials is not None:
         lines.append(f"| Trials | {trials} |")
     if best:
-        lines.append(f"| Best | {best} |")
+        lines.append(f"| Best | {best[1]} |")
     if end_reason:
         lines.append(f"| Ended | {end_reason} |")
-    lines.append("")
-    promote = f"`lorasweep promote {sweep_id}`"
-    if status == "running":
-        lines.append(f"When it ends, {promote} registers the best trial's adapter as `champion`.")
-    elif status in ("completed", "interrupted") and best:
-        lines.append(f"Promote the best trial's adapter (alias `champion`): {promote}")
-    elif status == "interrupted":
-        lines.append(f"Continue it: `lorasweep resume {sweep_id}`")
+    if model or objective:
+        lines += ["", f"Model `{model}`, ranked by {objective}."]
     return "\n".join(lines)
 
 
@@ -118,15 +117,16 @@ def trial_note(
     score: str = "",
     error: str = "",
 ) -> str:
-    """A trial's description: what it runs, what it cost (or is predicted to), its status."""
-    lines = [f"**{name}: {status}**", "", summary, ""]
+    """A trial's description: its status and cost (or predicted cost) first, what it runs, the
+    eval it kept, and its error."""
     if cost_usd is not None:
         billed = f", {billed_s:.0f} s billed" if billed_s is not None else ""
-        lines.append(f"Cost {money(cost_usd)}{billed}.")
-    elif predicted_usd is not None:
-        lines.append(f"Predicted cost {money(predicted_usd)}.")
+        cost = f"cost {money(cost_usd)}{billed}"
+    else:
+        cost = "predicted cost " + money(predicted_usd) if predicted_usd is not None else ""
+    lines = [f"**{name}: {status}**" + (f", {cost}." if cost else ""), "", summary]
     if score:
-        lines.append(score)
+        lines += ["", score]
     if error:
         lines += ["", f"Error: {error.splitlines()[0][:500]}"]
     return "\n".join(lines)

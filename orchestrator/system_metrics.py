@@ -43,6 +43,7 @@ class SystemSampler:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._gpus: list = []  # NVML handles of the GPUs this process may use
+        self._cpu_times = None  # the node's CPU times at the previous sample
 
     def __enter__(self) -> SystemSampler:
         if self.interval_s <= 0:
@@ -50,7 +51,9 @@ class SystemSampler:
         try:
             import psutil
 
-            psutil.cpu_percent()  # primes it: the first call has nothing to compare with
+            # this sampler's own baseline: psutil.cpu_percent() shares one with any other caller
+            # in the process, and a call just before ours makes its window (and reading) ~0
+            self._cpu_times = psutil.cpu_times()
         except Exception:  # noqa: BLE001 - no psutil: no system metrics, the trial goes on
             self.interval_s = 0
             return self
@@ -78,12 +81,27 @@ class SystemSampler:
 
     def sample(self) -> None:
         """Take one sample of every metric now."""
-        values = _cpu_and_memory()
-        values.update(_gpu_values(self._gpus))
-        now_ms = int(time.time() * 1000)
-        with self._lock:
+        with self._lock:  # the thread's and a drain's samples, one at a time
+            values = self._cpu_and_memory()
+            values.update(_gpu_values(self._gpus))
+            now_ms = int(time.time() * 1000)
             self._samples += [(PREFIX + k, float(v), now_ms, self._step) for k, v in values.items()]
             self._step += 1
+
+    def _cpu_and_memory(self) -> dict[str, float]:
+        import psutil
+
+        now, before = psutil.cpu_times(), self._cpu_times
+        self._cpu_times = now
+        busy_s = sum(now) - sum(before) - _idle_s(now) + _idle_s(before)
+        total_s = sum(now) - sum(before)
+        memory = psutil.virtual_memory()
+        return {
+            # the node's CPUs since the previous sample (as psutil.cpu_percent, MLflow's reading)
+            "cpu_utilization_percentage": 100.0 * busy_s / total_s if total_s > 0 else 0.0,
+            "system_memory_usage_megabytes": memory.used / 1e6,
+            "system_memory_usage_percentage": memory.used / memory.total * 100,
+        }
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
@@ -93,15 +111,8 @@ class SystemSampler:
                 pass
 
 
-def _cpu_and_memory() -> dict[str, float]:
-    import psutil
-
-    memory = psutil.virtual_memory()
-    return {
-        "cpu_utilization_percentage": psutil.cpu_percent(),  # since the previous sample
-        "system_memory_usage_megabytes": memory.used / 1e6,
-        "system_memory_usage_percentage": memory.used / memory.total * 100,
-    }
+def _idle_s(times) -> float:
+    return times.idle + getattr(times, "iowait", 0.0)
 
 
 def _nvml_handles() -> list:

@@ -293,15 +293,13 @@ class Tracker:
         )
 
 
-def _best_text(run, metric: str) -> str:
-    """``trial-003: score 0.812 (lora r8 ...), $0.00123 (0.123 cents)``: a sweep's best trial."""
+def _best_text(run, metric: str) -> tuple[str, str]:
+    """A sweep's best trial: ``trial-003, score 0.812`` and that with its config and cost."""
     m = run.data.metrics
     value = m.get(f"best_{metric}", m.get(metric))
-    shown = "-" if value is None else f"{value:.4g}"
-    return (
-        f"{run.info.run_name}: {metric} {shown} ({run_notes.config_summary(run.data.params)}), "
-        f"{run_notes.money(m.get('cost_usd'))}"
-    )
+    short = f"{run.info.run_name}, {metric} {'-' if value is None else f'{value:.4g}'}"
+    config = run_notes.config_summary(run.data.params)
+    return short, f"{short} ({config}), {run_notes.money(m.get('cost_usd'))}"
 
 
 def _ended_trial_note(run, status: str, final: dict, error: str | None) -> str:
