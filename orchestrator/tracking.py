@@ -41,9 +41,11 @@ _TRIAL_METRICS = (
 
 
 def run_status(status: str) -> str:
-    """MLflow's run status for a sweep's or trial's own: failed runs FAILED, interrupted ones
-    KILLED, the rest FINISHED."""
-    return {"failed": "FAILED", "interrupted": "KILLED"}.get(status, "FINISHED")
+    """MLflow's run status for a sweep's or trial's own: failed runs FAILED, interrupted and
+    cancelled ones KILLED, the rest FINISHED."""
+    return {"failed": "FAILED", "interrupted": "KILLED", "cancelled": "KILLED"}.get(
+        status, "FINISHED"
+    )
 
 
 def default_tracking_uri(data_dir: Path) -> str:

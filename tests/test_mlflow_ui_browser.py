@@ -27,7 +27,6 @@ from orchestrator.spec import parse_spec
 from orchestrator.sweep import run_sweep
 from orchestrator.tracking import EXPERIMENT_KIND_TAG, runs_url
 
-pytestmark = pytest.mark.slow
 NAME = "uisweep"
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 MLFLOW = str(Path(sys.executable).with_name("mlflow"))
@@ -85,6 +84,7 @@ def sweep(tmp_path_factory, tiny_model, small_data, ray_local):
     return {"result": result, "promotion": promotion, "tmp": tmp}
 
 
+@pytest.mark.slow
 def test_a_real_sweeps_runs_carry_kind_descriptions_cents_and_system_metrics(sweep):
     from mlflow.tracking import MlflowClient
 
@@ -216,6 +216,7 @@ def _run_name(driver, name: str):
     return None
 
 
+@pytest.mark.slow
 @pytest.mark.browser
 def test_the_experiment_opens_on_its_training_runs_with_the_trials_nested(
     sweep, ui, browser, tmp_path
@@ -261,6 +262,7 @@ def test_the_experiment_opens_on_its_training_runs_with_the_trials_nested(
     assert f"Spent ${result.spent_usd:.3g} ({100 * result.spent_usd:.3g} cents)" in text
 
 
+@pytest.mark.slow
 @pytest.mark.browser
 def test_the_registry_shows_champion_on_the_promoted_model(sweep, ui, browser, tmp_path):
     from selenium.webdriver.common.by import By
@@ -282,6 +284,7 @@ def test_the_registry_shows_champion_on_the_promoted_model(sweep, ui, browser, t
     assert row.text.startswith(f"Version {promotion.version}"), row.text[:300]
 
 
+@pytest.mark.slow
 @pytest.mark.browser
 def test_a_trials_system_metrics_tab_charts_its_cpu_and_memory(sweep, ui, browser, tmp_path):
     from mlflow.tracking import MlflowClient
@@ -298,6 +301,7 @@ def test_a_trials_system_metrics_tab_charts_its_cpu_and_memory(sweep, ui, browse
     browser.save_screenshot(str(png))
 
 
+@pytest.mark.slow
 @pytest.mark.browser
 def test_once_switched_to_model_training_an_experiment_opens_on_its_runs(
     sweep, ui, browser, tmp_path
@@ -319,6 +323,18 @@ def test_once_switched_to_model_training_an_experiment_opens_on_its_runs(
     _wait(browser, "the sweep's run", lambda d: _run_name(d, result.sweep_id), png)
     assert "/runs" in browser.current_url and _visible(browser, "//h2[normalize-space()='Runs']")
     browser.save_screenshot(str(png))
+
+
+def test_without_chromium_the_browser_tests_skip_saying_why_but_fail_under_ci(
+    monkeypatch, tmp_path
+):
+    monkeypatch.setattr(sys.modules[__name__], "CHROMIUM", tmp_path / "no-chromium")
+    monkeypatch.delenv("CI", raising=False)
+    with pytest.raises(pytest.skip.Exception, match="no-chromium: run scripts/ensure-chromium"):
+        _need_browser()
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="no-chromium"):
+        _need_browser()
 
 
 def _body(driver) -> str:
