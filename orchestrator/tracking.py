@@ -86,6 +86,7 @@ class Tracker:
                 if exp.tags.get(key) != value:
                     self.client.set_experiment_tag(self.experiment_id, key, value)
         self.parent_id: str | None = None
+        self._running: tuple[str, dict] | None = None  # (sweep id, params) while it runs
 
     # --- sweep (parent run) ---------------------------------------------------------------
     def start_sweep(self, sweep_id: str, spec: dict, params: dict) -> str:
@@ -99,6 +100,7 @@ class Tracker:
             self.parent_id, redact(yaml.safe_dump(spec, sort_keys=False)), "spec.yaml"
         )
         self._log_params(self.parent_id, params)
+        self._running = (sweep_id, {k: str(v) for k, v in params.items()})
         self._note_sweep(sweep_id, "running", params, {"spent_usd": 0.0}, {})
         return self.parent_id
 
@@ -119,6 +121,7 @@ class Tracker:
         self.client.update_run(self.parent_id, status="RUNNING")
         self.client.set_tag(self.parent_id, STATUS_TAG, "running")
         data = runs[0].data
+        self._running = (sweep_id, dict(data.params))
         self._note_sweep(sweep_id, "running", data.params, {"spent_usd": None}, {})
         return self.parent_id
 
@@ -162,11 +165,17 @@ class Tracker:
 
     def log_sweep_metrics(self, metrics: dict[str, float], step: int) -> None:
         self._log_metrics(self.parent_id, metrics, step)
+        if self._running and "budget_spent_usd" in metrics:  # the description's spend, live
+            sweep_id, params = self._running
+            self._note_sweep(
+                sweep_id, "running", params, {"spent_usd": metrics["budget_spent_usd"]}, {}
+            )
 
     def end_sweep(self, status: str, metrics: dict[str, float], artifacts: list[Path]) -> None:
         self._log_metrics(self.parent_id, metrics, 0)
         for path in artifacts:
             self.client.log_artifact(self.parent_id, str(path))
+        self._running = None
         parent = self.client.get_run(self.parent_id)
         sweep_id = parent.data.tags.get(SWEEP_TAG, parent.info.run_name)
         self._note_sweep(sweep_id, status, parent.data.params, metrics, parent.data.tags)

@@ -70,6 +70,10 @@ def test_runs_describe_budget_cost_best_and_how_to_promote(uri, tmp_path):
     assert f"Sweep `{SWEEP}`: running." in head and f"`lorasweep promote {SWEEP}`" in head
     assert "Spent $0 of $0.5 (50 cents)." in running and "ranked by score (max)" in running
 
+    t.log_sweep_metrics({"budget_spent_usd": 0.0004, "budget_committed_usd": 0.001}, 1)
+    live = t.client.get_run(parent).data.tags[NOTE_TAG]
+    assert "Spent $0.0004 (0.04 cents) of $0.5 (50 cents)." in live and "running." in live
+
     run_id = t.start_trial(SWEEP, "trial-001", "t1", LORA)
     note = t.client.get_run(run_id).data.tags[NOTE_TAG]
     assert note.startswith("**trial-001: running**, predicted cost $6.2e-05 (0.0062 cents).")
