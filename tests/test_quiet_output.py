@@ -66,6 +66,13 @@ OURS = [
     r"tiny-\d{8}-\d{6} completed: spent \$",
     r"ended: max_trials",
     r"best so far: trial-\d{3}",
+    r"ok \S+: model \S+, trial resources",
+    r"  (data|search|trial|sweep|timings): ",
+    r"  base-model eval \$[0-9.]+ \(scores",
+    r"  least budget that runs: \$",
+    r"  \$[0-9.]+ buys about \d+ trials",
+    r"  (cheapest|dearest) trial \(lora r\d+ \w+\): predicted",
+    r"    step [0-9.e+-]+ s \((measured|prior)",
 ]
 
 
@@ -92,7 +99,8 @@ def _cli(cwd: Path, *args: str, **env: str) -> str:
 
 
 def _sweep_and_promote(tmp_path, tiny_model, small_data, max_trials: int, **env) -> list[str]:
-    """run, promote, status of a tiny sweep: every line printed, stdout and stderr."""
+    """run, promote, status, leaderboard and validate of a tiny sweep: every line printed,
+    stdout and stderr."""
     raw = _spec(tmp_path, tiny_model, small_data, budget_usd=5.0, max_trials=max_trials)
     spec_path = tmp_path / "spec.yaml"
     spec_path.write_text(yaml.safe_dump(raw.model_dump(mode="json")))
@@ -100,6 +108,8 @@ def _sweep_and_promote(tmp_path, tiny_model, small_data, max_trials: int, **env)
     out = _cli(tmp_path, "run", str(spec_path), **env)
     out += _cli(tmp_path, "promote", "tiny", "--data-dir", data, **env)
     out += _cli(tmp_path, "status", "tiny", "--data-dir", data, **env)
+    out += _cli(tmp_path, "leaderboard", "tiny", "--data-dir", data, **env)
+    out += _cli(tmp_path, "validate", str(spec_path), **env)
     return out.splitlines()
 
 
@@ -120,7 +130,13 @@ def test_default_output_is_only_lorasweeps_own_lines(tmp_path, tiny_model, small
     strangers = [ln for ln in lines if ln.strip() and not any(re.match(p, ln) for p in OURS)]
     assert strangers == [], text
     # our own lines are all there: the sweep's progress, its end, the promotion
-    for ours in ("trial-001 started", "  trial-001 step", "ended max_trials", "registered tiny"):
+    for ours in (
+        "trial-001 started",
+        "  trial-001 step",
+        "ended max_trials",
+        "registered tiny",
+        "least budget that runs",
+    ):
         assert ours in text, text
     # generate prints the completion alone: one line, nothing on stderr
     gen = subprocess.run(
