@@ -106,7 +106,7 @@ PLAN = [
 ]
 # running totals a trial logs at every report and once more, at the last report's step, when it
 # closes (orchestrator/tracking.py log_final): that re-log is counted apart (summary_relogs)
-SUMMARY_METRICS = ("cost_usd", "billed_s", "tokens")
+SUMMARY_METRICS = ("cost_usd", "cost_cents", "billed_s", "tokens")  # cost_cents: its twin
 RUN_TIMEOUT_S = 300.0  # one driver attempt; past it the driver is SIGINTed (and that reported)
 
 

@@ -12,7 +12,7 @@ def abandon(service_db: str, tracking_uri: str, sweep_id: str) -> dict:
     from orchestrator.budget import Ledger
     from orchestrator.lifecycle import UNFINISHED, crash_settlements, effective_state
     from orchestrator.store import Store
-    from orchestrator.tracking import STATUS_TAG, Tracker
+    from orchestrator.tracking import Tracker
 
     store = Store(service_db)
     row = store.sweep(sweep_id)
@@ -39,9 +39,9 @@ def abandon(service_db: str, tracking_uri: str, sweep_id: str) -> dict:
     tracker = Tracker(tracking_uri, experiment)
     tracker.attach_sweep(sweep_id)
     tracker.close_open_trials("interrupted", {a.key: a.spent_usd for a in store.accounts(sweep_id)})
-    tracker.client.set_tag(tracker.parent_id, STATUS_TAG, "cancelled")
+    # the end reason first: the run's description (written by end_sweep) says it
     tracker.client.set_tag(tracker.parent_id, "lorasweep.end_reason", "abandoned")
-    tracker.client.set_terminated(tracker.parent_id, "KILLED")
+    tracker.end_sweep("cancelled", {"spent_usd": snap["spent_usd"]}, [])  # KILLED, described
     store.set_sweep(sweep_id, state="cancelled", end_reason="abandoned")
     return snap
 
