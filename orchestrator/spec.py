@@ -424,6 +424,13 @@ class ResourcesSpec(_Strict):
     max_concurrent_trials: Int = Field(
         1, ge=1, description="trials running at once (each admitted only within the budget)"
     )
+    pack_slots: Int = Field(
+        1,
+        ge=1,
+        le=16,
+        description="LoRA trials packed as slots over one shared base on one trial's GPU, each "
+        "billed its share of the step's tokens (orchestrator/pack_sweep.py); 1: unpacked",
+    )
 
     @model_validator(mode="after")
     def _gpu_matches(self) -> ResourcesSpec:
@@ -547,6 +554,11 @@ class SweepSpec(_Strict):
                 "qlora needs a CUDA GPU (bitsandbytes 4-bit); use lora on CPU or set "
                 "resources.accelerator to a GPU type",
             )
+        from orchestrator.pack_sweep import refusal
+
+        refused = refusal(self)
+        if refused is not None:
+            raise SpecError(*refused)
         return self
 
     @field_validator("budget_usd", mode="before")

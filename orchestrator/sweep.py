@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from orchestrator import leaderboard, remote
+from orchestrator import leaderboard, pack_sweep, remote
 from orchestrator.errors import LorasweepError
 from orchestrator.preflight import Plan, make_plan
 from orchestrator.secrets import redact
@@ -359,10 +359,16 @@ def _make_tuner(
         )
     else:
         scheduler = SweepFIFO(sweep_id)
-    res = spec.resources
+    # resources.pack_slots > 1: the phase's trials are slots of one pack host (pack_sweep.py)
+    host = pack_sweep.start_host(spec, plan, sweep_id, phase)
     trainable = tune.with_resources(
-        tune.with_parameters(train_lorasweep, base=_base_trial_config(spec, plan), ledger=ledger),
-        {"cpu": res.cpus_per_trial, "gpu": res.gpus_per_trial},
+        tune.with_parameters(
+            train_lorasweep,
+            base=_base_trial_config(spec, plan),
+            ledger=ledger,
+            **({} if host is None else {"pack": host}),
+        ),
+        pack_sweep.trial_resources(spec, phase),
     )
     # storage.ray_storage (every node's, on a cluster: storage_check.py) or <data_dir>/ray
     storage_path = tune_storage(spec)
@@ -389,7 +395,7 @@ def _make_tuner(
             search_alg=searcher,
             scheduler=scheduler,
             num_samples=num_samples,
-            max_concurrent_trials=res.max_concurrent_trials,
+            max_concurrent_trials=pack_sweep.concurrency(spec, phase),
             # the next trial runs in the same worker process: it reuses the loaded base model
             reuse_actors=True,
         ),
@@ -485,7 +491,10 @@ def _run_phase(spec, plan, sweep_id, ledger, callback, optuna_url, space, phase,
                 searcher.on_trial_complete(trial_id, result=None)  # PRUNED in Optuna
             except Exception:  # noqa: BLE001 - the study is told what it can be told
                 pass
-        _charge_idle_tails(ledger, plan, phase, callback.started_ids - before, since_unix)
+        if pack_sweep.packed(spec, phase):  # the trials' actors hold no GPU: the pack's bills
+            pack_sweep.finish_host(spec, plan, ledger, sweep_id, phase)
+        else:
+            _charge_idle_tails(ledger, plan, phase, callback.started_ids - before, since_unix)
     if not (callback.control.fatal or callback.control.interrupted):
         _fail_orphans(searcher)
     return searcher

@@ -37,6 +37,7 @@ from pathlib import Path  # noqa: E402
 
 from orchestrator import remote  # noqa: E402
 from orchestrator.costmodel import PRIOR_RELEASE_S  # noqa: E402
+from orchestrator.pack_trial import PackClock, run_packed_trial  # noqa: E402
 from orchestrator.prices import cost_usd  # noqa: E402
 from orchestrator.spec import HYPERPARAMETERS  # noqa: E402
 from orchestrator.system_metrics import SystemSampler  # noqa: E402
@@ -61,8 +62,11 @@ class LedgerBudget:
         t0: float,
         prior_s: float = 0.0,
         predicted_startup_s: float = 0.0,
+        cost_of=None,
     ) -> None:
         self.ledger, self.trial_id = ledger, trial_id
+        # a packed trial's cost is its slot's share of the pack's held time (pack_trial.py)
+        self._cost_of = cost_of
         self.price_usd_per_hour, self.t0 = price_usd_per_hour, t0
         self.prior_s = prior_s  # billed by the trial's earlier attempts
         self.ceiling_usd = remote.call(ledger.ceiling, trial_id)
@@ -87,6 +91,8 @@ class LedgerBudget:
         return False
 
     def cost_usd(self) -> float:
+        if self._cost_of is not None:
+            return self._cost_of()
         return cost_usd(self.price_usd_per_hour, self.prior_s + time.monotonic() - self.t0)
 
     def __enter__(self) -> LedgerBudget:
@@ -158,8 +164,9 @@ def _prior_billed_s(ledger, trial_id: str, price_usd_per_hour: float, resume: Pa
     return max(ledger_s, checkpoint_billed_s(resume) if resume is not None else 0.0)
 
 
-def train_lorasweep(config: dict, *, base: dict, ledger) -> None:
-    """Run one trial of the sweep; ``base`` holds the TrialConfig fields the spec fixes."""
+def train_lorasweep(config: dict, *, base: dict, ledger, pack=None) -> None:
+    """Run one trial of the sweep; ``base`` holds the TrialConfig fields the spec fixes; ``pack``:
+    the phase's pack host, when the trial runs as one of its slots (``pack_sweep.py``)."""
     global _released_at
     import ray
     from ray import tune
@@ -207,16 +214,26 @@ def train_lorasweep(config: dict, *, base: dict, ledger) -> None:
             resume = Path(resume_dir) if resume_dir else None
             prior_s = _prior_billed_s(ledger, trial_id, cfg.price_usd_per_hour, resume)
             cfg = dataclasses.replace(cfg, prior_billed_s=prior_s)
+            clock = None if pack is None else PackClock(cfg.price_usd_per_hour, prior_s)
             # a trial refused before training reports nothing: its bill is its last heartbeat
             # the sampler stops inside the grant (before the last word): its end is billed
             with (
                 LedgerBudget(
-                    ledger, trial_id, cfg.price_usd_per_hour, t0, prior_s, cfg.prior_startup_s
+                    ledger,
+                    trial_id,
+                    cfg.price_usd_per_hour,
+                    t0,
+                    prior_s,
+                    cfg.prior_startup_s,
+                    cost_of=None if clock is None else clock.cost_usd,
                 ) as budget,
                 sampler,
             ):
                 try:
-                    run_trial(cfg, report, budget, resume_from=resume)
+                    if pack is None:
+                        run_trial(cfg, report, budget, resume_from=resume)
+                    else:
+                        run_packed_trial(cfg, trial_id, pack, report, budget, clock, resume)
                 except Exception as exc:  # noqa: BLE001 - a failed trial, reported as such
                     tune.report(_failure(exc, budget))
     finally:

@@ -146,3 +146,51 @@ def test_trials_share_a_pack_actor_on_real_ray(trial_config, ray_local):
     billed_s = sum(got[-1]["billed_s"] for got in results)
     assert billed_s + unbilled_s == pytest.approx(held_s, abs=0.1)
     ray.kill(host)
+
+
+@pytest.mark.slow
+def test_a_packed_sweep_runs_its_trials_as_slots_of_one_pack(
+    tmp_path, tiny_model, small_data, ray_local, monkeypatch
+):
+    """``resources.pack_slots: 2`` on real Ray, sqlite MLflow/Optuna/ledger: every trial is a
+    Tune trial with its own MLflow child run, score and bill; two at a time share the one pack;
+    the bills (trials, the pack's unpaid seconds, the base eval) are the ledger's spend, which
+    the OS's clock of the paid processes (the pack's host, the base eval) confirms under the cap."""
+    import io
+
+    import outside_clock
+    from mlflow.tracking import MlflowClient
+    from rich.console import Console
+    from test_sweep_e2e import _spec
+
+    from orchestrator import leaderboard
+    from orchestrator.spec import parse_spec
+    from orchestrator.sweep import run_sweep
+
+    raw = _spec(tmp_path, tiny_model, small_data, budget_usd=5.0, max_trials=4).model_dump(
+        mode="json"
+    )
+    raw["resources"].update(pack_slots=2, max_concurrent_trials=1)
+    spec = parse_spec(raw)
+    # the paid processes of a packed sweep: the host holding the pack, the base-model eval
+    monkeypatch.setattr(outside_clock, "PAID_TITLES", ("ray::PackHost", "ray::score_split"))
+    with outside_clock.ProcessMeter() as meter:
+        result = run_sweep(spec, Console(file=io.StringIO(), width=200))
+    assert result.end_reason.startswith("max_trials"), result.end_reason
+    assert len(result.rows) == 4 and {r.status for r in result.rows} <= {"completed", "pruned"}
+    client = MlflowClient(result.tracking_uri)
+    parent = leaderboard.find_sweep(result.tracking_uri, result.sweep_id)
+    runs = client.search_runs(
+        [parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'"
+    )
+    assert len(runs) == 4
+    for run in runs:
+        assert 0 <= run.data.metrics["score"] <= 1
+        assert run.data.metrics["cost_usd"] > 0
+    spans = sorted((r.info.start_time, r.info.end_time) for r in runs)
+    assert any(b[0] < a[1] for a, b in zip(spans, spans[1:], strict=False)), spans  # overlapped
+    assert any(s["title"].startswith("ray::PackHost") for s in meter.spans), meter.spans
+    outside_usd = meter.cost_usd(36.0)
+    assert result.spent_usd <= spec.budget_usd and outside_usd <= spec.budget_usd
+    # every held second billed once: the ledger's spend is what the OS saw held (polling slack)
+    assert result.spent_usd == pytest.approx(outside_usd, rel=0.1, abs=0.01), meter.spans

@@ -1,0 +1,137 @@
+"""Packed trials in the sweep (``resources.pack_slots: K``, K > 1): the LoRA phase's trials run
+as K slots of one shared pack on the GPU (``orchestrator/pack_host.py``), each still one Tune
+trial with its Optuna suggestion, ASHA rungs, MLflow child run, ledger account and budget checks.
+
+How the phase changes, and nothing else does (``pack_slots: 1`` is the unpacked sweep exactly):
+- one pack host, a named Ray actor holding the GPU(s) of one trial (``gpus_per_trial``), starts
+  with the phase and loads the base once; a slot freed by a finished or pruned trial is taken by
+  the next admitted trial without reloading it;
+- the trials' Tune actors hold CPUs only (``cpus_per_trial``; they wait on the host), and up to K
+  run at once;
+- a trial's bill is its slot's share of the host's held seconds at the trial price (by token
+  share of each step; its own eval and save), heartbeats included; what no slot paid (the host's
+  start before the first slot, an empty pack, the tail after the last trial left) is charged to
+  the sweep when the phase ends, on a key of its own. So the phase's bills add up to the host's
+  held time x price, and the trial actors' own time is not billed again (their CPUs come with
+  the GPU the host bills);
+- full fine-tuning (the ``full`` phase) runs unpacked, as before.
+
+Refused before any money is spent (:func:`refusal`, checked by the spec): more than one pack at
+once, a pack over several GPUs, qlora, full or DoRA among the LoRA phase's candidates.
+"""
+
+from __future__ import annotations
+
+from orchestrator import remote
+
+PACKED_PHASE = "lora"
+
+
+def refusal(spec) -> tuple[str, str] | None:
+    """(field, message) when the spec's ``resources.pack_slots`` cannot run, else None."""
+    res, space = spec.resources, spec.search_space
+    if res.pack_slots <= 1:
+        return None
+    k = res.pack_slots
+    if res.max_concurrent_trials != 1:
+        return (
+            "resources.max_concurrent_trials",
+            f"with pack_slots: {k} one pack runs {k} trials at once on one GPU; set "
+            "max_concurrent_trials: 1 (several packs at once are not supported yet)",
+        )
+    if res.gpus_per_trial > 1:
+        return (
+            "resources.gpus_per_trial",
+            f"a pack holds one GPU (got {res.gpus_per_trial}); set gpus_per_trial: 1 or "
+            "pack_slots: 1",
+        )
+    methods = set(space.method.candidates())
+    if methods - {"lora"}:
+        return (
+            "search_space.method",
+            f"packed trials train LoRA adapters over one shared base; {sorted(methods - {'lora'})}"
+            " cannot be packed: use method: lora (full FT runs unpacked in its own phase: full:"
+            " max_runs) or pack_slots: 1",
+        )
+    if True in space.use_dora.candidates():
+        return (
+            "search_space.use_dora",
+            "DoRA trials run unpacked: set use_dora: false or pack_slots: 1",
+        )
+    return None
+
+
+def packed(spec, phase: str) -> bool:
+    """Whether ``phase``'s trials run as slots of a pack."""
+    return spec.resources.pack_slots > 1 and phase == PACKED_PHASE
+
+
+def host_name(sweep_id: str, phase: str) -> str:
+    return f"lorasweep-pack-{sweep_id}-{phase}"
+
+
+def trial_resources(spec, phase: str) -> dict:
+    """What one Tune trial actor requests."""
+    res = spec.resources
+    if packed(spec, phase):
+        return {"cpu": res.cpus_per_trial, "gpu": 0}
+    return {"cpu": res.cpus_per_trial, "gpu": res.gpus_per_trial}
+
+
+def concurrency(spec, phase: str) -> int:
+    res = spec.resources
+    return res.pack_slots if packed(spec, phase) else res.max_concurrent_trials
+
+
+def start_host(spec, plan, sweep_id: str, phase: str):
+    """The phase's pack host (a named Ray actor, loading the base), or None when unpacked."""
+    if not packed(spec, phase):
+        return None
+    import ray
+
+    from orchestrator.pack_host import PackHost
+
+    res = spec.resources
+    on_gpu = res.gpus_per_trial > 0
+    actor = ray.remote(PackHost).options(
+        name=host_name(sweep_id, phase),
+        get_if_exists=True,
+        num_gpus=res.gpus_per_trial,
+        # its threads wait on the GPU; on CPU it computes with the trials' cores (they wait)
+        num_cpus=0,
+        max_concurrency=res.pack_slots + 2,
+    )
+    return actor.remote(
+        plan.model_ref,
+        dtype=spec.model.dtype,
+        device="cuda" if on_gpu else "cpu",
+        num_threads=None if on_gpu else res.cpus_per_trial * res.pack_slots,
+    )
+
+
+def finish_host(spec, plan, ledger, sweep_id: str, phase: str) -> float:
+    """End the phase's pack: every slot left, the held seconds no slot paid charged to the sweep
+    (returned, in USD); the host's actor is stopped. 0 when the phase ran unpacked."""
+    if not packed(spec, phase):
+        return 0.0
+    import uuid
+
+    import ray
+
+    from orchestrator.prices import cost_usd
+
+    try:
+        host = ray.get_actor(host_name(sweep_id, phase))
+    except ValueError:
+        return 0.0  # never started
+    try:
+        unbilled_s = float(ray.get(host.shutdown.remote(), timeout=120))
+        usd = cost_usd(plan.price_usd_per_hour, unbilled_s)
+        if usd > 0:
+            key = f"pack:{phase}:{uuid.uuid4().hex[:8]}"  # its own key: billed once
+            remote.call(ledger.charge_once, key, usd)
+        return usd
+    except Exception:  # noqa: BLE001 - never mask how the phase ended
+        return 0.0
+    finally:
+        ray.kill(host)
