@@ -15,6 +15,10 @@ eval included). The cap must hold by both. ``trials_completed``: trials that ran
 ``trials_ended``: those and the ones ASHA stopped at a rung (each did its job for the search);
 ``trials_per_gpu_hour``: ``trials_ended`` over the wall time's GPU-hours.
 
+``--mode packed`` runs the same spec and seed with ``resources.pack_slots: K`` (``--pack-slots``,
+default 4): the LoRA trials as K slots of one pack on the GPU; its outside clock counts the pack's
+host process (``ray::PackHost``) and the base eval, which hold the GPU there.
+
 ``--short`` runs the same spec shrunk for a CPU (the tiny random-init Llama of the tests, 2
 trials of 4 steps, "cpu" priced at 36 $/h so that seconds cost cents): it checks this script
 end to end where there is no GPU. ``--deadline-s``: past it the CLI gets SIGINT (the sweep
@@ -65,9 +69,13 @@ def _short_spec(raw: dict, work: Path) -> dict:
     return raw
 
 
-def _run_cli(spec_path: Path, data_dir: Path, deadline_s: float, log_path: Path):
+def _run_cli(spec_path: Path, data_dir: Path, deadline_s: float, log_path: Path, packed: bool):
     """Run `lorasweep run` as a child; returns (exit code, wall_s, outside meter)."""
+    import outside_clock
     from outside_clock import ProcessMeter
+
+    if packed:  # the GPU is held by the pack's host (and the base eval), not by trial actors
+        outside_clock.PAID_TITLES = ("ray::PackHost", "ray::score_split")
 
     cmd = [sys.executable, "-m", "orchestrator.cli", "run", str(spec_path), "--new"]
     cmd += ["--data-dir", str(data_dir)]
@@ -132,7 +140,7 @@ def _device() -> str:
     return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
 
 
-def measure(mode: str, short: bool, work: Path, deadline_s: float) -> dict:
+def measure(mode: str, short: bool, work: Path, deadline_s: float, pack_slots: int = 4) -> dict:
     from orchestrator.prices import load_catalog, trial_price_usd_per_hour
     from orchestrator.spec import load_spec
 
@@ -140,6 +148,8 @@ def measure(mode: str, short: bool, work: Path, deadline_s: float) -> dict:
     raw = yaml.safe_load(SPEC.read_text())
     if short:
         raw = _short_spec(raw, work)
+    if mode == "packed":  # the same spec and seed, its trials as slots of one shared pack
+        raw["resources"].update(pack_slots=pack_slots, max_concurrent_trials=1)
     spec_path = work / f"{raw['name']}-{mode}.yaml"
     spec_path.write_text(yaml.safe_dump(raw, sort_keys=False))
     spec = load_spec(spec_path)  # refuse a bad spec here, before any money is spent
@@ -151,7 +161,9 @@ def measure(mode: str, short: bool, work: Path, deadline_s: float) -> dict:
     )
     gpus = max(res.gpus_per_trial, 1) * res.max_concurrent_trials
     data_dir = work / f"data-{mode}"
-    code, wall_s, meter = _run_cli(spec_path, data_dir, deadline_s, work / f"cli-{mode}.log")
+    code, wall_s, meter = _run_cli(
+        spec_path, data_dir, deadline_s, work / f"cli-{mode}.log", packed=mode == "packed"
+    )
     found = _read_back(spec, data_dir)
     gpu_hours = wall_s * gpus / 3600
     return {
@@ -187,8 +199,8 @@ def _merge(out: Path, row: dict) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    # "packed" (K trials as slots of one shared pack) joins once the sweep can run packs
-    ap.add_argument("--mode", choices=("single",), default="single")
+    ap.add_argument("--mode", choices=("single", "packed"), default="single")
+    ap.add_argument("--pack-slots", type=int, default=4, help="packed: trials per pack")
     ap.add_argument("--short", action="store_true", help="CPU: tiny model, 2 trials of 4 steps")
     ap.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temp)")
     ap.add_argument("--deadline-s", type=float, default=480.0, help="SIGINT the CLI after this")
@@ -198,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
         import tempfile
 
         args.work = Path(tempfile.mkdtemp(prefix="gpu-sweep-"))
-    row = measure(args.mode, args.short, args.work, args.deadline_s)
+    row = measure(args.mode, args.short, args.work, args.deadline_s, args.pack_slots)
     print(json.dumps(row, indent=1))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -34,14 +34,16 @@ def _bench():
 
 
 @pytest.mark.slow
-def test_short_gpu_sweep_runs_the_cli_and_reads_its_row_back(tmp_path):
+@pytest.mark.parametrize("mode", ["single", "packed"])
+def test_short_gpu_sweep_runs_the_cli_and_reads_its_row_back(tmp_path, mode):
     out = tmp_path / "rows.json"
-    code = _bench().main(["--short", "--work", str(tmp_path / "w"), "--out", str(out)])
+    args = ["--short", "--mode", mode, "--pack-slots", "2", "--work", str(tmp_path / "w")]
+    code = _bench().main([*args, "--out", str(out)])
     rows = json.loads(out.read_text())
     assert code == 0, rows
     (row,) = rows
     assert KEYS <= set(row)
-    assert row["mode"] == "single" and row["device"] == "cpu" and row["ray"] is True
+    assert row["mode"] == mode and row["device"] == "cpu" and row["ray"] is True
     assert row["trials"] == 2 and row["trials_ended"] == 2, row  # max_trials: 2, none failed
     assert row["trials_completed"] <= row["trials_ended"]
     assert row["end_reason"].startswith("max_trials"), row

@@ -194,3 +194,39 @@ def test_a_packed_sweep_runs_its_trials_as_slots_of_one_pack(
     assert result.spent_usd <= spec.budget_usd and outside_usd <= spec.budget_usd
     # every held second billed once: the ledger's spend is what the OS saw held (polling slack)
     assert result.spent_usd == pytest.approx(outside_usd, rel=0.1, abs=0.01), meter.spans
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"resources": {"max_concurrent_trials": 2}}, "resources.max_concurrent_trials"),
+        ({"search_space": {"method": {"choices": ["lora", "full"]}}}, "search_space.method"),
+        ({"search_space": {"use_dora": {"choices": [False, True]}}}, "search_space.use_dora"),
+    ],
+)
+def test_a_pack_that_cannot_run_is_refused_naming_the_field(change, field):
+    from orchestrator.errors import SpecError
+    from orchestrator.spec import parse_spec
+
+    raw = {"name": "p", "budget_usd": 1, "resources": {"pack_slots": 2}}
+    for section, values in change.items():
+        raw.setdefault(section, {}).update(values)
+    with pytest.raises(SpecError) as err:
+        parse_spec(raw)
+    assert str(err.value).startswith(field), err.value
+    assert "pack_slots: 1" in str(err.value) or "max_concurrent_trials: 1" in str(err.value)
+
+
+def test_pack_slots_one_is_the_unpacked_sweep():
+    from orchestrator import pack_sweep
+    from orchestrator.spec import parse_spec
+
+    spec = parse_spec({"name": "p", "budget_usd": 1, "resources": {"max_concurrent_trials": 3}})
+    assert spec.resources.pack_slots == 1 and not pack_sweep.packed(spec, "lora")
+    assert pack_sweep.trial_resources(spec, "lora") == {"cpu": 1, "gpu": 0}
+    assert pack_sweep.concurrency(spec, "lora") == 3
+    assert pack_sweep.start_host(spec, None, "s", "lora") is None
+    packed = parse_spec({"name": "p", "budget_usd": 1, "resources": {"pack_slots": 3}})
+    assert (
+        pack_sweep.concurrency(packed, "lora") == 3 and pack_sweep.concurrency(packed, "full") == 1
+    )
