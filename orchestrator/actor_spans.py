@@ -21,13 +21,15 @@ bounded tails (``Ledger.idle_tails``) are the fallback.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 KV_NAMESPACE = "lorasweep"
 TRIAL_ACTOR_CLASS = "ImplicitFunc"  # Ray Tune's actor class for a function trainable
 DEATH_WAIT_S = 3.0  # after a phase, how long to wait for Tune's last actors to be stopped
+EXIT_WAIT_S = 3.0  # ... and for this node's dead actors' processes to exit
 
 
 def _key(job_id: str, actor_id: str) -> str:
@@ -61,6 +63,7 @@ class ActorSpan:
     worker: str  # "<node>:<pid>", as the ledger names processes
     birth_unix: float
     end_unix: float | None  # None while the actor is alive
+    exit_unix: float | None = None  # when its process was seen gone (this node's, if watched)
 
 
 def _births(job_id: str) -> dict[str, dict]:
@@ -124,7 +127,42 @@ def trial_actor_spans(
                 end_unix=float(actor["EndTime"]) / 1000.0 if dead else None,
             )
         )
-    return spans
+    return _with_exits(spans, EXIT_WAIT_S)
+
+
+def _local_pid(worker: str) -> int | None:
+    node, _, pid = worker.rpartition(":")
+    return int(pid) if node == os.uname().nodename and pid.isdigit() else None
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie holds nothing
+    except (OSError, IndexError):
+        return False
+
+
+def _with_exits(spans: list[ActorSpan], wait_s: float) -> list[ActorSpan]:
+    """Ray records an actor dead as it begins to exit; its process holds on while Python and
+    Ray tear down (~0.4 s with torch loaded). Where that process is on this node and still
+    there (the phase's last actors), watch it go, up to ``wait_s``."""
+    if not os.path.isdir("/proc/self"):
+        return spans
+    watched = {}
+    for span in spans:
+        pid = _local_pid(span.worker)
+        if span.end_unix is not None and pid is not None and _running(pid):
+            watched[span.actor_id] = pid
+    exits: dict[str, float] = {}
+    deadline = time.monotonic() + wait_s
+    while watched and time.monotonic() < deadline:
+        for actor_id, pid in list(watched.items()):
+            if not _running(pid):
+                exits[actor_id] = time.time()
+                del watched[actor_id]
+        time.sleep(0.02)
+    return [replace(s, exit_unix=exits[s.actor_id]) if s.actor_id in exits else s for s in spans]
 
 
 def unbilled_s(
@@ -134,10 +172,20 @@ def unbilled_s(
     trial to (when its latest trial began, when its latest last word came; unix seconds, None
     if that trial gave none). An actor that ran no trial is unbilled from birth to death; a used
     one from its latest last word to its death, when that last word came after its latest
-    trial began (otherwise that trial was cut off: its own account bills it to the end)."""
+    trial began (otherwise that trial was cut off: its own account bills it to the end). An
+    actor's death is when its process was seen gone, else Ray's record of it plus the median
+    teardown seen (``_with_exits``)."""
+    # the teardown after Ray's death record, as seen where it was watched, applies to the rest
+    lags = sorted(s.exit_unix - s.end_unix for s in spans if s.exit_unix and s.end_unix)
+    teardown_s = max(0.0, lags[len(lags) // 2]) if lags else 0.0
     out = {}
     for span in spans:
-        end = span.end_unix if span.end_unix is not None else now_unix
+        if span.end_unix is None:
+            end = now_unix
+        elif span.exit_unix is not None:
+            end = max(span.exit_unix, span.end_unix)
+        else:
+            end = span.end_unix + teardown_s
         ran = workers.get(span.worker)
         if ran is None:
             held_s = end - span.birth_unix

@@ -103,3 +103,15 @@ def test_an_actor_cut_off_mid_trial_adds_nothing_its_trial_bills_to_the_end():
 def test_the_driver_records_no_birth(ray_local):
     # the driver imports the trainable module too: only actors record
     assert actor_spans.record_birth("driver:1", time.time()) is False
+
+
+def test_an_actors_teardown_after_rays_death_record_is_billed_as_seen_or_as_the_median():
+    # Ray marks an actor dead as it starts to exit; its process goes 0.4 s later: the watched
+    # one is billed to its exit, an unwatched one (it exited earlier, or on another node) to
+    # Ray's record plus the median teardown seen
+    watched = actor_spans.ActorSpan("w", "n:1", birth_unix=100.0, end_unix=110.0, exit_unix=110.4)
+    earlier = actor_spans.ActorSpan("e", "n:2", birth_unix=100.0, end_unix=105.0)
+    held = actor_spans.unbilled_s([watched, earlier], {}, now_unix=200.0)
+    assert held == {"w": pytest.approx(10.4), "e": pytest.approx(5.4)}
+    # nothing watched: Ray's record alone
+    assert actor_spans.unbilled_s([earlier], {}, now_unix=200.0) == {"e": pytest.approx(5.0)}
