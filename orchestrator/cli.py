@@ -96,6 +96,18 @@ def _friendly(fn):
     return wrapper
 
 
+def _runs_link(result) -> str:
+    """The sweep's runs in the MLflow UI, on its training side (``tracking.runs_url``)."""
+    from orchestrator import leaderboard
+    from orchestrator.tracking import runs_url
+
+    try:
+        parent = leaderboard.find_sweep(result.tracking_uri, result.sweep_id)
+    except Exception:  # noqa: BLE001 - the link is a convenience; the sweep's result stands
+        return "http://127.0.0.1:5000"
+    return runs_url("http://127.0.0.1:5000", parent.info.experiment_id)
+
+
 def _ui_command(tracking_uri: str) -> str:
     return f"mlflow ui --backend-store-uri {shlex.quote(tracking_uri)} --port 5000"
 
@@ -274,9 +286,8 @@ def _show(result) -> None:
             f"[bold]score[/] base model {base} -> best {result.best.score:.3f} "
             f"({result.best.trial}, ${result.best.cost_usd:.5f})"
         )
-    console.print(
-        f"[bold]browse[/] {_ui_command(result.tracking_uri)}   (then open http://127.0.0.1:5000)"
-    )
+    link = _runs_link(result)
+    console.print(f"[bold]browse[/] {_ui_command(result.tracking_uri)}   (then open {link})")
     if result.interrupted:
         console.print(
             f"[bold]interrupted[/] sweep {result.sweep_id}: every account is settled "

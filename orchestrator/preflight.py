@@ -8,7 +8,7 @@ from dataclasses import field as dataclass_field
 from pathlib import Path
 
 from orchestrator.costmodel import CostModel, ModelDims, stored_calibration
-from orchestrator.errors import BudgetError, LorasweepError, SpecError
+from orchestrator.errors import BudgetError, LorasweepError
 from orchestrator.memory_check import MemoryFit
 from orchestrator.prices import load_catalog, trial_price_usd_per_hour
 from orchestrator.spec import SearchSpace, SweepSpec
@@ -148,21 +148,11 @@ def available_target_sets(model_ref: str) -> list[str]:
 
 
 def _check_target_modules(spec: SweepSpec, model) -> None:
-    """Refuse a search space that can propose a target set the model lacks, so TPE never
-    proposes one; the preset's defaults included (the fix names the sets to keep)."""
-    space = spec.search_space
-    if not [m for m in space.method.candidates() if m != "full"]:
-        return  # full fine-tuning only: no adapter, no targets
-    have = target_sets_of(model)
-    missing = [t for t in space.target_modules.candidates() if t not in have]
-    if not missing:
-        return
-    keep = [t for t in space.target_modules.candidates() if t in have] or have
-    raise SpecError(
-        "search_space.target_modules",
-        f"this model has no modules for {missing} (from your spec or its preset); the sets it "
-        f"has are {have}. Set search_space.target_modules: {{choices: {keep}}}",
-    )
+    """Refuse a search space that can propose target modules the model lacks (named sets and
+    raw module lists), so TPE never proposes them."""
+    from orchestrator.targets import check_target_modules
+
+    check_target_modules(spec.search_space, model)
 
 
 def _check_room(spec: SweepSpec, model_ref: str, paths, rows: dict[str, list]) -> int:

@@ -415,9 +415,8 @@ def test_validate_and_the_refusal_floor_price_with_the_stored_calibration(
 
     priced = make_plan(load_spec(spec_file(1.0)))
     assert priced.cost_model.stored == {}
-    floor = priced.baseline_usd + priced.admission_usd(
-        {}, priced.extremes(load_spec(spec_file(1.0)).search_space)[0]
-    )
+    # the least budget that runs: base eval + cheapest trial to its first rung + the allowance
+    floor = priced.least_budget_usd(load_spec(spec_file(1.0)).search_space)
     out = CliRunner().invoke(app, ["validate", str(spec_file(1.0))]).output
     assert "timings: priors (no stored calibration" in out and "(prior)" in out
     assert not (tmp_path / "data").exists()  # validate created no ledger
@@ -439,10 +438,9 @@ def test_validate_and_the_refusal_floor_price_with_the_stored_calibration(
     )
     calibrated = make_plan(spec)
     assert calibrated.cost_model.stored["startup_s:lora:fresh"] == 0.5
-    cheaper = calibrated.baseline_usd + calibrated.admission_usd(
-        {}, priced.extremes(spec.search_space)[0]
-    )
-    assert cheaper < floor / 2
+    cheaper = calibrated.least_budget_usd(spec.search_space)
+    allowance = priced.allowance_usd  # the same either way: the calibration prices the rest
+    assert cheaper - allowance < (floor - allowance) / 2
     out = " ".join(CliRunner().invoke(app, ["validate", str(spec_file(1.0))]).output.split())
     assert "measured flops_per_s:lora" in out and "measured startup_s:lora:fresh" in out
     # a budget between the two floors: refused on priors, accepted once calibrated

@@ -136,6 +136,8 @@ def test_default_output_is_only_lorasweeps_own_lines(tmp_path, tiny_model, small
         "ended max_trials",
         "registered tiny",
         "least budget that runs",
+        # the link to the sweep's runs on the UI's training side (MLflow 3 opens GenAI else)
+        "/runs?workflowType=machine_learning)",
     ):
         assert ours in text, text
     # generate prints the completion alone: one line, nothing on stderr
