@@ -47,7 +47,7 @@ class PackClock:
     price_usd_per_hour: float
     prior_s: float = 0.0
     slot_s: float = 0.0
-    phases_s: dict = field(default_factory=lambda: dict.fromkeys(("step", "eval"), 0.0))
+    phases_s: dict = field(default_factory=lambda: dict.fromkeys(("load", "step", "eval"), 0.0))
 
     def observe(self, billed_s: float, phase: str) -> float:
         """Record the slot's bill now; returns the seconds billed since the last observation."""
@@ -141,8 +141,11 @@ def _train(cfg, trial_id: str, host: _Host, report, budget, clock: PackClock) ->
                 raise NonFiniteLoss(
                     f"loss is {result['loss']} at step {step + 1}: the trial failed"
                 )
-            dt = clock.observe(result["billed_s"], "step")
-            step_s = dt if step == 0 else 0.7 * step_s + 0.3 * dt
+            # the first step's bill carries the pack's unpaid seconds (its load, for the first
+            # slots): a load, not a step time to plan the next steps by
+            dt = clock.observe(result["billed_s"], "load" if step == 0 else "step")
+            if step > 0:
+                step_s = dt if step == 1 else 0.7 * step_s + 0.3 * dt
             step += 1
             tokens += result["tokens"]
             losses.append((step, result["loss"]))

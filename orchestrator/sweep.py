@@ -727,7 +727,7 @@ def _drive(
 ):
     """``run_sweep`` once this driver holds the sweep."""
     from orchestrator.callbacks import SweepCallback
-    from orchestrator.watchdog import Watchdog
+    from orchestrator.pack_watchdog import make_watchdog
 
     data_dir, tracking_uri, optuna_url, service_db = storage_urls(spec)
     ledger = _start_ledger(spec, plan, sweep_id, service_db)
@@ -741,7 +741,7 @@ def _drive(
         spec_path=str(spec_path.resolve()) if spec_path else None,
     )
     tracker = _open_tracker(spec, plan, sweep_id, tracking_uri, data_dir, resume, experiment)
-    watchdog = Watchdog(ledger, plan.price_usd_per_hour, control).start()
+    watchdog = make_watchdog(spec, ledger, plan.price_usd_per_hour, control).start()
     callback = None
     try:
         if True:  # (indented as the phases were under the heartbeat: kept for a small diff)

@@ -230,3 +230,24 @@ def test_pack_slots_one_is_the_unpacked_sweep():
     assert (
         pack_sweep.concurrency(packed, "lora") == 3 and pack_sweep.concurrency(packed, "full") == 1
     )
+
+
+def test_the_packed_watchdog_does_not_bill_a_slot_the_whole_gpu_yet_stops_a_silent_one():
+    """What the H200 run showed (4 slots revoked at ~11 s, before their first eval): the
+    sweep's watchdog floors a trial's live spend at price x time since it was registered, right
+    for a trial holding its own GPU, not for a slot paying 1/K of it."""
+    from orchestrator.pack_watchdog import PackWatchdog, make_watchdog
+    from orchestrator.spec import parse_spec
+    from orchestrator.watchdog import SweepControl, Watchdog, _Watched
+
+    price = 36.0  # 1 cent per second
+    slot = _Watched(kill=lambda: None, since=0.0, spent_usd=0.05, seen=19.0)  # 5 s of 20 billed
+    plain, packed = Watchdog(None, price, SweepControl()), PackWatchdog(None, price, SweepControl())
+    assert plain._estimate(slot, 20.0) == pytest.approx(0.20)  # the whole GPU for 20 s
+    assert packed._estimate(slot, 20.0) == pytest.approx(0.06)  # its bill + 1 s at full price
+    silent = _Watched(kill=lambda: None, since=0.0, spent_usd=0.05, seen=5.0)  # no beat for 15 s
+    assert packed._estimate(silent, 20.0) == pytest.approx(0.20)  # still bounded from above
+    spec = parse_spec({"name": "p", "budget_usd": 1, "resources": {"pack_slots": 2}})
+    assert type(make_watchdog(spec, None, price, SweepControl())) is PackWatchdog
+    unpacked = parse_spec({"name": "p", "budget_usd": 1})
+    assert type(make_watchdog(unpacked, None, price, SweepControl())) is Watchdog
