@@ -73,3 +73,14 @@ def test_the_data_dir_env_var_and_flag_find_a_store_from_any_folder(tmp_path):
     by_flag = _lorasweep(["leaderboard", "nope", "--data-dir", str(home)], elsewhere)
     assert by_flag.returncode != 0 and "no sweep named 'nope'" in by_flag.stdout
     assert _files(elsewhere) == [] and _files(home) == before  # nothing new anywhere
+
+
+def test_the_service_finds_its_database_in_the_same_data_folder(tmp_path, monkeypatch):
+    from orchestrator.service.db import default_data_dir, default_db_url
+
+    monkeypatch.delenv("LORASWEEP_SERVICE_DB", raising=False)
+    monkeypatch.setenv("LORASWEEP_DATA", str(tmp_path / "team"))
+    assert default_db_url() == f"sqlite:///{tmp_path / 'team' / 'lorasweep.db'}"
+    assert default_data_dir() == (tmp_path / "team").resolve()
+    monkeypatch.delenv("LORASWEEP_DATA")
+    assert default_db_url() == "sqlite:///lorasweep-data/lorasweep.db"

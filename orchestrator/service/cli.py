@@ -24,7 +24,7 @@ DbOpt = Annotated[
         "--db",
         envvar="LORASWEEP_SERVICE_DB",
         help="SQLAlchemy URL of the service database (also the ledger's); default "
-        "sqlite:///lorasweep-data/lorasweep.db",
+        "lorasweep.db in the data folder (LORASWEEP_DATA, else ./lorasweep-data)",
         show_default=False,
     ),
 ]
@@ -198,7 +198,9 @@ def serve(
         from orchestrator.storage_check import CLUSTER_ENV
 
         os.environ[CLUSTER_ENV] = ray_address
-    data_dir = Path("lorasweep-data").resolve()
+    from orchestrator.service.db import default_data_dir
+
+    data_dir = default_data_dir()  # LORASWEEP_DATA or ./lorasweep-data
     runner = Runner(
         engine,
         service_db_url=url,

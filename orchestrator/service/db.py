@@ -159,8 +159,25 @@ class ServiceDBError(StoreError):
 
 # --- engines -----------------------------------------------------------------------------------
 def default_db_url() -> str:
-    """``LORASWEEP_SERVICE_DB`` or the default sqlite file under ``lorasweep-data/``."""
-    return os.environ.get("LORASWEEP_SERVICE_DB") or DEFAULT_DB_URL
+    """``LORASWEEP_SERVICE_DB``, or the sqlite file in the data folder: ``LORASWEEP_DATA`` or
+    ``lorasweep-data/`` (as every other command finds it, ``orchestrator/results_home.py``)."""
+    from orchestrator.results_home import service_db
+
+    return os.environ.get("LORASWEEP_SERVICE_DB") or service_db(None, _data_env())
+
+
+def default_data_dir() -> Path:
+    """Where the service's drivers keep a sweep's files: ``LORASWEEP_DATA`` or
+    ``lorasweep-data/``, resolved."""
+    from orchestrator.results_home import data_dir
+
+    return data_dir(_data_env()).resolve()
+
+
+def _data_env() -> Path | None:
+    from orchestrator.results_home import DATA_ENV
+
+    return Path(os.environ[DATA_ENV]) if os.environ.get(DATA_ENV) else None
 
 
 def _sqlite_setup(busy_ms: int) -> Callable:
