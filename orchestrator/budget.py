@@ -415,5 +415,6 @@ class Ledger:
             "spent_usd": spent,
             "reserved_usd": committed - spent,
             "remaining_usd": self.cap_usd - committed,
+            "allowance_usd": self.allowance_usd,  # kept beside each running trial
             "running": sum(not a.settled for a in self.trials.values()),
         }

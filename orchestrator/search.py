@@ -108,9 +108,11 @@ class BudgetedSearcher(Searcher):
             snap = remote.call(self.ledger.snapshot)
             if snap["running"]:
                 return None  # ask again once a running trial has settled and freed its ceiling
+            allowance = snap.get("allowance_usd", 0.0)
             self.exhausted_reason = (
-                f"budget: the cheapest next trial needs ${floor:.4f} to reach its first rung, "
-                f"${snap['remaining_usd']:.4f} is left unspent"
+                f"budget: the cheapest next trial needs ${floor:.6f} to reach its first rung "
+                f"+ ${allowance:.6f} watchdog allowance, ${snap['remaining_usd']:.6f} is left "
+                "unspent"
             )
             return Searcher.FINISHED
         config = self.searcher.suggest(trial_id)
@@ -134,7 +136,7 @@ class BudgetedSearcher(Searcher):
                     "predicted_startup_s": p.startup_s,
                 }
             reason = (
-                f"budget: {config_label(config)} needs ${p.admission_usd:.4f} to its first rung, "
+                f"budget: {config_label(config)} needs ${p.admission_usd:.6f} to its first rung, "
                 "more than is left now"
             )
         return self._skip(trial_id, reason)
