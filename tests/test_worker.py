@@ -4,6 +4,7 @@ and the graceful stop inside a budget ceiling. Uses the tiny random-init Llama."
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -240,3 +241,30 @@ def test_slower_steps_than_predicted_ask_for_more_instead_of_stopping(trial_conf
 
     assert last["cost_usd"] <= ledger.ceiling("t") + allowance_usd(36.0)
     assert ledger.ceiling("t") <= 5.0
+
+
+@dataclass
+class _ClosesAfter(FixedBudget):
+    """The sweep closes (a Ctrl-C) after the trial's ``open_steps``-th step check."""
+
+    open_steps: int = 0
+    checks: int = 0
+
+    @property
+    def closing(self) -> bool:
+        self.checks += 1
+        return self.checks > self.open_steps
+
+
+def test_a_trial_closed_between_evals_reports_each_train_loss_step_once(trial_config):
+    """Closed one step after its step-4 eval (eval_every 2), the closing report's train losses
+    are step 5's alone: step 4's was in the step-4 report (MLflow showed step 4 twice)."""
+    reports = []
+    budget = _ClosesAfter(open_steps=5)  # steps 1-5 train, the check before step 6 closes
+    run_trial(trial_config(max_steps=6, eval_every=2), lambda m, d: reports.append(m), budget)
+    assert [r["step"] for r in reports] == [2, 4, 5]
+    assert reports[-1]["status"] == "interrupted"
+    steps = [s for r in reports for s, _ in r["train_loss_steps"]]
+    assert steps == [1, 2, 3, 4, 5]
+    last_losses = [v for _, v in reports[-1]["train_loss_steps"]]
+    assert reports[-1]["train_loss"] == pytest.approx(sum(last_losses) / len(last_losses), abs=1e-4)

@@ -599,11 +599,12 @@ def _train(cfg, clock, budget, report, loaded, reused, progress: _Progress) -> d
             clock.phases_s["checkpoint"] += time.monotonic() - t_state
             closing_s = time.monotonic() - t
             done = status in CLOSING or step >= cfg.max_steps
-            interval_losses = [loss for s, loss in losses if s > step - interval]
+            # the steps since the last report (a close between evals trained fewer than interval)
+            since = [(s, loss) for s, loss in losses if s > start_step]
             metrics.update(
                 step=step,
-                train_loss=sum(interval_losses) / max(1, len(interval_losses)),
-                train_loss_steps=[[s, round(v, 5)] for s, v in losses if s > step - interval],
+                train_loss=sum(v for _, v in since) / max(1, len(since)),
+                train_loss_steps=[[s, round(v, 5)] for s, v in since],
                 tokens=tokens,
                 billed_s=clock.billed_s,
                 cost_usd=clock.cost_usd(),
