@@ -3,8 +3,8 @@
 Billing starts when the trial's worker holds its resources: for the first trial of a worker
 process, when the process started or when Tune's actor loaded this module (``workers/held.py``:
 a young process was started by Ray for this trial's lease); for a later trial of a reused actor,
-when the previous trial in the process returned, so the seconds a kept actor holds its resources
-while the search decides are billed too (to the next trial). All on this process's
+when the previous trial in the process gave its last word, so the seconds a kept actor holds
+its resources while the search decides are billed too (to the next trial). All on this process's
 ``time.monotonic()``. While the trial runs, a heartbeat thread sends its billed cost to the
 ledger every ``HEARTBEAT_S`` and picks up a revoked grant.
 
@@ -67,6 +67,7 @@ class LedgerBudget:
         self.ledger, self.trial_id = ledger, trial_id
         # a packed trial's cost is its slot's share of the pack's held time (pack_trial.py)
         self._cost_of = cost_of
+        self.ended_at: float | None = None  # when its last word was priced (``__exit__``)
         self.price_usd_per_hour, self.t0 = price_usd_per_hour, t0
         self.prior_s = prior_s  # billed by the trial's earlier attempts
         self.ceiling_usd = remote.call(ledger.ceiling, trial_id)
@@ -90,10 +91,12 @@ class LedgerBudget:
             return True
         return False
 
-    def cost_usd(self) -> float:
+    def cost_usd(self, at: float | None = None) -> float:
+        """Billed so far, or up to ``at`` (this process's monotonic time)."""
         if self._cost_of is not None:
             return self._cost_of()
-        return cost_usd(self.price_usd_per_hour, self.prior_s + time.monotonic() - self.t0)
+        now = time.monotonic() if at is None else at
+        return cost_usd(self.price_usd_per_hour, self.prior_s + now - self.t0)
 
     def __enter__(self) -> LedgerBudget:
         try:
@@ -106,8 +109,12 @@ class LedgerBudget:
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
-        try:  # the last word: what the trial cost up to here, and which process ran it
-            remote.call(self.ledger.last_word, self.trial_id, self.cost_usd(), _worker(), tries=1)
+        # the last word: what the trial cost up to here, and which process ran it; the next
+        # trial of this process bills from this same instant (``ended_at``)
+        self.ended_at = time.monotonic()
+        try:
+            cost = self.cost_usd(self.ended_at)
+            remote.call(self.ledger.last_word, self.trial_id, cost, _worker(), tries=1)
         except remote.ActorUnavailable:
             pass  # settled by the driver from its own clock
 
@@ -209,6 +216,7 @@ def train_lorasweep(config: dict, *, base: dict, ledger, pack=None) -> None:
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(adapter_dir)))
 
     checkpoint = tune.get_checkpoint()  # set when Tune retries the trial after a lost worker
+    budget = None
     try:
         with checkpoint.as_directory() if checkpoint else contextlib.nullcontext() as resume_dir:
             resume = Path(resume_dir) if resume_dir else None
@@ -236,5 +244,6 @@ def train_lorasweep(config: dict, *, base: dict, ledger, pack=None) -> None:
                         run_packed_trial(cfg, trial_id, pack, report, budget, clock, resume)
                 except Exception as exc:  # noqa: BLE001 - a failed trial, reported as such
                     tune.report(_failure(exc, budget))
-    finally:
-        _released_at = time.monotonic()
+    finally:  # the next trial here bills from this one's last word (or from now, if none)
+        ended_at = budget.ended_at if budget is not None else None
+        _released_at = ended_at if ended_at is not None else time.monotonic()

@@ -71,9 +71,7 @@ def trial_config(tiny_model, small_data):
     return lambda **kw: TrialConfig(**{**base, **kw})
 
 
-@pytest.fixture(scope="session")
-def ray_local():
-    """One local Ray for the whole session (2 CPUs, like CI)."""
+def _start_local_ray() -> None:
     import ray
 
     ray.init(
@@ -85,6 +83,30 @@ def ray_local():
         # from its start, tests/outside_clock.py)
         _system_config={"enable_worker_prestart": False, "prestart_worker_first_driver": False},
     )
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray for the whole session (2 CPUs, like CI)."""
+    import ray
+
+    if not ray.is_initialized():  # a module's own Ray (``ray_module``) may be up
+        _start_local_ray()
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def ray_module():
+    """A local Ray for one module, shut down after it, for modules that run before the tests
+    checking that bad input starts no cluster (tests/test_bad_input.py); the session's if it
+    is already up."""
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    _start_local_ray()
     yield
     ray.shutdown()
 

@@ -35,7 +35,7 @@ def _wait_gone(pid: int, timeout_s: float = 20.0) -> float:
 
 
 @pytest.fixture(scope="module")
-def trial_actor_class(ray_local):
+def trial_actor_class(ray_module):
     import ray
 
     class ImplicitFunc:  # as Tune's actor for a function trainable
@@ -100,7 +100,7 @@ def test_an_actor_cut_off_mid_trial_adds_nothing_its_trial_bills_to_the_end():
     assert actor_spans.unbilled_s([alive], {}, now_unix=104.5) == {"a2": 4.5}
 
 
-def test_the_driver_records_no_birth(ray_local):
+def test_the_driver_records_no_birth(ray_module):
     # the driver imports the trainable module too: only actors record
     assert actor_spans.record_birth("driver:1", time.time()) is False
 
