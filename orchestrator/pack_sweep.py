@@ -4,8 +4,8 @@ trial with its Optuna suggestion, ASHA rungs, MLflow child run, ledger account a
 
 How the phase changes, and nothing else does (``pack_slots: 1`` is the unpacked sweep exactly):
 - one pack host, a named Ray actor holding the GPU(s) of one trial (``gpus_per_trial``), starts
-  with the phase and loads the base once; a slot freed by a finished or pruned trial is taken by
-  the next admitted trial without reloading it;
+  with the phase and loads the base once, before the first trial starts; a slot freed by a
+  finished or pruned trial is taken by the next admitted trial without reloading it;
 - the trials' Tune actors hold CPUs only (``cpus_per_trial``; they wait on the host), and up to K
   run at once;
 - a trial's bill is its slot's share of the host's held seconds at the trial price (by token
@@ -101,12 +101,16 @@ def start_host(spec, plan, sweep_id: str, phase: str):
         num_cpus=0,
         max_concurrency=res.pack_slots + 2,
     )
-    return actor.remote(
+    host = actor.remote(
         plan.model_ref,
         dtype=spec.model.dtype,
         device="cuda" if on_gpu else "cpu",
         num_threads=None if on_gpu else res.cpus_per_trial * res.pack_slots,
     )
+    # loaded before any trial starts: a trial waiting on the load would show the watchdog no
+    # spend for as long (its bill starts with its slot), and the load is the slots' to pay
+    ray.get(host.held_s.remote())
+    return host
 
 
 def finish_host(spec, plan, ledger, sweep_id: str, phase: str) -> float:

@@ -741,7 +741,7 @@ def _drive(
         spec_path=str(spec_path.resolve()) if spec_path else None,
     )
     tracker = _open_tracker(spec, plan, sweep_id, tracking_uri, data_dir, resume, experiment)
-    watchdog = make_watchdog(spec, ledger, plan.price_usd_per_hour, control).start()
+    watchdog = make_watchdog(spec, ledger, plan.price_usd_per_hour, control, sweep_id).start()
     callback = None
     try:
         if True:  # (indented as the phases were under the heartbeat: kept for a small diff)

@@ -10,6 +10,7 @@ call (``pytest -m gpu``).
 from __future__ import annotations
 
 import dataclasses
+import time
 from pathlib import Path
 
 import pytest
@@ -370,3 +371,33 @@ def test_pick_pack_size_takes_the_largest_k_that_fits():
     # checkpointing shrinks the activations: more slots in the same memory
     ckpt = pick_pack_size(shape, "lora", memory_gib=memory, gradient_checkpointing=True, **kw)
     assert ckpt > 3
+
+
+def test_a_slot_that_leaves_during_its_step_does_not_break_its_neighbours(trial_config):
+    """A trial stopped from outside (ASHA; the driver makes its slot leave) while its step waits
+    for the others: its step raises, its rows are dropped, the neighbour's step runs, and a new
+    trial in the freed key is not mistaken for it."""
+    import threading
+
+    a, b = _cfg(trial_config), _cfg(trial_config, seed=1, rank=2)
+    server = PackServer(_pack(a), wait_s=30.0)  # a step waits for every slot (or 30 s)
+    key_a, key_b = server.join(a), server.join(b)
+    got: dict = {}
+
+    def step_a():
+        try:
+            server.step(key_a, next(_data(a)))
+        except KeyError as exc:
+            got["a"] = exc
+
+    t = threading.Thread(target=step_a)
+    t.start()
+    deadline = time.monotonic() + 10
+    while key_a not in server._pending and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert server.leave(key_a) > 0  # billed what it held
+    t.join(timeout=10)
+    assert isinstance(got.get("a"), KeyError)
+    assert server.step(key_b, next(_data(b))).tokens > 0  # b alone now: runs at once
+    key_c = server.join(_cfg(trial_config, seed=2))
+    assert key_c == key_a and server.step(key_c, next(_data(a))).tokens > 0

@@ -629,6 +629,12 @@ class PackServer:
         with self._cond, self._gpu:
             self.billing.settle({key: 1.0})
             self.pack.remove(key)
+            # rows it handed in (a trial stopped from outside mid-step) go with it
+            self._pending.pop(key, None)
+            self._results.pop(key, None)
+            if not self._pending:
+                self._first_pending = None
+            self._cond.notify_all()  # its waiting step, if any, learns it left
             return self.billing.close(key)
 
     def step(self, key: str, rows: list) -> SlotStep:
@@ -636,10 +642,17 @@ class PackServer:
         if not rows:
             raise ValueError("PackServer.step: a batch needs at least one row")
         with self._cond:
+            slot = self.pack.slots.get(key)  # a refilled key is another slot: not this step's
+            if slot is None:
+                raise KeyError(f"no slot {key} in this pack")
             self._pending[key] = rows
             if self._first_pending is None:
                 self._first_pending = time.monotonic()
-            while key not in self._results:
+            while True:
+                if self.pack.slots.get(key) is not slot:
+                    raise KeyError(f"slot {key} left the pack during its step")
+                if key in self._results:
+                    break
                 waited = time.monotonic() - self._first_pending
                 if len(self._pending) >= len(self.pack.slots) or waited >= self.wait_s:
                     self._run_pending()
