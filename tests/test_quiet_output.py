@@ -24,6 +24,7 @@ TUNE = "ray.tune.execution.tune_controller"
 # lines the libraries print by default (seen running the README): none may show unless verbose
 THIRD_PARTY = {
     "ray token auth": r"Token authentication is enabled",
+    "ray started": r"Started a local Ray instance",
     "optuna study": r"A new study created",
     "optuna log prefix": r"^\[[IWE] \d{4}-\d\d-\d\d",
     "mlflow log": r"\b(INFO|WARNING) mlflow\.",
@@ -159,7 +160,9 @@ def test_lorasweep_verbose_brings_the_libraries_lines_back(tmp_path, tiny_model,
         tmp_path, tiny_model, small_data, max_trials=1, LORASWEEP_VERBOSE="1"
     )
     found = _third_party(lines)
-    assert {"ray token auth", "optuna study", "mlflow log"} <= set(found), "\n".join(lines)
+    # Ray's own INFO line (its token-auth notice shows only on some machines' first start: it
+    # was absent in a clean-clone CI run), Optuna's and MLflow's
+    assert {"ray started", "optuna study", "mlflow log"} <= set(found), "\n".join(lines)
     gen = _cli(
         tmp_path,
         "generate",
