@@ -45,6 +45,11 @@ class SystemSampler:
         self._gpus: list = []  # NVML handles of the GPUs this process may use
         self._cpu_times = None  # the node's CPU times at the previous sample
 
+    def continue_after(self, prior_billed_s: float) -> None:
+        """A retried or resumed trial's samples go on after its earlier attempts' in the same run:
+        from step 10 x their billed seconds (they sampled far fewer than 10 times a second)."""
+        self._step = max(self._step, int(prior_billed_s * 10))
+
     def __enter__(self) -> SystemSampler:
         if self.interval_s <= 0:
             return self

@@ -221,6 +221,7 @@ def train_lorasweep(config: dict, *, base: dict, ledger, pack=None) -> None:
         with checkpoint.as_directory() if checkpoint else contextlib.nullcontext() as resume_dir:
             resume = Path(resume_dir) if resume_dir else None
             prior_s = _prior_billed_s(ledger, trial_id, cfg.price_usd_per_hour, resume)
+            sampler.continue_after(prior_s)  # a retry's samples do not repeat the lost steps
             cfg = dataclasses.replace(cfg, prior_billed_s=prior_s)
             clock = None if pack is None else PackClock(cfg.price_usd_per_hour, prior_s)
             # a trial refused before training reports nothing: its bill is its last heartbeat

@@ -199,3 +199,15 @@ def test_the_sampler_without_nvml_samples_cpu_and_memory_and_stops_at_once(monke
 def test_sampling_is_off_with_a_zero_interval():
     with SystemSampler(interval_s=0) as sampler:
         assert sampler.drain() == [] and sampler._thread is None
+
+
+def test_a_retried_trials_system_metrics_go_on_after_the_lost_attempts_steps():
+    """A retry logs to the same run: its samples must not reuse the lost attempt's steps (the
+    fault benchmark found 3 repeated system/... steps after a worker SIGKILL)."""
+    with SystemSampler(interval_s=60) as first:
+        first.sample()
+        lost_steps = {step for *_, step in first.drain()}  # two samples: this and the drain's
+    with SystemSampler(interval_s=60) as retry:
+        retry.continue_after(prior_billed_s=0.5)  # the lost attempt billed half a second
+        steps = {step for *_, step in retry.drain()}
+    assert len(lost_steps) == 2 and steps and steps.isdisjoint(lost_steps)
