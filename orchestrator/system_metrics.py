@@ -103,7 +103,10 @@ class SystemSampler:
         memory = psutil.virtual_memory()
         return {
             # the node's CPUs since the previous sample (as psutil.cpu_percent, MLflow's reading)
-            "cpu_utilization_percentage": 100.0 * busy_s / total_s if total_s > 0 else 0.0,
+            # clamped: the kernel's iowait counter can go backwards between two readings
+            "cpu_utilization_percentage": min(100.0, max(0.0, 100.0 * busy_s / total_s))
+            if total_s > 0
+            else 0.0,
             "system_memory_usage_megabytes": memory.used / 1e6,
             "system_memory_usage_percentage": memory.used / memory.total * 100,
         }
