@@ -97,7 +97,12 @@ class ProcessMeter:
     def _run(self) -> None:
         while not self._stop.is_set():
             now, live = time.monotonic(), {}
-            for proc in self.source():
+            try:  # a process of the tree that went mid-walk: walk again at the next poll
+                procs = self.source()
+            except psutil.Error:
+                self._stop.wait(POLL_S)
+                continue
+            for proc in procs:
                 t = title(proc)
                 key = self._key(proc, now)
                 if key is None:
