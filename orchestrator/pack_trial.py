@@ -161,12 +161,14 @@ def _train(cfg, trial_id: str, host: _Host, report, budget, clock: PackClock) ->
         closing_s = clock.observe(closed.pop("billed_s"), "eval")
         files = closed.pop("files")
         done = status in CLOSING or step >= cfg.max_steps
-        interval_losses = [v for s, v in losses if s > step - interval]
+        # the steps since the last report (a close between evals trained fewer than interval)
+        since = [(s, v) for s, v in losses if s > start_step]
+        interval_losses = [v for _, v in since]
         metrics = {
             **closed,
             "step": step,
             "train_loss": sum(interval_losses) / max(1, len(interval_losses)),
-            "train_loss_steps": [[s, round(v, 5)] for s, v in losses if s > step - interval],
+            "train_loss_steps": [[s, round(v, 5)] for s, v in since],
             "tokens": tokens,
             "billed_s": clock.billed_s,
             "cost_usd": clock.cost_usd(),
