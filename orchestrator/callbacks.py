@@ -123,6 +123,10 @@ class _Live:
     last_result: dict = field(default_factory=dict)
     last_result_at: float | None = None  # driver monotonic time of the last report
     node_tagged: bool = False  # the child run carries the trial's Ray node id
+    # per metric key, the last step already in the child run: a retried or resumed attempt goes
+    # on from its checkpoint and reports again the steps its lost attempt had reported since
+    # (None: not yet read from MLflow; a resumed trial's run holds an earlier part's steps)
+    logged_steps: dict | None = None
 
 
 def trial_params(config: dict) -> dict:
@@ -234,7 +238,8 @@ class SweepCallback(Callback):
         live = self.live[trial.trial_id]
         if trial.trial_id in self.known_runs:  # a resumed sweep keeps the trial's one child run
             live.run_id, live.name = self.known_runs[trial.trial_id]
-        else:  # made by the outbox: a down MLflow must not hold Tune's loop (and every trial)
+        else:
+            live.logged_steps = {}  # a new run: nothing in it yet  # made by the outbox: a down MLflow must not hold Tune's loop (and every trial)
 
             def open_run() -> None:  # find first: a create whose reply was lost made it already
                 made = self.tracker.find_trial(self.sweep_id, trial.trial_id)
@@ -393,8 +398,11 @@ class SweepCallback(Callback):
     # --- helpers ------------------------------------------------------------------------------
     # (outbox writes: they read the trial's run id when they run, after the outbox made the run)
     def _log_result(self, live: _Live, result: dict) -> None:
-        if live.run_id:
-            self.tracker.log_trial_result(live.run_id, result)
+        if not live.run_id:
+            return
+        if live.logged_steps is None:  # a resumed trial's run: what its earlier parts logged
+            live.logged_steps = self.tracker.logged_steps(live.run_id)
+        self.tracker.log_trial_result(live.run_id, result, live.logged_steps)
 
     def _tag_node(self, live: _Live, node_id: str) -> None:
         if live.run_id:

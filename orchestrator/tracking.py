@@ -221,9 +221,24 @@ class Tracker:
         )
         return (runs[0].info.run_id, runs[0].info.run_name) if runs else None
 
-    def log_trial_result(self, run_id: str, result: dict) -> None:
+    def logged_steps(self, run_id: str) -> dict[str, int]:
+        """Per metric key, the last step a run holds."""
+        run = self.client.get_run(run_id)
+        return {
+            key: max(m.step for m in self.client.get_metric_history(run_id, key))
+            for key in run.data.metrics
+        }
+
+    def log_trial_result(
+        self, run_id: str, result: dict, logged_steps: dict[str, int] | None = None
+    ) -> None:
         """One eval report: train loss of every step since the last one, the eval metrics, and
-        the system metrics its worker sampled since its last report (``system_metrics``)."""
+        the system metrics its worker sampled since its last report (``system_metrics``).
+
+        ``logged_steps`` (per key, the last step the run holds; updated here) drops what the run
+        already has: a trial that went on from its checkpoint after its worker or the driver
+        was lost reports again the steps its lost attempt reported after that checkpoint, and a
+        run keeps one point per step."""
         from mlflow.entities import Metric
 
         now_ms = int(time.time() * 1000)
@@ -238,7 +253,13 @@ class Tracker:
             Metric(str(k), float(v), int(ts_ms), int(n))
             for k, v, ts_ms, n in result.get("system_metrics", [])
         ]
-        self.client.log_batch(run_id, metrics=metrics)
+        if logged_steps is not None:
+            metrics = [m for m in metrics if m.step > logged_steps.get(m.key, -1)]
+        if metrics:
+            self.client.log_batch(run_id, metrics=metrics)
+        if logged_steps is not None:
+            for m in metrics:
+                logged_steps[m.key] = max(m.step, logged_steps.get(m.key, -1))
 
     def end_trial(
         self,
