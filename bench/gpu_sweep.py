@@ -71,16 +71,15 @@ def _short_spec(raw: dict, work: Path) -> dict:
 
 def _run_cli(spec_path: Path, data_dir: Path, deadline_s: float, log_path: Path, packed: bool):
     """Run `lorasweep run` as a child; returns (exit code, wall_s, outside meter)."""
-    import outside_clock
-    from outside_clock import ProcessMeter
+    from outside_clock import PACKED_TITLES, PAID_TITLES, ProcessMeter
 
-    if packed:  # the GPU is held by the pack's host (and the base eval), not by trial actors
-        outside_clock.PAID_TITLES = ("ray::PackHost", "ray::score_split")
+    # packed, the GPU is held by the pack's host (and the base eval), not by trial actors
+    titles = PACKED_TITLES if packed else PAID_TITLES
 
     cmd = [sys.executable, "-m", "orchestrator.cli", "run", str(spec_path), "--new"]
     cmd += ["--data-dir", str(data_dir)]
     env = dict(os.environ, COLUMNS="160", PYTHONPATH=os.pathsep.join(_pythonpath()))
-    with open(log_path, "w") as log, ProcessMeter() as meter:
+    with open(log_path, "w") as log, ProcessMeter(titles=titles) as meter:
         t0 = time.monotonic()
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
         try:

@@ -238,8 +238,8 @@ class SweepCallback(Callback):
         live = self.live[trial.trial_id]
         if trial.trial_id in self.known_runs:  # a resumed sweep keeps the trial's one child run
             live.run_id, live.name = self.known_runs[trial.trial_id]
-        else:
-            live.logged_steps = {}  # a new run: nothing in it yet  # made by the outbox: a down MLflow must not hold Tune's loop (and every trial)
+        else:  # made by the outbox: a down MLflow must not hold Tune's loop (and every trial)
+            live.logged_steps = {}  # a new run: nothing in it yet
 
             def open_run() -> None:  # find first: a create whose reply was lost made it already
                 made = self.tracker.find_trial(self.sweep_id, trial.trial_id)

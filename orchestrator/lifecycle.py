@@ -16,7 +16,12 @@ import time
 from orchestrator.errors import LorasweepError
 from orchestrator.prices import cost_usd
 
-DRIVER_HEARTBEAT_S = 1.0  # often: a dead driver's open accounts are priced to its last beat + this
+# often: a dead driver's open accounts are priced to its last beat + this, so it is what a crash
+# can over-bill each of them (the fault bench saw ~0.4 s per account at 1 s); a cheap row update
+DRIVER_HEARTBEAT_S = 0.25
+# a ledger write this long after the driver's last beat means its beats stalled (a busy process),
+# not that it died a period after that beat
+DRIVER_STALL_S = 1.0
 HEARTBEAT_DELIVERY_S = 0.5  # a trial's heartbeat, sent, until the ledger has written it
 # a running sweep's driver is taken for dead after this long without a heartbeat (tests shorten it)
 STALE_S = float(os.environ.get("LORASWEEP_DRIVER_STALE_S", "30"))
@@ -83,10 +88,10 @@ def crash_bound_unix(beat_unix: float | None, updates_unix: list[float]) -> floa
 
     beat_s = HEARTBEAT_S + HEARTBEAT_DELIVERY_S
     latest = max([u for u in updates_unix if u is not None], default=0.0)
-    if beat_unix is None or latest > beat_unix + DRIVER_HEARTBEAT_S:
+    if beat_unix is None or latest > beat_unix + DRIVER_STALL_S:
         return latest + beat_s  # no driver beat (an old row), or its beats stalled before
     if latest >= beat_unix - beat_s:  # the trials beat until the driver's last beat, or later
-        return min(beat_unix + DRIVER_HEARTBEAT_S, latest + beat_s)
+        return max(latest, min(beat_unix + DRIVER_HEARTBEAT_S, latest + beat_s))
     return beat_unix + DRIVER_HEARTBEAT_S
 
 

@@ -96,22 +96,6 @@ def ray_local():
     ray.shutdown()
 
 
-@pytest.fixture
-def own_local_ray():
-    """A fresh local Ray for one test that meters it from outside (tests/outside_clock.py): the
-    one earlier tests left up is stopped first, so no worker they left idle is reused (in the
-    full suite this test's outside clock saw $0.04 against a ledger of $0.15; alone the two
-    agree to $0.001), and the session's is started again after it."""
-    import ray
-
-    if ray.is_initialized():
-        ray.shutdown()
-    _start_local_ray()
-    yield
-    ray.shutdown()
-    _start_local_ray()
-
-
 @pytest.fixture(scope="module")
 def ray_module():
     """A local Ray for one module, shut down after it, for modules that run before the tests

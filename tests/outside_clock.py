@@ -23,6 +23,8 @@ import psutil
 
 POLL_S = 0.1
 PAID_TITLES = ("ray::ImplicitFunc", "ray::score_split", "ray::_Inner")
+# a packed sweep's paid processes: the host holding the pack, and the base-model eval
+PACKED_TITLES = ("ray::PackHost", "ray::score_split")
 
 
 def own_processes() -> list[psutil.Process]:
@@ -58,11 +60,17 @@ def _age_s(pid: int) -> float | None:
 class ProcessMeter:
     """``with ProcessMeter() as meter: ...`` then ``meter.held_s()`` (sum over processes).
 
-    ``source`` lists the processes to watch; ``tag`` (set while it runs) is attributed to the
-    spans that open from then on (the benchmark's sweep index)."""
+    ``source`` lists the processes to watch; ``titles`` are the paid ones' title prefixes (a
+    meter's own: a module-wide setting changed by one user once miscounted the next test's);
+    ``tag`` (set while it runs) is attributed to the spans that open from then on (the
+    benchmark's sweep index)."""
 
-    def __init__(self, source: Callable[[], list[psutil.Process]] = own_processes) -> None:
-        self.source = source
+    def __init__(
+        self,
+        source: Callable[[], list[psutil.Process]] = own_processes,
+        titles: tuple[str, ...] = PAID_TITLES,
+    ) -> None:
+        self.source, self.titles = source, tuple(titles)
         self.tag = None
         self.spans: list[dict] = []  # {"pid", "title", "first", "last", "tag"} (monotonic)
         self._open: dict[tuple[int, float], dict] = {}  # the process's current paid span
@@ -72,6 +80,9 @@ class ProcessMeter:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._since = time.monotonic()
+        self.polls = 0  # walks of the process tree done, and the longest time between two
+        self.max_gap_s = 0.0
+        self.error: BaseException | None = None  # what ended the thread early, if anything
 
     def __enter__(self) -> ProcessMeter:
         self._since = time.monotonic()
@@ -95,8 +106,19 @@ class ProcessMeter:
         return key
 
     def _run(self) -> None:
+        try:
+            self._poll_until_stopped()
+        except BaseException as exc:  # noqa: BLE001 - kept for the test's report
+            self.error = exc
+            raise
+
+    def _poll_until_stopped(self) -> None:
+        last = time.monotonic()
         while not self._stop.is_set():
             now, live = time.monotonic(), {}
+            self.polls += 1
+            self.max_gap_s = max(self.max_gap_s, now - last)
+            last = now
             try:  # a process of the tree that went mid-walk: walk again at the next poll
                 procs = self.source()
             except psutil.Error:
@@ -108,7 +130,7 @@ class ProcessMeter:
                 if key is None:
                     continue
                 span = self._open.get(key)
-                if not t.startswith(PAID_TITLES):
+                if not t.startswith(self.titles):
                     self._open.pop(key, None)  # back in a pool (a task's worker): span ends
                     continue
                 if span is None:
@@ -147,6 +169,16 @@ class ProcessMeter:
             }
             for s in self._chosen(tag)
         ]
+
+    def health(self) -> dict:
+        """How the meter itself fared: polls done, the longest gap between two, an error that
+        ended it early: a meter that stalled or died under-measures, and says so here."""
+        return {
+            "polls": self.polls,
+            "max_gap_s": round(self.max_gap_s, 2),
+            "error": repr(self.error) if self.error else None,
+            "alive": self._thread.is_alive(),
+        }
 
     def running(self, prefix: str, min_age_s: float) -> list[psutil.Process]:
         """Live processes titled ``prefix...`` whose span is at least ``min_age_s`` old."""

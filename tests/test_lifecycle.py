@@ -24,10 +24,11 @@ def test_trials_beating_at_the_crash_bound_it_by_the_sooner_heartbeat():
     assert crash_bound_unix(100.0, [99.0]) == pytest.approx(
         min(100.0 + DRIVER_HEARTBEAT_S, 99.0 + BEAT_S)
     )
-    # just after it: still the sooner of the two
-    assert crash_bound_unix(100.0, [100.5]) == pytest.approx(
-        min(100.0 + DRIVER_HEARTBEAT_S, 100.5 + BEAT_S)
+    # just after it: still the sooner of the two, and never before that write
+    assert crash_bound_unix(100.0, [100.1]) == pytest.approx(
+        max(100.1, min(100.0 + DRIVER_HEARTBEAT_S, 100.1 + BEAT_S))
     )
+    assert crash_bound_unix(100.0, [100.5]) == pytest.approx(100.5)
     # never before the last sign of life
     assert crash_bound_unix(100.0, [99.5]) >= 100.0
 
@@ -57,7 +58,7 @@ def test_open_accounts_are_settled_to_the_bound_never_below_what_they_reported(t
     store.save_account("s1", "done", spent_usd=0.2, **{**fields, "settled": True})
     store.save_account("s1", "a", spent_usd=0.1, **fields)
     store.save_account("s1", "b", spent_usd=0.3, **fields)
-    beat = time.time() - 1.0
+    beat = time.time()  # the driver's last beat, after the trials' last writes
     store.set_sweep("s1", driver_heartbeat_unix=beat)
     rows = {a.key: a for a in store.accounts("s1")}
     bound = crash_bound_unix(beat, [rows[k].updated_unix for k in ("quiet", "loading", "a", "b")])

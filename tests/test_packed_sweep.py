@@ -150,7 +150,7 @@ def test_trials_share_a_pack_actor_on_real_ray(trial_config, ray_local):
 
 @pytest.mark.slow
 def test_a_packed_sweep_runs_its_trials_as_slots_of_one_pack(
-    tmp_path, tiny_model, small_data, ray_local, monkeypatch
+    tmp_path, tiny_model, small_data, ray_local
 ):
     """``resources.pack_slots: 2`` on real Ray, sqlite MLflow/Optuna/ledger: every trial is a
     Tune trial with its own MLflow child run, score and bill; two at a time share the one pack;
@@ -174,8 +174,7 @@ def test_a_packed_sweep_runs_its_trials_as_slots_of_one_pack(
     raw["resources"].update(pack_slots=2, max_concurrent_trials=1)
     spec = parse_spec(raw)
     # the paid processes of a packed sweep: the host holding the pack, the base-model eval
-    monkeypatch.setattr(outside_clock, "PAID_TITLES", ("ray::PackHost", "ray::score_split"))
-    with outside_clock.ProcessMeter() as meter:
+    with outside_clock.ProcessMeter(titles=outside_clock.PACKED_TITLES) as meter:
         result = run_sweep(spec, Console(file=io.StringIO(), width=200))
     assert result.end_reason.startswith("max_trials"), result.end_reason
     assert len(result.rows) == 4 and {r.status for r in result.rows} <= {"completed", "pruned"}

@@ -95,7 +95,7 @@ class _Killer:
 
 
 def test_a_trial_whose_worker_is_killed_resumes_from_its_checkpoint(
-    tmp_path, tiny_model, small_data, own_local_ray
+    tmp_path, tiny_model, small_data, ray_local
 ):
     from mlflow.tracking import MlflowClient
 
@@ -144,5 +144,5 @@ def test_a_trial_whose_worker_is_killed_resumes_from_its_checkpoint(
     # not twice (the lost attempt alone held its worker ~5-8 s: $0.05-0.08): what the ledger holds
     # is no more than the OS saw held, plus the driver's settling tail and the ~2 s in which Tune
     # restarted the trial (billed by the driver's clock from the first start)
-    seen = (outside_usd, result.spent_usd, wall_s, meter.spans)
+    seen = (outside_usd, result.spent_usd, wall_s, meter.health(), meter.processes())
     assert result.spent_usd <= outside_usd + 0.04, seen
