@@ -27,16 +27,45 @@ from orchestrator import remote
 PACKED_PHASE = "lora"
 
 
+def wants_pack(res) -> bool:
+    """Whether ``resources`` asks for a pack: ``pack_slots`` > 1 or ``auto`` (which the memory
+    estimate may still resolve to 1, ``orchestrator/pack_plan.py``)."""
+    return res.pack_slots == "auto" or res.pack_slots > 1
+
+
+def slots(spec) -> int:
+    """The spec's pack size K; ``auto`` must have been resolved first (``make_plan`` picks K,
+    :func:`resolved` writes it into the spec the sweep runs)."""
+    k = spec.resources.pack_slots
+    if k == "auto":
+        raise ValueError(
+            "resources.pack_slots: auto is resolved before a sweep runs (make_plan picks K, "
+            "resolved(spec, plan) writes it into the spec)"
+        )
+    return k
+
+
+def resolved(spec, plan):
+    """``spec`` with ``resources.pack_slots: auto`` replaced by the K ``plan`` chose (the sweep
+    runs and logs that number; a resume resolves auto again, the same way); ``spec`` itself
+    otherwise."""
+    if spec.resources.pack_slots != "auto" or plan.pack is None:
+        return spec
+    resources = spec.resources.model_copy(update={"pack_slots": plan.pack.slots})
+    return spec.model_copy(update={"resources": resources})
+
+
 def refusal(spec) -> tuple[str, str] | None:
-    """(field, message) when the spec's ``resources.pack_slots`` cannot run, else None."""
+    """(field, message) when the spec's ``resources.pack_slots`` cannot run, else None.
+    ``auto`` is held to the same rules as an explicit K > 1 (it is a request to pack)."""
     res, space = spec.resources, spec.search_space
-    if res.pack_slots <= 1:
+    if not wants_pack(res):
         return None
     k = res.pack_slots
     if res.max_concurrent_trials != 1:
         return (
             "resources.max_concurrent_trials",
-            f"with pack_slots: {k} one pack runs {k} trials at once on one GPU; set "
+            f"with pack_slots: {k} one pack runs its slots' trials at once on one GPU; set "
             "max_concurrent_trials: 1 (several packs at once are not supported yet)",
         )
     if res.gpus_per_trial > 1:
@@ -63,7 +92,7 @@ def refusal(spec) -> tuple[str, str] | None:
 
 def packed(spec, phase: str) -> bool:
     """Whether ``phase``'s trials run as slots of a pack."""
-    return spec.resources.pack_slots > 1 and phase == PACKED_PHASE
+    return slots(spec) > 1 and phase == PACKED_PHASE
 
 
 def host_name(sweep_id: str, phase: str) -> str:
@@ -80,7 +109,7 @@ def trial_resources(spec, phase: str) -> dict:
 
 def concurrency(spec, phase: str) -> int:
     res = spec.resources
-    return res.pack_slots if packed(spec, phase) else res.max_concurrent_trials
+    return slots(spec) if packed(spec, phase) else res.max_concurrent_trials
 
 
 def start_host(spec, plan, sweep_id: str, phase: str):
@@ -99,13 +128,13 @@ def start_host(spec, plan, sweep_id: str, phase: str):
         num_gpus=res.gpus_per_trial,
         # its threads wait on the GPU; on CPU it computes with the trials' cores (they wait)
         num_cpus=0,
-        max_concurrency=res.pack_slots + 2,
+        max_concurrency=slots(spec) + 2,
     )
     host = actor.remote(
         plan.model_ref,
         dtype=spec.model.dtype,
         device="cuda" if on_gpu else "cpu",
-        num_threads=None if on_gpu else res.cpus_per_trial * res.pack_slots,
+        num_threads=None if on_gpu else res.cpus_per_trial * slots(spec),
     )
     # loaded before any trial starts: a trial waiting on the load would show the watchdog no
     # spend for as long (its bill starts with its slot), and the load is the slots' to pay

@@ -51,8 +51,9 @@ class PackWatchdog(Watchdog):
 
 def make_watchdog(spec, ledger, price_usd_per_hour: float, control, sweep_id: str = ""):
     """The sweep's watchdog: :class:`PackWatchdog` when its LoRA phase runs packed."""
-    if spec.resources.pack_slots <= 1:
+    from orchestrator.pack_sweep import PACKED_PHASE, host_name, slots
+
+    if slots(spec) <= 1:
         return Watchdog(ledger, price_usd_per_hour, control)
-    from orchestrator.pack_sweep import PACKED_PHASE, host_name
 
     return PackWatchdog(ledger, price_usd_per_hour, control, host_name(sweep_id, PACKED_PHASE))

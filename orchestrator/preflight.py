@@ -10,6 +10,7 @@ from pathlib import Path
 from orchestrator.costmodel import CostModel, ModelDims, stored_calibration
 from orchestrator.errors import BudgetError, LorasweepError
 from orchestrator.memory_check import MemoryFit
+from orchestrator.pack_plan import PackChoice, choose_pack
 from orchestrator.prices import load_catalog, trial_price_usd_per_hour
 from orchestrator.spec import SearchSpace, SweepSpec
 from orchestrator.storage_check import check_storage
@@ -29,6 +30,8 @@ class Plan:
     first_rung_evals: int
     baseline_usd: float  # predicted cost of scoring the base model
     memory_fit: MemoryFit | None = None  # GPU runs of Llama-family models only
+    # the pack the LoRA phase runs (resources.pack_slots, auto resolved); None: unpacked
+    pack: PackChoice | None = None
     # what the ledger keeps free beside each running trial's ceiling (the watchdog's margin,
     # orchestrator/watchdog.py): admission needs ceiling + allowance under the cap
     allowance_usd: float = 0.0
@@ -239,6 +242,8 @@ def make_plan(spec: SweepSpec) -> Plan:
     price = trial_price_usd_per_hour(
         catalog, res.accelerator, res.gpus_per_trial, res.cpus_per_trial
     )
+    memory_fit = _memory_fit(spec, model_ref, catalog)
+    pack = choose_pack(spec, memory_fit)  # an explicit K that does not fit is refused here
     t = spec.trial
     tokens = _check_room(spec, model_ref, paths, rows)
     cost_model = CostModel(
@@ -268,7 +273,8 @@ def make_plan(spec: SweepSpec) -> Plan:
         first_rung_steps=first_steps,
         first_rung_evals=first_evals,
         baseline_usd=cost_model.usd({}, 0, 1, {}),
-        memory_fit=_memory_fit(spec, model_ref, catalog),
+        memory_fit=memory_fit,
+        pack=pack,
         allowance_usd=allowance_usd(price),
         row_counts={k: len(v) for k, v in rows.items()},
     )

@@ -424,13 +424,21 @@ class ResourcesSpec(_Strict):
     max_concurrent_trials: Int = Field(
         1, ge=1, description="trials running at once (each admitted only within the budget)"
     )
-    pack_slots: Int = Field(
+    pack_slots: Annotated[Int, Field(ge=1, le=16)] | Literal["auto"] = Field(
         1,
-        ge=1,
-        le=16,
         description="LoRA trials packed as slots over one shared base on one trial's GPU, each "
-        "billed its share of the step's tokens (orchestrator/pack_sweep.py); 1: unpacked",
+        "billed its share of the step's tokens (orchestrator/pack_sweep.py); 1: unpacked, 2..16: "
+        "that many, refused before any spend when the memory estimate says they do not fit; "
+        "auto: the largest K <= 8 the estimate fits for the space's largest rank and widest "
+        "target set (on accelerator: cpu, 2); `lorasweep validate` prints K and its peak",
     )
+
+    @field_validator("pack_slots", mode="before")
+    @classmethod
+    def _pack_slots_word(cls, v: Any) -> Any:
+        if isinstance(v, str) and v != "auto":
+            raise ValueError(f"must be an integer 1..16 or auto, got {v!r}")
+        return v
 
     @model_validator(mode="after")
     def _gpu_matches(self) -> ResourcesSpec:

@@ -688,6 +688,7 @@ def run_sweep(
     _quiet_libraries()
     console.print("[bold]checking[/] spec, data, model and prices ...")
     plan = make_plan(spec)
+    spec = pack_sweep.resolved(spec, plan)  # resources.pack_slots: auto -> the K make_plan chose
     data_dir, tracking_uri, optuna_url, service_db = storage_urls(spec)
     data_dir.mkdir(parents=True, exist_ok=True)
     sweep_id = resume or sweep_id or f"{spec.name}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"

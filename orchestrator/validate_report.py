@@ -37,6 +37,7 @@ def shape_lines(spec: SweepSpec, plan: Plan) -> list[str]:
         else "no early stopping"
     )
     units = f"{res.cpus_per_trial} core(s)" if res.accelerator == "cpu" else f"{res.gpus_per_trial}"
+    pack = [plan.pack.line()] if plan.pack is not None else []  # resources.pack_slots
     return [
         f"  search: {searched}",
         f"  trial: {t.max_steps} steps, eval every {t.eval_every}, {rung}; batch {t.batch_size}, "
@@ -45,6 +46,7 @@ def shape_lines(spec: SweepSpec, plan: Plan) -> list[str]:
         f"{t.max_new_tokens} new tokens; {res.accelerator} x{units} at "
         f"${plan.price_usd_per_hour:.4f}/h",
         f"  sweep: at most {spec.max_trials} trials, {res.max_concurrent_trials} at a time",
+        *pack,
     ]
 
 
