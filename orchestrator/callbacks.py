@@ -130,8 +130,8 @@ class _Live:
 
 
 def trial_params(config: dict) -> dict:
-    """What a trial runs with, as logged: hyperparameters (full FT's effective lr) and any
-    memory adjustment the admission made."""
+    """What a trial runs with, as logged: hyperparameters (full FT's effective lr), any memory
+    adjustment the admission made and the K of the pack it ran in (``pack_sweep.PackedFit``)."""
     params = {k: config.get(k) for k in HYPERPARAMETERS}
     if params["method"] == "full":
         params["learning_rate"] *= config.get("full_lr_scale", 1.0)
@@ -140,6 +140,7 @@ def trial_params(config: dict) -> dict:
     for k in ("gradient_checkpointing", "micro_batch", "predicted_gib"):
         if k in config:
             params[k] = config[k]
+    params["pack_slots"] = int(config.get("pack_slots", 1))  # K of its pack; 1: unpacked
     return params
 
 

@@ -22,6 +22,8 @@ once, a pack over several GPUs, qlora, full or DoRA among the LoRA phase's candi
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from orchestrator import remote
 
 PACKED_PHASE = "lora"
@@ -93,6 +95,24 @@ def refusal(spec) -> tuple[str, str] | None:
 def packed(spec, phase: str) -> bool:
     """Whether ``phase``'s trials run as slots of a pack."""
     return slots(spec) > 1 and phase == PACKED_PHASE
+
+
+@dataclass(frozen=True)
+class PackedFit:
+    """The packed phase's memory admission. ``make_plan`` checked that a pack of the space's
+    dearest slots fits (``orchestrator/pack_plan.py``), so every config fits as proposed (a pack
+    steps each slot's whole batch: no micro-batches); each is marked with its pack's K, which
+    its MLflow run logs (param ``pack_slots``, tag ``lorasweep.packed``)."""
+
+    slots: int
+
+    def __call__(self, config: dict) -> tuple[dict, str | None]:
+        return {"pack_slots": self.slots}, None
+
+
+def memory_fit(spec, plan, phase: str):
+    """What ``phase``'s searcher checks a proposed config's memory with."""
+    return PackedFit(slots(spec)) if packed(spec, phase) else plan.memory_fit
 
 
 def host_name(sweep_id: str, phase: str) -> str:

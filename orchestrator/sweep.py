@@ -343,7 +343,7 @@ def _make_tuner(
         ledger,
         predict,
         cheapest,
-        plan.memory_fit,
+        pack_sweep.memory_fit(spec, plan, phase),  # a packed phase's configs carry its K
         stopping=functools.partial(sweep_interrupted, sweep_id),
         lessons=MemoryLessons(spec.trial.batch_size),
     )

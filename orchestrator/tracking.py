@@ -19,6 +19,7 @@ from orchestrator.secrets import redact
 KIND_TAG, SWEEP_TAG, STATUS_TAG = "lorasweep.kind", "lorasweep.sweep_id", "lorasweep.status"
 PARENT_TAG = "mlflow.parentRunId"
 TENANT_TAG = "lorasweep.tenant"
+PACKED_TAG = "lorasweep.packed"  # "true" on a trial that ran as a slot of a pack (pack_sweep.py)
 # MLflow 3's experiment type: "custom_model_development" is "Machine learning" in the UI's own
 # kind selector (the other it offers is "genai_development"), so the UI lists it as a training
 # experiment and MLflow versions that route by the tag open its runs table, with child runs nested
@@ -200,6 +201,7 @@ class Tracker:
                 PARENT_TAG: self.parent_id,
                 "lorasweep.trial_id": trial_id,
                 STATUS_TAG: "running",
+                **({PACKED_TAG: "true"} if int(params.get("pack_slots") or 1) > 1 else {}),
             },
         )
         self._log_params(run.info.run_id, params)

@@ -195,3 +195,38 @@ def test_validate_prints_the_chosen_pack_and_refuses_one_that_does_not_fit(
     assert f"predicted to peak at {gib(4):.1f} GiB" in out
     assert f"the SMALLGPU has {memory_gib:g} GiB" in out
     assert "the largest pack that fits is 3 slots: set pack_slots: 3" in out
+
+
+# --- each trial's MLflow run says whether it ran packed -----------------------------------------
+def test_a_packed_trials_run_logs_its_packs_k_and_the_packed_tag_an_unpacked_one_does_not(
+    tmp_path,
+):
+    from mlflow.tracking import MlflowClient
+
+    from orchestrator.callbacks import trial_params
+    from orchestrator.pack_sweep import PackedFit
+    from orchestrator.tracking import PACKED_TAG, Tracker
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracker = Tracker(uri, "packed", artifact_root=tmp_path / "artifacts")
+    tracker.start_sweep("s1", {}, {})
+    proposed = {
+        "method": "lora",
+        "rank": 8,
+        "alpha": 16,
+        "target_modules": "attn",
+        "learning_rate": 1e-3,
+        "dropout": 0.0,
+        "use_rslora": False,
+        "use_dora": False,
+        "loraplus_lr_ratio": 0,
+    }
+    updates, skip = PackedFit(3)(proposed)  # the packed phase's admission marks the config
+    assert skip is None
+    packed = tracker.start_trial("s1", "trial-001", "t1", trial_params({**proposed, **updates}))
+    alone = tracker.start_trial("s1", "trial-002", "t2", trial_params(proposed))
+    client = MlflowClient(uri)
+    run = client.get_run(packed).data
+    assert run.params["pack_slots"] == "3" and run.tags[PACKED_TAG] == "true"
+    run = client.get_run(alone).data
+    assert run.params["pack_slots"] == "1" and PACKED_TAG not in run.tags

@@ -152,8 +152,10 @@ def test_trials_share_a_pack_actor_on_real_ray(trial_config, ray_local):
 def test_a_packed_sweep_runs_its_trials_as_slots_of_one_pack(
     tmp_path, tiny_model, small_data, ray_local
 ):
-    """``resources.pack_slots: 2`` on real Ray, sqlite MLflow/Optuna/ledger: every trial is a
-    Tune trial with its own MLflow child run, score and bill; two at a time share the one pack;
+    """``resources.pack_slots: auto`` (on CPU: 2) on real Ray, sqlite MLflow/Optuna/ledger:
+    every trial is a Tune trial with its own MLflow child run, score and bill, which records
+    that it was packed (param ``pack_slots`` 2, tag ``lorasweep.packed``); two at a time share
+    the one pack;
     the bills (trials, the pack's unpaid seconds, the base eval) are the ledger's spend, which
     covers what the OS's clock of the paid processes (the pack's host, the base eval) saw held,
     under the cap."""
@@ -171,7 +173,7 @@ def test_a_packed_sweep_runs_its_trials_as_slots_of_one_pack(
     raw = _spec(tmp_path, tiny_model, small_data, budget_usd=5.0, max_trials=4).model_dump(
         mode="json"
     )
-    raw["resources"].update(pack_slots=2, max_concurrent_trials=1)
+    raw["resources"].update(pack_slots="auto", max_concurrent_trials=1)
     spec = parse_spec(raw)
     # the paid processes of a packed sweep: the host holding the pack, the base-model eval
     with outside_clock.ProcessMeter(titles=outside_clock.PACKED_TITLES) as meter:
@@ -187,6 +189,8 @@ def test_a_packed_sweep_runs_its_trials_as_slots_of_one_pack(
     for run in runs:
         assert 0 <= run.data.metrics["score"] <= 1
         assert run.data.metrics["cost_usd"] > 0
+        assert run.data.params["pack_slots"] == "2"  # auto on CPU, resolved before the run
+        assert run.data.tags["lorasweep.packed"] == "true"
     spans = sorted((r.info.start_time, r.info.end_time) for r in runs)
     assert any(b[0] < a[1] for a, b in zip(spans, spans[1:], strict=False)), spans  # overlapped
     assert any(s["title"].startswith("ray::PackHost") for s in meter.spans), meter.spans
