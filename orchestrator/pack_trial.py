@@ -1,5 +1,6 @@
-"""One trial run as a slot of a shared pack (``orchestrator/pack_host.py``): the same loop and
-budget semantics as ``workers.train.run_trial``, with the model's work done by the pack.
+"""One trial run as a slot of a shared pack (``orchestrator/pack_host.py``): the loop of
+``workers.train.run_trial`` (``workers.train.train_loop``, so the same budget semantics), with
+the model's work, a step and a closing, done by the pack (:class:`_Slot`).
 
 setup (join) -> for each interval: ask the grant for it -> steps while one more step and the
 closing fit under the ceiling -> close (eval, adapter, report) -> leave. The trial's bill is its
@@ -17,7 +18,6 @@ the retry fails instead of training again from step 0 under the same trial id).
 from __future__ import annotations
 
 import math
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,9 +75,10 @@ def run_packed_trial(
 ) -> dict:
     """Train ``cfg`` (a ``workers.train.TrialConfig``) as a slot of ``host``; calls
     ``report(metrics, adapter_dir)`` after every eval and returns the last metrics, as
-    ``run_trial`` does. ``clock``: pass one to read the live bill (heartbeats) while it runs."""
+    ``run_trial`` does (the same loop: ``workers.train.train_loop``). ``clock``: pass one to read
+    the live bill (heartbeats) while it runs."""
     from workers.packed import PackError
-    from workers.train import FixedBudget, _unpaid_metrics
+    from workers.train import FixedBudget, _startup_fits, _unpaid_metrics, train_loop
 
     if resume_from is not None:
         raise PackError(
@@ -87,101 +88,41 @@ def run_packed_trial(
     host = _Host(host)
     clock = clock or PackClock(cfg.price_usd_per_hour, cfg.prior_billed_s)
     budget = budget or FixedBudget()
-    if not _fits(clock, 1, cfg.prior_step_s, 1, cfg.prior_closing_s, cfg.release_s, budget):
+    if not _startup_fits(cfg, clock, budget, startup_s=0.0):  # the pack holds the base: no load
         return _unpaid_metrics(clock, "budget_stopped")
     host.join(trial_id, cfg)
     try:
-        return _train(cfg, trial_id, host, report, budget, clock)
+        return train_loop(cfg, clock, budget, report, _Slot(trial_id, host, clock))
     finally:
         clock.observe(host.leave(trial_id), "eval")
 
 
-def _needed_usd(clock: PackClock, steps: int, step_s, closings: int, closing_s, release_s):
-    from workers.train import SAFETY
+@dataclass
+class _Slot:
+    """:class:`workers.train.Work` of a packed trial: its pack host steps and closes its slot;
+    the seconds are what the slot was billed for them (``PackClock.observe``)."""
 
-    return clock.cost_usd(SAFETY * (steps * step_s + closings * closing_s + release_s))
+    trial_id: str
+    host: _Host
+    clock: PackClock
 
+    def step(self, step: int) -> tuple[float, int, float | None]:
+        from workers.train import NonFiniteLoss
 
-def _fits(clock, steps, step_s, closings, closing_s, release_s, budget) -> bool:
-    need = _needed_usd(clock, steps, step_s, closings, closing_s, release_s)
-    return need <= budget.ceiling_usd or budget.request(need)
+        result = self.host.step(self.trial_id)
+        if not math.isfinite(result["loss"]):
+            raise NonFiniteLoss(f"loss is {result['loss']} at step {step + 1}: the trial failed")
+        # the first step's bill carries the pack's unpaid seconds (its load, for the first
+        # slots): a load, not a step time to plan the next steps by
+        dt = self.clock.observe(result["billed_s"], "load" if step == 0 else "step")
+        return result["loss"], result["tokens"], None if step == 0 else dt
 
+    def close(self, out_dir: Path, step: int, tokens: int, step_s: float) -> tuple[dict, float]:
+        closed = self.host.close(self.trial_id)
+        closing_s = self.clock.observe(closed.pop("billed_s"), "eval")
+        for name, data in closed.pop("files").items():
+            (out_dir / name).write_bytes(data)
+        return {**closed, "packed": 1}, closing_s
 
-def _train(cfg, trial_id: str, host: _Host, report, budget, clock: PackClock) -> dict:
-    from workers.train import CLOSING, NonFiniteLoss, _closed
-
-    step = tokens = 0
-    step_s, closing_s = cfg.prior_step_s, cfg.prior_closing_s  # billed seconds, once measured
-    losses, metrics, status = [], {}, "completed"
-    revoked = False
-    if hasattr(budget, "loading"):
-        budget.loading = False  # the slot is in: from here the trial asks for what it needs
-    while step < cfg.max_steps:
-        interval = min(cfg.eval_every - step % cfg.eval_every, cfg.max_steps - step)
-        need = _needed_usd(clock, interval, step_s, 1, closing_s, cfg.release_s)
-        if need > budget.ceiling_usd:
-            budget.request(need)  # if refused, train on while the ceiling allows, then close
-        start_step = step
-        for i in range(interval):
-            revoked = bool(getattr(budget, "revoked", False))
-            if getattr(budget, "closing", False) and not revoked:
-                status = "interrupted"
-                break
-            one = _needed_usd(clock, 1, step_s, 1, closing_s, cfg.release_s)
-            if revoked or (
-                one > budget.ceiling_usd
-                and not budget.request(
-                    _needed_usd(clock, interval - i, step_s, 1, closing_s, cfg.release_s)
-                )
-            ):
-                status = "budget_stopped"
-                break
-            result = host.step(trial_id)
-            if not math.isfinite(result["loss"]):
-                raise NonFiniteLoss(
-                    f"loss is {result['loss']} at step {step + 1}: the trial failed"
-                )
-            # the first step's bill carries the pack's unpaid seconds (its load, for the first
-            # slots): a load, not a step time to plan the next steps by
-            dt = clock.observe(result["billed_s"], "load" if step == 0 else "step")
-            if step > 0:
-                step_s = dt if step == 1 else 0.7 * step_s + 0.3 * dt
-            step += 1
-            tokens += result["tokens"]
-            losses.append((step, result["loss"]))
-        if revoked or step == start_step:
-            return _closed(metrics, clock, status, step, tokens)
-        if status not in CLOSING and step < cfg.max_steps:
-            nxt = min(cfg.eval_every, cfg.max_steps - step)
-            if not _fits(clock, nxt, step_s, 2, closing_s, cfg.release_s, budget) and (
-                _needed_usd(clock, 1, step_s, 2, closing_s, cfg.release_s) > budget.ceiling_usd
-            ):
-                status = "budget_stopped"  # this eval is the last: say so in its report
-        closed = host.close(trial_id)
-        closing_s = clock.observe(closed.pop("billed_s"), "eval")
-        files = closed.pop("files")
-        done = status in CLOSING or step >= cfg.max_steps
-        # the steps since the last report (a close between evals trained fewer than interval)
-        since = [(s, v) for s, v in losses if s > start_step]
-        interval_losses = [v for _, v in since]
-        metrics = {
-            **closed,
-            "step": step,
-            "train_loss": sum(interval_losses) / max(1, len(interval_losses)),
-            "train_loss_steps": [[s, round(v, 5)] for s, v in since],
-            "tokens": tokens,
-            "billed_s": clock.billed_s,
-            "cost_usd": clock.cost_usd(),
-            "status": status if done else "running",
-            "phases_s": {k: round(v, 3) for k, v in clock.phases_s.items()},
-            "step_s": step_s,
-            "closing_s": closing_s,
-            "packed": 1,
-        }
-        with tempfile.TemporaryDirectory(prefix="adapter-") as tmp:
-            for name, data in files.items():
-                (Path(tmp) / name).write_bytes(data)
-            report(metrics, Path(tmp))
-        if status in CLOSING:
-            break
-    return metrics or _closed(metrics, clock, status, step, tokens)
+    def reported(self, seconds: float) -> None:
+        """The report's seconds are the host's, billed to the slots by their tokens."""

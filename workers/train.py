@@ -475,10 +475,14 @@ def _unpaid_metrics(clock: _Clock, status: str) -> dict:
     }
 
 
-def _startup_fits(cfg: TrialConfig, clock: _Clock, budget: Budget) -> bool:
-    """Before loading anything: can the predicted startup, one step and a closing be paid?"""
+def _startup_fits(
+    cfg: TrialConfig, clock: _Clock, budget: Budget, startup_s: float | None = None
+) -> bool:
+    """Before loading anything: can the predicted startup (``cfg.prior_startup_s`` unless
+    ``startup_s``), one step and a closing be paid?"""
     need = _needed_usd(clock, 1, cfg.prior_step_s, 1, cfg.prior_closing_s, cfg.release_s)
-    need += clock.price_usd_per_hour * SAFETY * cfg.prior_startup_s / 3600.0
+    startup_s = cfg.prior_startup_s if startup_s is None else startup_s
+    need += clock.price_usd_per_hour * SAFETY * startup_s / 3600.0
     return need <= budget.ceiling_usd or budget.request(need)
 
 
@@ -532,18 +536,103 @@ def run_trial(
         model_cache.return_freed_memory()
 
 
+class Work(Protocol):
+    """The model's side of :func:`train_loop`: what one step and one closing do. ``run_trial``'s
+    is :class:`_Trainer` (this process's model); a packed trial's is its pack host's slot
+    (``orchestrator/pack_trial.py``)."""
+
+    def step(self, step: int) -> tuple[float, int, float | None]:
+        """Train step ``step + 1``: (loss, tokens, billed seconds to plan the next steps by, or
+        None when this step's seconds are not a step time). Raises :class:`NonFiniteLoss`."""
+        ...
+
+    def close(self, out_dir: Path, step: int, tokens: int, step_s: float) -> tuple[dict, float]:
+        """Evaluate and write the adapter (and what a resume needs) under ``out_dir``: (metrics of
+        the eval and of this work, seconds the closing billed)."""
+        ...
+
+    def reported(self, seconds: float) -> None:
+        """The sweep's ``report`` took ``seconds`` (billed to the trial or not)."""
+        ...
+
+
+class _Trainer:
+    """:class:`Work` of ``run_trial``: one optimizer step of this process's model over the next
+    batch; a closing evaluates, saves the adapter and the trainer state (a resume's)."""
+
+    def __init__(self, cfg: TrialConfig, clock: _Clock, loaded, reused: int, progress: _Progress):
+        import torch
+
+        self.cfg, self.clock, self.reused = cfg, clock, reused
+        self.tokenizer, self.model, self.optimizer, train, self.val = loaded
+        self.static_gib = torch.cuda.memory_allocated() / 2**30 if cfg.device == "cuda" else None
+        self.model.train()
+        self.batches = _batches(train, cfg.batch_size, cfg.seed)
+        _skip(self.batches, progress.step)
+
+    def step(self, step: int) -> tuple[float, int, float]:
+        cfg = self.cfg
+        t = time.monotonic()
+        for group in self.optimizer.param_groups:
+            group["lr"] = _lr_at(step, cfg) * group.get("lr_scale", 1.0)
+        faults.before_step(cfg.fault, step + 1)
+        rows = next(self.batches)
+        loss, n_tokens = _train_step(self.model, rows, self.tokenizer.pad_token_id, cfg)
+        loss = faults.loss(cfg.fault, step + 1, loss)
+        if not math.isfinite(loss):
+            raise NonFiniteLoss(f"loss is {loss} at step {step + 1}: the trial failed")
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        dt = time.monotonic() - t
+        self.clock.phases_s["step"] += dt
+        return loss, n_tokens, dt
+
+    def close(self, out_dir: Path, step: int, tokens: int, step_s: float) -> tuple[dict, float]:
+        t = time.monotonic()
+        metrics = _eval_and_save(
+            self.model, self.tokenizer, self.val, self.cfg, self.clock, out_dir
+        )
+        t_state = time.monotonic()
+        # the RNG as the next step will find it: after the eval, like the uninterrupted run
+        _save_state(
+            out_dir,
+            self.cfg,
+            self.optimizer,
+            _Progress(step, tokens, step_s, t_state - t),
+            self.clock,
+        )
+        self.clock.phases_s["checkpoint"] += time.monotonic() - t_state
+        closing_s = time.monotonic() - t
+        metrics.update(
+            base_model_reused=self.reused, **_gpu_memory(self.cfg.device, self.static_gib)
+        )
+        return metrics, closing_s
+
+    def reported(self, seconds: float) -> None:
+        self.clock.phases_s["report"] += seconds
+
+
 def _train(cfg, clock, budget, report, loaded, reused, progress: _Progress) -> dict:
     """The training loop of ``run_trial`` once the model is loaded (and, resuming, restored):
     from ``progress.step`` to ``cfg.max_steps``."""
-    import torch
+    return train_loop(
+        cfg, clock, budget, report, _Trainer(cfg, clock, loaded, reused, progress), progress
+    )
 
-    tokenizer, model, optimizer, train, val = loaded
-    static_gib = torch.cuda.memory_allocated() / 2**30 if cfg.device == "cuda" else None
-    model.train()
-    batches = _batches(train, cfg.batch_size, cfg.seed)
-    _skip(batches, progress.step)
+
+def train_loop(cfg, clock, budget, report, work: Work, progress: _Progress | None = None) -> dict:
+    """A trial's loop, the same for a trial alone and a packed slot: for each interval up to the
+    next eval: ask the grant for it -> steps while one more step and the closing fit under the
+    ceiling -> close (``work.close``: eval, adapter) and ``report(metrics, adapter_dir)``. From
+    ``progress`` (a resumed attempt's; default: step 0 with ``cfg``'s prior times) to
+    ``cfg.max_steps``. ``clock``: the trial's bill (``billed_s``, ``cost_usd(extra_s)``,
+    ``phases_s``); a revoked grant closes it without an eval, a closing sweep after one with
+    status ``interrupted``. Returns the last report's metrics."""
+    if progress is None:
+        progress = _Progress(step_s=cfg.prior_step_s, closing_s=cfg.prior_closing_s)
     step, tokens = progress.step, progress.tokens
     step_s, closing_s = progress.step_s, progress.closing_s
+    measured = step > 0  # a resumed attempt goes on with its checkpoint's step time
     losses, metrics = [], {}
     status = "completed"
     revoked = False
@@ -563,21 +652,12 @@ def _train(cfg, clock, budget, report, loaded, reused, progress: _Progress) -> d
             if revoked or not _step_fits(clock, budget, interval - i, step_s, closing_s, cfg):
                 status = "budget_stopped"  # close now, inside the ceiling
                 break
-            t = time.monotonic()
-            for group in optimizer.param_groups:
-                group["lr"] = _lr_at(step, cfg) * group.get("lr_scale", 1.0)
-            faults.before_step(cfg.fault, step + 1)
-            loss, n_tokens = _train_step(model, next(batches), tokenizer.pad_token_id, cfg)
-            loss = faults.loss(cfg.fault, step + 1, loss)
-            if not math.isfinite(loss):
-                raise NonFiniteLoss(f"loss is {loss} at step {step + 1}: the trial failed")
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            loss, n_tokens, dt = work.step(step)
             losses.append((step + 1, loss))
             tokens += n_tokens
-            dt = time.monotonic() - t
-            clock.phases_s["step"] += dt
-            step_s = dt if step == 0 else 0.7 * step_s + 0.3 * dt
+            if dt is not None:  # None: no step time (a packed first step carries the pack's load)
+                step_s = 0.7 * step_s + 0.3 * dt if measured else dt
+                measured = True
             step += 1
         if revoked or step == start_step:
             # nothing trained since the last report (or at all): close without an eval; the
@@ -590,14 +670,7 @@ def _train(cfg, clock, budget, report, loaded, reused, progress: _Progress) -> d
             ):
                 status = "budget_stopped"  # this eval is the last: say so in its report
         with tempfile.TemporaryDirectory(prefix="adapter-") as tmp:
-            t = time.monotonic()
-            metrics = _eval_and_save(model, tokenizer, val, cfg, clock, Path(tmp))
-            t_state = time.monotonic()
-            # the RNG as the next step will find it: after the eval, like the uninterrupted run
-            progress = _Progress(step, tokens, step_s, t_state - t)
-            _save_state(Path(tmp), cfg, optimizer, progress, clock)
-            clock.phases_s["checkpoint"] += time.monotonic() - t_state
-            closing_s = time.monotonic() - t
+            metrics, closing_s = work.close(Path(tmp), step, tokens, step_s)
             done = status in CLOSING or step >= cfg.max_steps
             # the steps since the last report (a close between evals trained fewer than interval)
             since = [(s, loss) for s, loss in losses if s > start_step]
@@ -610,14 +683,12 @@ def _train(cfg, clock, budget, report, loaded, reused, progress: _Progress) -> d
                 cost_usd=clock.cost_usd(),
                 status=status if done else "running",
                 phases_s={k: round(v, 3) for k, v in clock.phases_s.items()},
-                base_model_reused=reused,
                 step_s=step_s,
-                **_gpu_memory(cfg.device, static_gib),
                 closing_s=closing_s,
             )
             t = time.monotonic()
             report(metrics, Path(tmp))
-            clock.phases_s["report"] += time.monotonic() - t
+            work.reported(time.monotonic() - t)
         if status in CLOSING:
             break
     # no metrics: resumed from the last checkpoint, nothing was left to train or report
