@@ -50,7 +50,7 @@ test: install  ## the whole suite (unit + local-Ray integration); gpu tests are 
 	./scripts/ensure-postgres.sh
 	./scripts/ensure-docker-compose.sh
 	./scripts/ensure-chromium.sh
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q --durations=40 $(PYTEST_ARGS)
 
 test-fast: install  ## unit tests only (seconds)
 	$(BIN)/python -m pytest -q -m "not slow and not gpu" $(PYTEST_ARGS)

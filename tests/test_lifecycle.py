@@ -8,7 +8,7 @@ import time
 import pytest
 
 from orchestrator.lifecycle import (
-    DRIVER_HEARTBEAT_S,
+    DRIVER_DEATH_S,
     HEARTBEAT_DELIVERY_S,
     crash_bound_unix,
     crash_settlements,
@@ -22,11 +22,11 @@ BEAT_S = HEARTBEAT_S + HEARTBEAT_DELIVERY_S
 def test_trials_beating_at_the_crash_bound_it_by_the_sooner_heartbeat():
     # the ledger wrote just before the driver's last beat: dead within one driver period
     assert crash_bound_unix(100.0, [99.0]) == pytest.approx(
-        min(100.0 + DRIVER_HEARTBEAT_S, 99.0 + BEAT_S)
+        min(100.0 + DRIVER_DEATH_S, 99.0 + BEAT_S)
     )
     # just after it: still the sooner of the two, and never before that write
     assert crash_bound_unix(100.0, [100.1]) == pytest.approx(
-        max(100.1, min(100.0 + DRIVER_HEARTBEAT_S, 100.1 + BEAT_S))
+        max(100.1, min(100.0 + DRIVER_DEATH_S, 100.1 + BEAT_S))
     )
     assert crash_bound_unix(100.0, [100.5]) == pytest.approx(100.5)
     # never before the last sign of life
@@ -40,8 +40,8 @@ def test_a_ledger_that_outlived_the_drivers_beats_bounds_it_by_its_own_writes():
 
 def test_accounts_quiet_before_the_driver_died_are_billed_to_its_period():
     # nothing beat for 20 s before the driver's last beat (no trial was running then)
-    assert crash_bound_unix(100.0, [80.0]) == pytest.approx(100.0 + DRIVER_HEARTBEAT_S)
-    assert crash_bound_unix(100.0, []) == pytest.approx(100.0 + DRIVER_HEARTBEAT_S)
+    assert crash_bound_unix(100.0, [80.0]) == pytest.approx(100.0 + DRIVER_DEATH_S)
+    assert crash_bound_unix(100.0, []) == pytest.approx(100.0 + DRIVER_DEATH_S)
 
 
 def test_a_row_without_a_driver_heartbeat_uses_the_ledger_writes():
@@ -62,7 +62,7 @@ def test_open_accounts_are_settled_to_the_bound_never_below_what_they_reported(t
     store.set_sweep("s1", driver_heartbeat_unix=beat)
     rows = {a.key: a for a in store.accounts("s1")}
     bound = crash_bound_unix(beat, [rows[k].updated_unix for k in ("quiet", "loading", "a", "b")])
-    assert bound <= beat + DRIVER_HEARTBEAT_S + 1e-6
+    assert bound <= beat + DRIVER_DEATH_S + 1e-6
 
     price = 36.0  # 1 cent a second
     out = crash_settlements(store, "s1", price)
@@ -74,5 +74,5 @@ def test_open_accounts_are_settled_to_the_bound_never_below_what_they_reported(t
         gap_s = bound - rows[key].updated_unix
         assert out[key] == pytest.approx(rows[key].spent_usd + price * gap_s / 3600.0)
         assert out[key] >= rows[key].spent_usd
-        assert gap_s <= DRIVER_HEARTBEAT_S + 1.0  # at most a period (and this test's writes) past
+        assert gap_s <= DRIVER_DEATH_S + 1.0  # at most a period (and this test's writes) past
     store.close()
