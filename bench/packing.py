@@ -2,9 +2,11 @@
 
     python3 bench/packing.py --out bench/results/packing.json            # needs CUDA (H200)
     python3 bench/packing.py --device cpu --models tiny --ks 1 2 --steps 2 --out /tmp/p.json
+    python3 bench/packing.py --ks fit --no-sequential --eager      # the largest K that fits
 
 For each Llama shape (random init, bf16; 0.5B and 1.5B) and K in 1, 2, 4, 8 where the memory
-estimate (``workers.memory.pick_pack_size``) says a pack fits the GPU, K trials (LoRA r16 alpha 32
+estimate (``workers.memory.pick_pack_size``) says a pack fits the GPU (``--ks fit``: the largest K
+<= 16 it says fits, the pack ``resources.pack_slots`` lets through), K trials (LoRA r16 alpha 32
 on all linear layers, dropout 0, each its own seed, data and learning rate) at batch 8 x 1024 per
 trial are trained:
 - ``sequential``: one after another with today's fast step (``workers/fast.py`` as
@@ -12,17 +14,21 @@ trial are trained:
   and replayed as CUDA graphs, chunked loss, fused AdamW). One process and one compiled model
   serve the K trials (the adapter re-initialised in place), so compiling is paid once and not
   timed; tokens/s is all K trials' timed tokens over their timed seconds.
-- ``packed``: the K trials as K slots of one ``workers.packed.Pack`` (compiled the same way), one
-  step training all K; the slots are removed and the next K added without reloading the base.
+- ``packed``: the K trials as K slots of one ``workers.packed.Pack`` (compiled the same way, or
+  with ``--eager`` not compiled: the pack a sweep's pack host runs), one step training all K; the
+  slots are removed and the next K added without reloading the base. A pack that runs out of GPU
+  memory is a row with ``"oom": true`` (the estimate said it fits: the estimate is wrong).
 Each trial runs ``--warmup`` untimed then ``--steps`` timed steps. ``max_loss_diff`` is the largest
 difference between a slot's loss and the same trial's sequential loss, over all its steps (bf16:
 the two paths round differently). ``peak_gib``: the most allocated at once; for ``sequential``,
-that of one trial (K separate trial processes hold K times that). ``estimate_gib``: what
-``workers.memory.estimate_pack`` predicted for the pack. MFU counts the LoRA FLOPs of
+that of one trial (K separate trial processes hold K times that). ``predicted_gib`` (and, the
+same, ``estimate_gib`` of earlier rows): what ``workers.memory.estimate_pack`` predicted for the
+pack (for ``sequential``: ``estimate`` of one trial). MFU counts the LoRA FLOPs of
 ``bench/throughput.py`` (4*N_matmul + 6*N_lora + attention, per token) over 989 TFLOP/s.
 Batch building on the CPU (``packing.pack``, ``Pack.prepare``) is left out of both timings, as
 ``bench/throughput.py`` leaves it out. Writes rows {"model", "k", "impl", "tokens_per_s", "mfu",
-"peak_gib", "max_loss_diff", "device", "seq", "estimate_gib"} and prints a table.
+"peak_gib", "max_loss_diff", "device", "seq", "estimate_gib", "predicted_gib", "compiled", "oom",
+"memory_gib"} and prints a table.
 """
 
 from __future__ import annotations
@@ -157,10 +163,12 @@ def sequential(model_dir: Path, k_max: int, args, vocab: int) -> list[dict]:
 
 def packed(model_dir: Path, ks: list[int], args, vocab: int, alone: list[dict]) -> dict:
     """The same trials as K slots of one pack, for each K (slots refilled, base kept)."""
+    import torch
+
     from workers.model import load_base_model
     from workers.packed import Pack
 
-    graphs = args.device == "cuda"
+    graphs = args.device == "cuda" and not args.eager
     pack = Pack(
         load_base_model(str(model_dir), "auto", args.device),
         device=args.device,
@@ -174,16 +182,23 @@ def packed(model_dir: Path, ks: list[int], args, vocab: int, alone: list[dict]) 
         _free(args.device)
         keys = [pack.add(_trial(i, str(model_dir), total, args.device)) for i in range(k)]
         seconds, tokens = 0.0, 0
-        for step in range(total):
-            rows = pack.prepare(
-                {key: _rows(i, step, vocab, args.seq) for i, key in enumerate(keys)}
-            )
-            _sync(args.device)
-            t = time.perf_counter()
-            out = pack.step(rows)  # to the GPU, forward, backward, K optimizer steps; synchronises
-            if step >= args.warmup:
-                seconds += time.perf_counter() - t
-                tokens += sum(s.tokens for s in out.values())
+        try:
+            for step in range(total):
+                rows = pack.prepare(
+                    {key: _rows(i, step, vocab, args.seq) for i, key in enumerate(keys)}
+                )
+                _sync(args.device)
+                t = time.perf_counter()
+                out = pack.step(rows)  # to the GPU, forward, backward, K optimizers; synchronises
+                if step >= args.warmup:
+                    seconds += time.perf_counter() - t
+                    tokens += sum(s.tokens for s in out.values())
+        except torch.cuda.OutOfMemoryError as exc:
+            results[k] = {"oom": True, "peak_gib": _peak_gib(args.device), "error": str(exc)[:200]}
+            print(json.dumps({"packed_k": k, **results[k]}), flush=True)
+            for key in keys:
+                pack.remove(key)
+            continue
         diff = (
             None
             if alone is None
@@ -194,6 +209,7 @@ def packed(model_dir: Path, ks: list[int], args, vocab: int, alone: list[dict]) 
             )
         )
         results[k] = {
+            "oom": False,
             "tokens_per_s": tokens / seconds,
             "peak_gib": _peak_gib(args.device),
             "max_loss_diff": diff,
@@ -232,13 +248,21 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=str(ROOT / "bench/results/packing.json"))
     ap.add_argument("--models", nargs="*", default=["llama-0.5b", "llama-1.5b"])
-    ap.add_argument("--ks", nargs="*", type=int, default=[1, 2, 4, 8])
+    ap.add_argument(
+        "--ks",
+        nargs="*",
+        default=["1", "2", "4", "8"],
+        help="pack sizes; fit: the largest K <= 16 the memory estimate says fits",
+    )
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps per trial (compiling)")
     ap.add_argument("--steps", type=int, default=10, help="timed steps per trial")
     ap.add_argument("--seq", type=int, default=SEQ, help="tokens per row")
     ap.add_argument("--device", default="cuda", help="cpu: a dry run of the script's logic")
     ap.add_argument(
         "--no-sequential", action="store_true", help="packed rows only (no loss comparison)"
+    )
+    ap.add_argument(
+        "--eager", action="store_true", help="packs not compiled (what a sweep's pack host runs)"
     )
     args = ap.parse_args()
     cuda = args.device == "cuda"
@@ -261,9 +285,10 @@ def main() -> None:
                 seq=args.seq,
                 memory_gib=memory_gib,
                 rank=RANK,
-                max_slots=max(args.ks),
+                max_slots=16,
             )
-            ks = [k for k in args.ks if k <= fits]
+            asked = sorted({fits if k == "fit" else int(k) for k in args.ks})
+            ks = [k for k in asked if 1 <= k <= fits]
             print(
                 json.dumps({"model": name, "ks": ks, "memory_gib": round(memory_gib, 1)}),
                 flush=True,
@@ -275,6 +300,22 @@ def main() -> None:
             fpt = _flops_per_token(model_dir, args.seq)
             one_gib = _one(shape, args.seq)  # a trial alone (sequential rows)
             for k in ks:
+                if pack[k]["oom"]:
+                    rows.append(
+                        {
+                            "model": name,
+                            "k": k,
+                            "impl": "packed",
+                            "oom": True,
+                            "peak_gib": pack[k]["peak_gib"],
+                            "device": device,
+                            "seq": args.seq,
+                            "compiled": cuda and not args.eager,
+                            "memory_gib": round(memory_gib, 1),
+                            "predicted_gib": round(_pack_gib(shape, k, args.seq), 2),
+                        }
+                    )
+                    continue
                 est = estimate_pack(
                     shape, "lora", [(RANK, "all-linear")] * k, batch=BATCH, seq=args.seq
                 ).total_gib
@@ -305,12 +346,22 @@ def main() -> None:
                             "device": device,
                             "seq": args.seq,
                             "estimate_gib": round(gib, 2),
+                            "predicted_gib": round(gib, 2),
+                            "compiled": cuda and (impl == "sequential" or not args.eager),
+                            "oom": False,
+                            "memory_gib": round(memory_gib, 1),
                         }
                     )
             out_path.write_text(json.dumps(rows, indent=1) + "\n")  # after each model
             print(json.dumps({"model": name, "wall_s": round(time.time() - t0)}), flush=True)
     out_path.write_text(json.dumps(rows, indent=1) + "\n")
     _table(rows)
+
+
+def _pack_gib(shape, k: int, seq: int) -> float:
+    from workers.memory import estimate_pack
+
+    return estimate_pack(shape, "lora", [(RANK, "all-linear")] * k, batch=BATCH, seq=seq).total_gib
 
 
 def _one(shape, seq: int) -> float:
@@ -322,11 +373,17 @@ def _one(shape, seq: int) -> float:
 def _table(rows: list[dict]) -> None:
     single = {(r["model"], r["k"]): r for r in rows if r["impl"] == "sequential"}
     print(
-        "| model | K | impl | tokens/s | x sequential | MFU | peak GiB | peak / K trials | "
-        "est. GiB | max loss diff |"
+        "| model | K | impl | compiled | tokens/s | x sequential | MFU | peak GiB | "
+        "peak / K trials | predicted GiB | max loss diff |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
+        if r.get("oom"):
+            print(
+                f"| {r['model']} | {r['k']} | {r['impl']} | {r['compiled']} | OOM | | | "
+                f"{r['peak_gib'] or 0:.1f} | | {r['predicted_gib']:.1f} | |"
+            )
+            continue
         s = single.get((r["model"], r["k"]))
         speedup = f"{r['tokens_per_s'] / s['tokens_per_s']:.2f}x" if s else ""
         sep = ""
@@ -334,9 +391,9 @@ def _table(rows: list[dict]) -> None:
             sep = f"{r['peak_gib'] / (r['k'] * s['peak_gib']):.2f}"
         diff = "" if r["max_loss_diff"] is None else f"{r['max_loss_diff']:.4f}"
         print(
-            f"| {r['model']} | {r['k']} | {r['impl']} | {r['tokens_per_s']:,} | {speedup} | "
-            f"{r['mfu']:.1%} | {r['peak_gib'] or 0:.1f} | "
-            f"{sep} | {r['estimate_gib']:.1f} | {diff} |"
+            f"| {r['model']} | {r['k']} | {r['impl']} | {r['compiled']} | {r['tokens_per_s']:,} | "
+            f"{speedup} | {r['mfu']:.1%} | {r['peak_gib'] or 0:.1f} | "
+            f"{sep} | {r['predicted_gib']:.1f} | {diff} |"
         )
 
 
