@@ -99,7 +99,12 @@ def _quiet_libraries() -> None:
 def _init_ray(spec: SweepSpec, address: str | None) -> None:
     import ray
 
-    address = address or spec.storage.ray_address
+    from orchestrator.storage_check import cluster_address
+
+    # a cluster named by the spec, `serve --ray-address` or a Ray Job's RAY_ADDRESS; else a
+    # local Ray of its own ("local": not a `ray start` cluster of this machine, nor a dead one's
+    # address left in Ray's temp folder, which ray.init() would otherwise try to join)
+    address = address or cluster_address(spec)
     verbose = bool(os.environ.get("LORASWEEP_VERBOSE"))
     if ray.is_initialized():
         return
@@ -107,6 +112,7 @@ def _init_ray(spec: SweepSpec, address: str | None) -> None:
         ray.init(address=address, log_to_driver=verbose)
     else:
         ray.init(
+            address="local",
             num_cpus=os.cpu_count(),
             num_gpus=_local_gpus(),
             include_dashboard=False,

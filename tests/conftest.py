@@ -75,6 +75,7 @@ def _start_local_ray() -> None:
     import ray
 
     ray.init(
+        address="local",  # its own, whatever `ray start` cluster this machine has (or had)
         num_cpus=2,
         num_gpus=0,
         include_dashboard=False,
