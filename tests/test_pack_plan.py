@@ -133,7 +133,9 @@ def test_pack_slots_takes_an_integer_or_auto_only():
 
 
 # --- lorasweep validate, end to end on the tiny model ------------------------------------------
-def _validate(tmp_path, tiny_model, small_data, pack_slots, memory_gib: float) -> tuple[int, str]:
+def _validate(
+    tmp_path, tiny_model, small_data, pack_slots, memory_gib: float, command: str = "validate"
+) -> tuple[int, str]:
     catalog = tmp_path / "prices.yaml"
     catalog.write_text(
         yaml.safe_dump(
@@ -166,7 +168,8 @@ def _validate(tmp_path, tiny_model, small_data, pack_slots, memory_gib: float) -
     }
     path = tmp_path / f"spec-{pack_slots}.yaml"
     path.write_text(yaml.safe_dump(spec))
-    out = CliRunner().invoke(app, ["validate", str(path)], terminal_width=200)
+    args = [command, str(path)] + (["--new"] if command == "run" else [])
+    out = CliRunner().invoke(app, args, terminal_width=200)
     return out.exit_code, " ".join(out.output.split())
 
 
@@ -195,6 +198,11 @@ def test_validate_prints_the_chosen_pack_and_refuses_one_that_does_not_fit(
     assert f"predicted to peak at {gib(4):.1f} GiB" in out
     assert f"the SMALLGPU has {memory_gib:g} GiB" in out
     assert "the largest pack that fits is 3 slots: set pack_slots: 3" in out
+
+    # run refuses it the same way, before a sweep, a ledger or an MLflow store exists
+    code, out = _validate(tmp_path, tiny_model, small_data, 4, memory_gib, command="run")
+    assert code != 0 and "resources.pack_slots: 4 slots of lora r4 all_linear" in out, out
+    assert not list(tmp_path.glob("data/**/*.db")), list(tmp_path.glob("data/**/*"))
 
 
 # --- each trial's MLflow run says whether it ran packed -----------------------------------------
