@@ -708,6 +708,10 @@ def run_sweep(
         console.print(
             f"[bold red]fault injection on[/]: LORASWEEP_FAULT={os.environ['LORASWEEP_FAULT']}"
         )
+    if resume:  # a packed sweep's trials cannot resume yet: refused here, settled, unspent
+        from orchestrator import pack_resume
+
+        pack_resume.refuse(spec, store, sweep_id, tracking_uri, service_db)
     _init_ray(spec, address)
     crashed = _crash_settlements(store, sweep_id, plan) if resume else {}
     control = SweepControl()
