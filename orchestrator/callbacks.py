@@ -422,6 +422,10 @@ class SweepCallback(Callback):
         killed_usd = self.watchdog.unwatch(trial.trial_id) if self.watchdog else None
         now = time.monotonic()
         last = live.last_result
+        # why the watchdog stopped what the trial ran on (a hung pack: pack_watchdog.py)
+        if why := getattr(self.watchdog, "reasons", {}).get(trial.trial_id):
+            last = {**last, "error": why + (f" ({last['error']})" if last.get("error") else "")}
+            status = status if status == "budget_killed" else "failed"  # it did not finish
         price = self.price_usd_per_hour
         if killed_usd is not None:
             # billed to the kill (its process is gone then), not to whenever the driver's loop

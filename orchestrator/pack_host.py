@@ -175,6 +175,26 @@ class PackHost:
     def held_s(self) -> float:
         return self.server.billing.held_s()
 
+    def unbilled_s(self) -> float:
+        """Held seconds no slot paid yet (the base's load before the first slot, an empty
+        pack): the slots of the next packed step pay them (``HoldBilling``). Without a lock."""
+        return self.server.billing.unsettled_s()
+
+    def live_bills(self) -> dict:
+        """What the watchdog reads every poll (``orchestrator/pack_watchdog.py``), without a
+        lock, so that it answers while a step hangs holding the pack: ``bills`` (trial id ->
+        seconds billed to its slot as of now, the GPU call in flight's share included),
+        ``busy`` (the trial ids in that call) and ``busy_s`` (how long it has run; 0 when none).
+        Called in its own concurrency group (:data:`BILLING_GROUP`): a hung step's waiting
+        calls may fill the default group's threads."""
+        bills, busy, busy_s = self.server.live()
+        by_key = {slot.key: trial_id for trial_id, slot in list(self._slots.items())}
+        return {
+            "bills": {by_key[k]: s for k, s in bills.items() if k in by_key},
+            "busy": sorted(by_key[k] for k in busy if k in by_key),
+            "busy_s": busy_s,
+        }
+
     def trials(self) -> list[str]:
         with self._lock:
             return sorted(self._slots)
@@ -184,12 +204,22 @@ class PackHost:
         return dict(self.server.step_sizes)
 
 
+BILLING_GROUP = "billing"  # the Ray concurrency group of ``live_bills``
+
+
+def actor_class():
+    """:class:`PackHost` as a Ray actor class, with a concurrency group of its own for the
+    watchdog's ``live_bills`` (call it as ``host.live_bills.options(concurrency_group=
+    BILLING_GROUP).remote()``)."""
+    import ray
+
+    return ray.remote(concurrency_groups={BILLING_GROUP: 1})(PackHost)
+
+
 def remote_host(num_gpus: int, num_cpus: int, max_slots: int, **kwargs):
     """The host as a Ray actor holding ``num_gpus`` GPUs, one thread per slot (and one spare for
     the sweep's billing calls)."""
-    import ray
-
-    actor = ray.remote(PackHost).options(
+    actor = actor_class().options(
         num_gpus=num_gpus, num_cpus=num_cpus, max_concurrency=max_slots + 2
     )
     return actor.remote(**kwargs)

@@ -138,11 +138,11 @@ def start_host(spec, plan, sweep_id: str, phase: str):
         return None
     import ray
 
-    from orchestrator.pack_host import PackHost
+    from orchestrator.pack_host import actor_class
 
     res = spec.resources
     on_gpu = res.gpus_per_trial > 0
-    actor = ray.remote(PackHost).options(
+    actor = actor_class().options(
         name=host_name(sweep_id, phase),
         get_if_exists=True,
         num_gpus=res.gpus_per_trial,

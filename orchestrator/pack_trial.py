@@ -23,6 +23,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 
+class PackHostLost(Exception):
+    """The pack's host died under the trial (the watchdog stops a hung pack; or its process or
+    node was lost): the trial fails, saying so."""
+
+
 class _Host:
     """Calls to a :class:`PackHost` or to its Ray actor, alike."""
 
@@ -34,7 +39,17 @@ class _Host:
         if hasattr(method, "remote"):
             import ray
 
-            return lambda *args: ray.get(method.remote(*args))
+            def call(*args):
+                try:
+                    return ray.get(method.remote(*args))
+                except ray.exceptions.RayActorError as exc:
+                    raise PackHostLost(
+                        f"the pack's host is gone (during {name}): the watchdog stops a pack "
+                        "whose step hung past its slots' grants, or its process was lost; "
+                        f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                    ) from exc
+
+            return call
         return method
 
 
@@ -92,9 +107,28 @@ def run_packed_trial(
         return _unpaid_metrics(clock, "budget_stopped")
     host.join(trial_id, cfg)
     try:
+        _ask_for_the_owed(cfg, clock, budget, host.unbilled_s())
         return train_loop(cfg, clock, budget, report, _Slot(trial_id, host, clock))
     finally:
-        clock.observe(host.leave(trial_id), "eval")
+        try:
+            clock.observe(host.leave(trial_id), "eval")
+        except PackHostLost:  # its slot went with the host: the watchdog billed it
+            pass
+
+
+def _ask_for_the_owed(cfg, clock: PackClock, budget, owed_s: float) -> None:
+    """Before its first step a slot asks its grant for the pack's held seconds no slot paid yet
+    (the base's load, for the first slots), which that step bills to it, on top of its first
+    interval: the watchdog reads the step's bill while it runs, and a grant that never saw the
+    load would have it revoked and killed inside its first step. Refused (no room under the
+    cap), it trains on while the ceiling allows, as ``train_loop`` does."""
+    from workers.train import _needed_usd
+
+    first = min(cfg.eval_every, cfg.max_steps)
+    need = _needed_usd(clock, first, cfg.prior_step_s, 1, cfg.prior_closing_s, cfg.release_s)
+    need += clock.cost_usd(owed_s) - clock.cost_usd()
+    if owed_s > 0 and need > budget.ceiling_usd:
+        budget.request(need)
 
 
 @dataclass

@@ -89,3 +89,18 @@ def before_step(fault: str | None, step: int) -> None:
 def loss(fault: str | None, step: int, value: float) -> float:
     """The step's loss, or NaN when asked to."""
     return float("nan") if _at(fault, "nan", step) else value
+
+
+def before_packed_step(slots: list[tuple[str | None, int]]) -> None:
+    """A pack's step over several slots, each ``(fault, step)`` (its trial's fault string and
+    the step it is about to take): the packed step hangs once if any slot asks for a hang at its
+    step, and is slow once if any asks to be slow (one step of the pack, not one per slot). It is
+    called inside the pack's step, holding its GPU: a hang there is a hung pack, every slot in it
+    waits (``workers/packed.py``, ``orchestrator/pack_watchdog.py``)."""
+    if any(_at(fault, "hang", step) for fault, step in slots):
+        time.sleep(HANG_S)
+    if any(
+        fault and any(f.kind == "slow" and step >= f.step for f in parse(fault))
+        for fault, step in slots
+    ):
+        time.sleep(SLOW_S)

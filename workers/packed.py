@@ -47,7 +47,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from workers import fast, packing
+from workers import fast, faults, packing
 from workers.lora import TARGET_MODULES
 
 METHODS = ("lora", "qlora")  # the base is shared, so only adapters may train
@@ -593,6 +593,25 @@ class HoldBilling:
         """Seconds held so far (billed or pending)."""
         return self._clock() - self.start_monotonic
 
+    def unsettled_s(self) -> float:
+        """Held seconds not billed to any slot yet: pending, and since the last settlement."""
+        return self.pending_s + max(0.0, self._clock() - self._last)
+
+    def live_s(self, busy: dict[str, float]) -> dict[str, float]:
+        """Each slot's bill as of now, without settling: its billed seconds, plus, for the slots
+        of the GPU call in flight (``busy``: key -> weight, as ``settle`` takes), their share of
+        the seconds since the last settlement (what the call's end will bill them). Read without
+        a lock from another thread (a hung step holds the pack's): a watchdog's view of a
+        call that may never end."""
+        billed = dict(self.billed_s)
+        total = sum(w for w in busy.values() if w > 0)
+        if total > 0:
+            unsettled = self.unsettled_s()
+            for key, w in busy.items():
+                if w > 0:
+                    billed[key] = billed.get(key, 0.0) + unsettled * w / total
+        return billed
+
 
 class PackServer:
     """A pack shared by concurrent trials, each in its own thread (what a threaded Ray actor's
@@ -614,6 +633,10 @@ class PackServer:
         self._results: dict[str, SlotStep | BaseException] = {}
         self._first_pending: float | None = None
         self.step_sizes: dict[int, int] = {}  # slots per packed step -> steps run
+        # the GPU call in flight (a packed step or one slot's closing): its slots' weights
+        # (``HoldBilling.settle``'s) and when it began; read by ``live`` from other threads
+        self.busy: dict[str, float] = {}
+        self.busy_since: float | None = None
 
     # lock order: the condition, then the GPU (a closing holds only the GPU)
 
@@ -668,9 +691,22 @@ class PackServer:
         batch, self._pending, self._first_pending = self._pending, {}, None
         try:
             with self._gpu:
-                result = self.pack.step(batch)
-                self.step_sizes[len(result)] = self.step_sizes.get(len(result), 0) + 1
-                self.billing.settle(self.pack.token_shares(result))
+                prepared = self.pack.prepare(batch)
+                self._begin({k: float(n) for k, n in prepared.tokens.items()})
+                try:
+                    # fault injection (tests, off by default): a hang here is a hung packed step
+                    faults.before_packed_step(
+                        [
+                            (getattr(s.cfg, "fault", None), s.step + 1)
+                            for k in batch
+                            if (s := self.pack.slots.get(k))
+                        ]
+                    )
+                    result = self.pack.step(prepared)
+                    self.step_sizes[len(result)] = self.step_sizes.get(len(result), 0) + 1
+                    self.billing.settle(self.pack.token_shares(result))
+                finally:
+                    self._begin({})
         except Exception as exc:  # noqa: BLE001 - handed to every waiting trial
             result = dict.fromkeys(batch, exc)
         self._results.update(result)
@@ -681,7 +717,22 @@ class PackServer:
         """The pack's model as slot ``key``'s trial, for its eval and adapter save; the time is
         billed to that slot."""
         with self._gpu, self.pack.only(key) as model:
+            self._begin({key: 1.0})
             try:
                 yield model
             finally:
                 self.billing.settle({key: 1.0})
+                self._begin({})
+
+    def _begin(self, busy: dict[str, float]) -> None:
+        """The GPU call now in flight (under the GPU lock): its slots' weights; {} when done."""
+        self.busy_since = time.monotonic() if busy else None
+        self.busy = busy
+
+    def live(self) -> tuple[dict[str, float], dict[str, float], float]:
+        """Without a lock (a hung step holds them): each slot's bill as of now
+        (``HoldBilling.live_s``), the slots of the GPU call in flight and how long it has run
+        (0 when none)."""
+        busy, since = self.busy, self.busy_since
+        running_s = 0.0 if since is None else time.monotonic() - since
+        return self.billing.live_s(busy), dict(busy), running_s
