@@ -34,7 +34,9 @@ def refuse(spec, store, sweep_id: str, tracking_uri: str, service_db: str) -> No
     trials = [a for a in store.accounts(sweep_id) if not a.charge]
     if not trials:
         return
-    snap = _settle_and_close(store, row, sweep_id, tracking_uri, service_db)
+    from orchestrator.abandon import settle_and_close
+
+    snap = settle_and_close(store, row, service_db, tracking_uri, "interrupted", REASON)
     raise LorasweepError(
         f"SWEEP: {sweep_id} ran packed trials (resources.pack_slots: {pack_sweep.slots(spec)}), "
         "and a packed sweep cannot resume yet: its slots keep no optimizer checkpoint to go on "
@@ -42,30 +44,3 @@ def refuse(spec, store, sweep_id: str, tracking_uri: str, service_db: str) -> No
         f"${snap['cap_usd']:g}) and its MLflow runs closed. Give it up with lorasweep abandon "
         f"{sweep_id} and start a new sweep (pack_slots: 1 sweeps resume)"
     )
-
-
-def _settle_and_close(store, row, sweep_id: str, tracking_uri: str, service_db: str) -> dict:
-    from orchestrator import leaderboard
-    from orchestrator.abandon import tracker_experiment_name
-    from orchestrator.budget import Ledger
-    from orchestrator.lifecycle import crash_settlements
-    from orchestrator.tracking import Tracker
-
-    parent = leaderboard.find_sweep(tracking_uri, sweep_id)
-    price = float(parent.data.params.get("price_usd_per_hour", 0.0))
-    ledger = Ledger(row.cap_usd, sweep_id=sweep_id, store_url=service_db, name=row.name)
-    try:
-        for key, usd in crash_settlements(store, sweep_id, price).items():
-            ledger.settle(key, usd)
-        snap = ledger.snapshot()
-    finally:
-        ledger.close()
-    tracker = Tracker(
-        tracking_uri, tracker_experiment_name(tracking_uri, parent.info.experiment_id)
-    )
-    tracker.attach_sweep(sweep_id)
-    tracker.close_open_trials("interrupted", {a.key: a.spent_usd for a in store.accounts(sweep_id)})
-    tracker.client.set_tag(tracker.parent_id, "lorasweep.end_reason", REASON)
-    tracker.end_sweep("interrupted", {"spent_usd": snap["spent_usd"]}, [])
-    store.set_sweep(sweep_id, state="interrupted", end_reason=REASON)
-    return snap
